@@ -1,0 +1,145 @@
+"""The ``stealsim`` command line: the one place that knows every role.
+
+Each command parses its flags, imports its role lazily, and calls a library
+function; a :class:`~stealsim.errors.StealsimError` becomes ``error: ...`` on
+stderr and exit status 2, with nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from stealsim.errors import ConfigError, StealsimError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="stealsim",
+    help="Black-box model stealing simulator: victim service, defenses and attacks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(command: F) -> F:
+    """Turn the project's errors into a one-line message and exit status 2."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except StealsimError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _configure(
+    log_level: Annotated[str, typer.Option(help="Logging level (DEBUG, INFO, WARNING).")] = "INFO",
+) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(show_path=False, console=None)],
+    )
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+DatasetOption = Annotated[
+    str, typer.Option("--dataset", help="digits, mnist5k, or an on-disk dataset (see --data-dir).")
+]
+DataDirOption = Annotated[
+    Path | None, typer.Option("--data-dir", help="Directory (or .npz file) of an on-disk dataset.")
+]
+DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
+
+
+@app.command()
+@reports_errors
+def train(
+    dataset: DatasetOption,
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
+    arch: Annotated[
+        str | None, typer.Option(help="Architecture; default depends on the input shape.")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    seed: int = 0,
+    device: DeviceOption = "auto",
+    data_dir: DataDirOption = None,
+    nasty: Annotated[bool, typer.Option(help="Train a Nasty Teacher (Ma et al., 2021).")] = False,
+    adversary: Annotated[
+        Path | None, typer.Option(help="Normally trained checkpoint the Nasty Teacher departs from.")
+    ] = None,
+    tau: Annotated[float | None, typer.Option(help="Nasty Teacher temperature.")] = None,
+    omega: Annotated[float | None, typer.Option(help="Nasty Teacher KL weight.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train a victim classifier (or a Nasty Teacher) and write its checkpoint."""
+    from stealsim.architectures import default_architecture
+    from stealsim.checkpoint import save_checkpoint
+    from stealsim.data import load_dataset
+    from stealsim.training import TrainConfig, resolve_device, train_classifier
+
+    _check_out_dir(out)
+    if not nasty and (adversary is not None or tau is not None or omega is not None):
+        raise ConfigError("--adversary, --tau and --omega only apply with --nasty")
+    if nasty and adversary is None:
+        raise ConfigError("--nasty needs --adversary DIR (a normally trained checkpoint)")
+    torch_device = resolve_device(device)
+    data = load_dataset(dataset, data_dir)
+    channels, size, _ = data.input_shape
+    architecture = arch or default_architecture(channels, size)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed,
+                         max_shift=1 if size <= 16 else 2)
+    if nasty:
+        assert adversary is not None
+        from defense.nasty_teacher import train_nasty_teacher
+
+        model, meta = train_nasty_teacher(
+            data, architecture, config, adversary, tau=tau, omega=omega, device=torch_device,
+            show_progress=not quiet,
+        )
+    else:
+        model, meta = train_classifier(
+            data, architecture, config, torch_device, description=f"train {architecture}",
+            show_progress=not quiet,
+        )
+    meta = save_checkpoint(out, model, meta)
+    _write_json(out / "metrics.json", dict(meta.metrics))
+    typer.echo(f"{out}: test_accuracy={meta.metrics['test_accuracy']:.4f}")
+
+
+def main() -> None:
+    """Entry point of the ``stealsim`` console script."""
+    app(prog_name="stealsim")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

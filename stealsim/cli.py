@@ -135,6 +135,54 @@ def train(
     typer.echo(f"{out}: test_accuracy={meta.metrics['test_accuracy']:.4f}")
 
 
+@app.command()
+@reports_errors
+def serve(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="NAME=DIR: serve the checkpoint DIR as NAME (repeatable)."),
+    ] = None,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option("--policy", help='NAME=JSON: output policy of model NAME, e.g. victim=\'[{"name": "top_k", "k": 3}]\'.'),
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML settings file (flags and STEALSIM_* env win).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to bind (default 8000).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = None,
+    admin_key: Annotated[str | None, typer.Option(help="Admin key of /v1/admin (or STEALSIM_ADMIN_KEY).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass (default 64).")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(min=0.0, help="Batching wait after the first request (default 2).")] = None,
+    audit_log: Annotated[Path | None, typer.Option(help="JSONL audit file (default: in memory).")] = None,
+    torch_threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads for inference.")] = None,
+    log_json: Annotated[bool | None, typer.Option("--log-json/--log-text", help="Structured JSON logs.")] = None,
+) -> None:
+    """Serve checkpoints over the Open Inference Protocol with keys, budgets and defenses."""
+    from victim_server.server import serve as run_server
+    from victim_server.settings import load_settings, parse_model_flag
+
+    models: dict[str, dict[str, object]] = {}
+    for text in model or []:
+        name, directory = parse_model_flag(text)
+        models[name] = {"path": directory}
+    for text in policy or []:
+        name, sep, spec = text.partition("=")
+        if not sep or name not in models:
+            raise ConfigError(f"--policy {text!r}: expected NAME=JSON for a NAME given with --model")
+        try:
+            models[name]["policy"] = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--policy {name}: invalid JSON: {exc}") from exc
+    settings = load_settings(config, {
+        "models": models or None, "host": host, "port": port, "device": device,
+        "admin_key": admin_key, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
+        "audit_log": audit_log, "torch_threads": torch_threads, "log_json": log_json,
+    })
+    if not settings.models:
+        raise ConfigError("no models to serve: give --model NAME=DIR (or models: in --config)")
+    run_server(settings)
+
+
 def main() -> None:
     """Entry point of the ``stealsim`` console script."""
     app(prog_name="stealsim")

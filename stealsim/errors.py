@@ -8,11 +8,21 @@ Redis, HTTP) are wrapped at the boundary where they occur (``raise X(...) from e
 from __future__ import annotations
 
 __all__ = [
-    "StealsimError",
+    "ArchitectureError",
+    "BudgetExceededError",
+    "CheckpointError",
     "ConfigError",
     "DatasetError",
-    "CheckpointError",
-    "ArchitectureError",
+    "ForbiddenError",
+    "InvalidRequestError",
+    "KeyNotFoundError",
+    "ModelNotFoundError",
+    "PayloadTooLargeError",
+    "RateLimitedError",
+    "ServiceError",
+    "StealsimError",
+    "UnauthorizedError",
+    "UnavailableError",
 ]
 
 
@@ -34,3 +44,79 @@ class ArchitectureError(StealsimError):
 
 class CheckpointError(StealsimError):
     """A checkpoint is missing, corrupt, or does not match its sidecar."""
+
+
+# --- victim service -------------------------------------------------------------
+# The service's errors carry a machine-readable ``code`` (docs/api.md, "Errors") and
+# optional extra JSON fields; the app's exception handlers alone map them to HTTP
+# status codes.
+
+
+class ServiceError(StealsimError):
+    """An inference or admin request the victim service refuses or cannot serve."""
+
+    code = "error"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidRequestError(ServiceError):
+    """Malformed body or header, wrong datatype or shape, non-finite or out-of-range pixels."""
+
+    code = "invalid_request"
+
+
+class UnauthorizedError(ServiceError):
+    """No key, or an unknown or revoked key."""
+
+    code = "unauthorized"
+
+
+class ForbiddenError(ServiceError):
+    """The key may not do this: another model, blocked by a detector, or not the admin key."""
+
+    code = "forbidden"
+
+
+class ModelNotFoundError(ServiceError):
+    """No model is served under this name."""
+
+    code = "model_not_found"
+
+
+class KeyNotFoundError(ServiceError):
+    """No API key has this id."""
+
+    code = "key_not_found"
+
+
+class PayloadTooLargeError(ServiceError):
+    """The body is over the size limit, or holds more images than one request may."""
+
+    code = "payload_too_large"
+
+
+class BudgetExceededError(ServiceError):
+    """The request does not fit the key's remaining budget; ``details['remaining']`` says what does."""
+
+    code = "budget_exhausted"
+
+
+class RateLimitedError(ServiceError):
+    """A rate limit of the key is hit; ``retry_after`` in seconds, ``headers`` X-RateLimit-*."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int, headers: dict[str, str], **details: object) -> None:
+        super().__init__(message, retry_after=retry_after, **details)
+        self.retry_after = retry_after
+        self.headers = headers
+
+
+class UnavailableError(ServiceError):
+    """The model or its batching backend cannot answer (in time); the images are refunded."""
+
+    code = "unavailable"

@@ -1,0 +1,164 @@
+"""The app factory: ``create_app(settings)`` wires the services and maps errors to statuses.
+
+Nothing is built at import. The lifespan loads the models, starts the batcher
+and, on shutdown, stops taking requests and drains every queued batch::
+
+    app = create_app(load_settings(overrides={"models": {"victim": {"path": "runs/victim"}}}))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stealsim.errors import (
+    BudgetExceededError,
+    ForbiddenError,
+    InvalidRequestError,
+    KeyNotFoundError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    ServiceError,
+    UnauthorizedError,
+    UnavailableError,
+)
+from stealsim.training import resolve_device
+from victim_server import routes_oip, routes_v1
+from victim_server.audit import JsonlAuditLog
+from victim_server.batching import LocalBatcher
+from victim_server.metrics import ServerMetrics
+from victim_server.ratelimit import RateLimiter
+from victim_server.runner import ModelRunner, load_runners
+from victim_server.service import VictimService
+from victim_server.settings import ServerSettings
+from victim_server.store import MemoryStateStore
+
+__all__ = ["STATUS_CODES", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+STATUS_CODES: dict[type[ServiceError], int] = {
+    InvalidRequestError: 400,
+    UnauthorizedError: 401,
+    ForbiddenError: 403,
+    ModelNotFoundError: 404,
+    KeyNotFoundError: 404,
+    PayloadTooLargeError: 413,
+    BudgetExceededError: 429,
+    RateLimitedError: 429,
+    UnavailableError: 503,
+}
+"""The one place where project errors become HTTP statuses (docs/api.md, "Errors")."""
+
+
+def _status(error: ServiceError) -> int:
+    for cls in type(error).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]  # type: ignore[index]
+    return 500
+
+
+def _error_response(request: Request, status: int, code: str, message: str, **details: Any) -> JSONResponse:
+    service: VictimService | None = getattr(request.app.state, "service", None)
+    if service is not None:
+        service.metrics.errors.labels(str(status), code).inc()
+        model = request.path_params.get("model")
+        if model is not None and request.url.path.endswith("/infer"):
+            service.metrics.requests.labels(str(model), str(status)).inc()
+    return JSONResponse({"error": message, "code": code, **details}, status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def service_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        status = _status(exc)
+        if status >= 500:
+            logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
+        response = _error_response(request, status, exc.code, exc.message, **exc.details)
+        if isinstance(exc, RateLimitedError):
+            response.headers.update(exc.headers)
+        elif isinstance(exc, UnavailableError) and "retry_after" in exc.details:
+            response.headers["Retry-After"] = str(exc.details["retry_after"])
+        return response
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        return _error_response(request, 400, "invalid_request", f"invalid request: {problems}")
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error_response(request, exc.status_code, code, str(exc.detail))
+
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def create_app(
+    settings: ServerSettings, runners: Mapping[str, ModelRunner] | None = None
+) -> FastAPI:
+    """Build the victim app. ``runners`` (name -> runner) replaces loading ``settings.models``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads is not None:
+            torch.set_num_threads(settings.torch_threads)
+        loaded = dict(runners) if runners is not None else load_runners(
+            {name: spec.path for name, spec in settings.models.items()},
+            resolve_device(settings.device),
+        )
+        metrics = ServerMetrics()
+        batcher = LocalBatcher(
+            {name: runner.predict_batch for name, runner in loaded.items()},
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            observer=metrics.observe_batch,
+        )
+        service = VictimService(
+            settings, loaded, batcher, MemoryStateStore(),
+            RateLimiter(settings.rate_limit_storage), JsonlAuditLog(settings.audit_log), metrics,
+        )
+        for name in loaded:
+            metrics.track_queue(name, lambda name=name: batcher.queue_depth(name))  # type: ignore[misc]
+        for spec in settings.api_keys:
+            await service.create_key(
+                spec.budget, name=spec.name, rate=spec.rate, image_rate=spec.image_rate,
+                models=spec.models, policy=spec.policy, secret=spec.api_key.get_secret_value(),
+            )
+        app.state.service = service
+        await batcher.start()
+        service.ready = True
+        logger.info("serving %s (max batch %d images, wait %.1f ms)",
+                    sorted(loaded), settings.max_batch_size, settings.max_wait_ms)
+        try:
+            yield
+        finally:
+            service.ready = False
+            logger.info("shutting down: draining queued batches")
+            await batcher.stop()
+            await service.audit.close()
+
+    app = FastAPI(
+        title="stealsim victim",
+        version="1",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    _install_error_handlers(app)
+    app.include_router(routes_oip.router)
+    app.include_router(routes_v1.router)
+    return app

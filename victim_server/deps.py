@@ -1,0 +1,57 @@
+"""Dependencies of the routes, as ``Annotated`` aliases; all authentication is here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from stealsim.errors import ForbiddenError, UnauthorizedError
+from victim_server.service import VictimService
+from victim_server.store import KeyRecord
+
+__all__ = ["AdminDep", "CallerKey", "ServiceDep", "get_service", "presented_secret"]
+
+
+def get_service(request: Request) -> VictimService:
+    service: VictimService = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[VictimService, Depends(get_service)]
+
+
+def presented_secret(request: Request) -> str | None:
+    """The key sent as ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``."""
+    secret = request.headers.get("x-api-key")
+    if secret:
+        return secret.strip()
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+async def require_key(request: Request, service: ServiceDep) -> KeyRecord:
+    secret = presented_secret(request)
+    if secret is None:
+        raise UnauthorizedError("no API key: send X-API-Key: KEY or Authorization: Bearer KEY")
+    record = await service.store.authenticate(secret)
+    if record is None:
+        raise UnauthorizedError("unknown or revoked API key")
+    request.state.key_id = record.key_id
+    return record
+
+
+async def require_admin(request: Request, service: ServiceDep) -> None:
+    secret = presented_secret(request)
+    if service.settings.admin_key is None:
+        raise ForbiddenError("the admin API is disabled: start the server with --admin-key")
+    if secret is None:
+        raise UnauthorizedError("no admin key: send X-API-Key: KEY or Authorization: Bearer KEY")
+    if not service.is_admin(secret):
+        raise ForbiddenError("this key is not the admin key")
+
+
+CallerKey = Annotated[KeyRecord, Depends(require_key)]
+AdminDep = Annotated[None, Depends(require_admin)]

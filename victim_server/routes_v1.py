@@ -1,0 +1,68 @@
+"""Project extensions: usage of the calling key, admin key management, audit, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from victim_server.deps import AdminDep, CallerKey, ServiceDep
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+class CreateKeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    budget: int = Field(ge=0, description="Lifetime budget in images.")
+    name: str = ""
+    rate: str | None = Field(default=None, description="Requests per window, e.g. '20/second'.")
+    image_rate: str | None = Field(default=None, description="Images per window, e.g. '5000/minute'.")
+    models: list[str] | None = None
+    policy: list[dict[str, Any]] | None = None
+
+
+class TopUpRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    images: int = Field(gt=0)
+
+
+@router.get("/v1/usage", tags=["usage"])
+async def usage(key: CallerKey, service: ServiceDep) -> JSONResponse:
+    return JSONResponse(await service.usage(key))
+
+
+@router.post("/v1/admin/keys", tags=["admin"], status_code=201)
+async def create_key(body: CreateKeyRequest, _: AdminDep, service: ServiceDep) -> JSONResponse:
+    secret, record = await service.create_key(**body.model_dump())
+    return JSONResponse({"api_key": secret, **record.public()}, status_code=201)
+
+
+@router.get("/v1/admin/keys", tags=["admin"])
+async def list_keys(_: AdminDep, service: ServiceDep) -> JSONResponse:
+    return JSONResponse({"keys": [record.public() for record in await service.store.list_keys()]})
+
+
+@router.delete("/v1/admin/keys/{key_id}", tags=["admin"])
+async def revoke_key(key_id: str, _: AdminDep, service: ServiceDep) -> JSONResponse:
+    return JSONResponse((await service.store.revoke(key_id)).public())
+
+
+@router.post("/v1/admin/keys/{key_id}/topup", tags=["admin"])
+async def top_up(key_id: str, body: TopUpRequest, _: AdminDep, service: ServiceDep) -> JSONResponse:
+    return JSONResponse((await service.store.top_up(key_id, body.images)).public())
+
+
+@router.get("/v1/admin/audit", tags=["admin"])
+async def audit(_: AdminDep, service: ServiceDep) -> Response:
+    return Response(await service.audit.export(), media_type="application/x-ndjson")
+
+
+@router.get("/metrics", tags=["operations"])
+async def metrics(service: ServiceDep) -> Response:
+    return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

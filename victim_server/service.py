@@ -1,0 +1,247 @@
+"""The victim service's logic, behind the routes: models, keys, metering, policies, audit.
+
+Routes call one method each; everything that can be refused raises a
+:class:`~stealsim.errors.ServiceError` subclass, which the app maps to a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from defense.policies import OutputPolicy, PolicyAnswer, parse_policy
+from defense.prada import PradaDetector
+from stealsim import __version__
+from stealsim.errors import (
+    ConfigError,
+    ForbiddenError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    UnavailableError,
+)
+from victim_server.audit import AuditLog, AuditRecord, input_digest
+from victim_server.batching import Batcher
+from victim_server.metrics import ServerMetrics
+from victim_server.protocol import INPUT_NAME
+from victim_server.ratelimit import RateLimiter, parse_rate
+from victim_server.runner import ModelRunner
+from victim_server.settings import ServerSettings
+from victim_server.store import KeyRecord, StateStore, new_secret
+
+__all__ = ["InferenceResult", "VictimService"]
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = ["binary_tensor_data", "stealsim_metering", "stealsim_output_policies"]
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    answer: PolicyAnswer
+    images_charged: int
+    remaining: int
+    flags: tuple[str, ...]
+
+
+class VictimService:
+    """Everything the routes need, wired once per app by ``create_app``."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        runners: Mapping[str, ModelRunner],
+        batcher: Batcher,
+        store: StateStore,
+        limiter: RateLimiter,
+        audit: AuditLog,
+        metrics: ServerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.runners = dict(runners)
+        self.batcher = batcher
+        self.store = store
+        self.limiter = limiter
+        self.audit = audit
+        self.metrics = metrics
+        self._model_policies: dict[str, OutputPolicy] = {}
+        for name in self.runners:
+            spec = settings.models.get(name)
+            self._model_policies[name] = parse_policy(spec.policy if spec else None)
+        self._detectors: dict[tuple[str, str], PradaDetector] = {}
+        self._rng = np.random.default_rng(settings.seed)
+        self.ready = False
+
+    # --- models -----------------------------------------------------------------
+
+    def runner(self, name: str) -> ModelRunner:
+        runner = self.runners.get(name)
+        if runner is None:
+            raise ModelNotFoundError(
+                f"no model named {name!r}; served: {sorted(self.runners)}", model=name
+            )
+        return runner
+
+    def policy_for(self, key: KeyRecord, model: str) -> OutputPolicy:
+        if key.policy is not None:
+            return parse_policy(key.policy)
+        return self._model_policies[model]
+
+    def check_access(self, key: KeyRecord, model: str) -> ModelRunner:
+        runner = self.runner(model)
+        if key.models is not None and model not in key.models:
+            raise ForbiddenError(f"this key may not use model {model!r}", model=model)
+        if key.blocked:
+            raise ForbiddenError(
+                f"this key is blocked (flags: {list(key.flags)})", flags=list(key.flags)
+            )
+        return runner
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "stealsim", "version": __version__, "extensions": EXTENSIONS}
+
+    def model_metadata(self, key: KeyRecord, model: str) -> dict[str, Any]:
+        runner = self.check_access(key, model)
+        policy = self.policy_for(key, model)
+        classes = runner.num_classes
+        if policy.output_kind == "label":
+            output = {"name": "label", "datatype": "INT64", "shape": [-1]}
+        else:
+            output = {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]}
+        return {
+            "name": model, "versions": ["1"], "platform": "pytorch",
+            "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *runner.input_shape]}],
+            "outputs": [output],
+            "parameters": {
+                "pixel_range": [0.0, 1.0], "num_classes": classes,
+                "class_names": list(runner.meta.class_names), "output_kind": policy.output_kind,
+                "max_images_per_request": self.settings.max_images_per_request,
+            },
+        }
+
+    # --- inference ----------------------------------------------------------------
+
+    async def infer(
+        self, key: KeyRecord, model: str, images: np.ndarray, request_id: str | None = None
+    ) -> InferenceResult:
+        """Rate-limit, charge, batch, apply the policy, detect, audit; refund what is not served."""
+        self.check_access(key, model)
+        policy = self.policy_for(key, model)
+        count = len(images)
+        await self.limiter.hit(key.key_id, key.rate, key.image_rate, count)
+        remaining = await self.store.reserve(key.key_id, count)
+        try:
+            probabilities = await asyncio.wait_for(
+                self.batcher.submit(model, images), self.settings.inference_timeout_s
+            )
+        except TimeoutError as exc:
+            await self.store.refund(key.key_id, count)
+            raise UnavailableError(
+                f"model {model!r} did not answer within {self.settings.inference_timeout_s} s",
+                retry_after=1,
+            ) from exc
+        except BaseException:
+            # Failed inference, or the caller went away: nothing was served, nothing is charged.
+            await self.store.refund(key.key_id, count)
+            raise
+        answer = policy.apply(probabilities, self._rng)
+        flags = await self._detect(key, model, policy, images, probabilities)
+        await self.audit.append(AuditRecord(
+            key_id=key.key_id, model=model, images=count, input_sha256=input_digest(images),
+            policy=policy.describe(), flags=list(flags), request_id=request_id,
+        ))
+        self.metrics.images.labels(model).inc(count)
+        logger.info(
+            "served %d images of %s to %s", count, model, key.key_id,
+            extra={"key_id": key.key_id, "model": model, "images": count, "remaining": remaining},
+        )
+        return InferenceResult(answer, count, remaining, flags)
+
+    async def _detect(
+        self, key: KeyRecord, model: str, policy: OutputPolicy,
+        images: np.ndarray, probabilities: np.ndarray,
+    ) -> tuple[str, ...]:
+        step = policy.prada
+        if step is None:
+            return key.flags
+        detector = self._detectors.get((key.key_id, model))
+        if detector is None:
+            detector = PradaDetector(step.delta, step.min_queries)
+            self._detectors[(key.key_id, model)] = detector
+        already = detector.flagged
+        verdict = detector.observe(images, probabilities.argmax(axis=1))
+        if verdict.flagged and not already:
+            record = await self.store.flag(key.key_id, "prada", block=step.block)
+            self.metrics.flagged.labels("prada").inc()
+            logger.warning(
+                "PRADA flagged key %s on %s (W=%.3f < %.3f after %d distances)%s",
+                key.key_id, model, verdict.statistic or 0.0, step.delta, verdict.distances,
+                "; blocked" if step.block else "",
+            )
+            return record.flags
+        return key.flags
+
+    # --- keys -------------------------------------------------------------------------
+
+    async def create_key(
+        self,
+        budget: int,
+        name: str = "",
+        rate: str | None = None,
+        image_rate: str | None = None,
+        models: list[str] | None = None,
+        policy: list[dict[str, Any]] | None = None,
+        secret: str | None = None,
+    ) -> tuple[str, KeyRecord]:
+        """Create a key; returns ``(secret, record)``. Unset rates take the server's defaults."""
+        if budget < 0:
+            raise InvalidRequestError(f"budget must be >= 0 images, got {budget}")
+        rate = rate if rate is not None else self.settings.default_rate
+        image_rate = image_rate if image_rate is not None else self.settings.default_image_rate
+        for text in (rate, image_rate):
+            if text:
+                parse_rate(text)
+        if models is not None:
+            unknown = sorted(set(models) - set(self.runners))
+            if unknown:
+                raise InvalidRequestError(f"unknown models {unknown}; served: {sorted(self.runners)}")
+        if policy is not None:
+            try:
+                parse_policy(policy)
+            except ConfigError as exc:
+                raise InvalidRequestError(str(exc)) from exc
+        secret = secret or new_secret()
+        record = KeyRecord(
+            key_id="key_" + secrets.token_hex(6), name=name, budget=budget,
+            rate=rate or None, image_rate=image_rate or None,
+            models=None if models is None else tuple(models),
+            policy=None if policy is None else tuple(policy),
+        )
+        await self.store.create_key(record, secret)
+        logger.info("created key %s (%s) with budget %d", record.key_id, name, budget)
+        return secret, record
+
+    def is_admin(self, secret: str | None) -> bool:
+        admin = self.settings.admin_key
+        if admin is None or secret is None:
+            return False
+        return hmac.compare_digest(secret.encode(), admin.get_secret_value().encode())
+
+    async def usage(self, key: KeyRecord) -> dict[str, Any]:
+        record = await self.store.get(key.key_id)
+        return {
+            "key_id": record.key_id, "name": record.name, "used": record.used,
+            "budget": record.budget, "remaining": record.remaining,
+            "rate_limits": await self.limiter.describe(record.key_id, record.rate, record.image_rate),
+            "flags": list(record.flags), "blocked": record.blocked,
+            "models": None if record.models is None else list(record.models),
+            "policy": None if record.policy is None else list(record.policy),
+            "time": time.time(),
+        }

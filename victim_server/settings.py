@@ -1,0 +1,151 @@
+"""Settings of the victim service: flags > environment (``STEALSIM_*``) > YAML file > defaults.
+
+Build them with :func:`load_settings`; nothing here reads the environment at import::
+
+    settings = load_settings(Path("serve.yaml"), {"port": 9000})
+
+A YAML file has the same keys as :class:`ServerSettings`::
+
+    models:
+      victim: {path: runs/victim}
+      nasty:  {path: runs/nasty, policy: [{name: top_k, k: 3}]}
+    admin_key: change-me
+    max_batch_size: 64
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from stealsim.errors import ConfigError
+
+__all__ = ["KeySpec", "ModelSpec", "ServerSettings", "load_settings", "parse_model_flag"]
+
+
+class ModelSpec(BaseModel):
+    """One served checkpoint and its default output policy (a list of policy steps)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Path
+    policy: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class KeySpec(BaseModel):
+    """An API key provisioned from the settings (handy for demos and docker-compose)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    api_key: SecretStr
+    budget: int = Field(ge=0)
+    name: str = ""
+    rate: str | None = None
+    image_rate: str | None = None
+    models: list[str] | None = None
+    policy: list[dict[str, Any]] | None = None
+
+
+class ServerSettings(BaseSettings):
+    """Everything ``stealsim serve`` can be told. Frozen: nothing changes it at run time."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STEALSIM_", frozen=True, extra="forbid", env_nested_delimiter="__"
+    )
+
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    device: str = "auto"
+    torch_threads: int | None = Field(default=None, ge=1)
+    admin_key: SecretStr | None = None
+    api_keys: list[KeySpec] = Field(default_factory=list)
+
+    max_batch_size: int = Field(default=64, ge=1)
+    """Images per forward pass the micro-batcher coalesces at most."""
+    max_wait_ms: float = Field(default=2.0, ge=0.0)
+    """How long the batcher waits for more requests after the first one of a batch."""
+    inference_timeout_s: float = Field(default=30.0, gt=0.0)
+    max_images_per_request: int = Field(default=1024, ge=1)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+    default_rate: str | None = "100/second"
+    """Request rate limit of keys created without one (``limits`` syntax); None: unlimited."""
+    default_image_rate: str | None = "100000/minute"
+    """Image rate limit of keys created without one; None: unlimited."""
+    rate_limit_storage: str = "async+memory://"
+    """A ``limits`` storage URI (``async+redis://host:6379`` for the Redis backend)."""
+
+    audit_log: Path | None = None
+    """JSONL file of served requests; None keeps the audit in memory only."""
+    seed: int = 0
+    """Seed of the randomised output policies (Gaussian noise)."""
+    log_json: bool = False
+
+    @field_validator("models")
+    @classmethod
+    def _check_model_names(cls, models: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        for name in models:
+            if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
+                raise ValueError(f"model name {name!r}: use letters, digits, '-', '_' or '.'")
+        return models
+
+
+def parse_model_flag(text: str) -> tuple[str, Path]:
+    """``NAME=DIR`` -> ``(NAME, Path(DIR))``."""
+    name, sep, directory = text.partition("=")
+    if not sep or not name.strip() or not directory.strip():
+        raise ConfigError(f"--model expects NAME=DIR, got {text!r}")
+    return name.strip(), Path(directory.strip())
+
+
+def load_settings(
+    config_file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> ServerSettings:
+    """Settings from ``overrides`` (flags; None values ignored) > env > ``config_file`` > defaults.
+
+    Raises:
+        ConfigError: unreadable YAML or a setting with a value that is not accepted.
+    """
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"--config {config_file}: no such file")
+        try:
+            content = yaml.safe_load(config_file.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {config_file}: invalid YAML: {exc}") from exc
+        if content is not None and not isinstance(content, dict):
+            raise ConfigError(f"--config {config_file}: expected a mapping at the top level")
+
+    class _FileSettings(ServerSettings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+            if config_file is not None:
+                sources += (YamlConfigSettingsSource(settings_cls),)
+            return sources
+
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    try:
+        loaded = _FileSettings(**given)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid server settings: {exc}") from exc
+    return loaded

@@ -24,13 +24,13 @@ from torch.nn import functional as F
 from stealsim.errors import ArchitectureError
 
 __all__ = [
+    "CLASSIFIERS",
     "ArchitectureSpec",
-    "PixelClassifier",
-    "SmallCNN",
-    "LeNet5",
     "CifarResNet",
     "DCGANGenerator",
-    "CLASSIFIERS",
+    "LeNet5",
+    "PixelClassifier",
+    "SmallCNN",
     "build_classifier",
     "build_generator",
     "default_architecture",
@@ -234,6 +234,9 @@ class PixelClassifier(nn.Module):
     the service can accept raw pixels and an attacker never needs to know it.
     ``forward`` returns logits.
     """
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()

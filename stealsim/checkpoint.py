@@ -32,13 +32,13 @@ from stealsim.architectures import PixelClassifier, build_classifier
 from stealsim.errors import ArchitectureError, CheckpointError
 
 __all__ = [
-    "WEIGHTS_FILE",
-    "META_FILE",
     "FORMAT_VERSION",
+    "META_FILE",
+    "WEIGHTS_FILE",
     "CheckpointMeta",
-    "save_checkpoint",
     "load_checkpoint",
     "read_meta",
+    "save_checkpoint",
     "sha256_file",
 ]
 

@@ -104,7 +104,12 @@ def train(
     from stealsim.architectures import default_architecture
     from stealsim.checkpoint import save_checkpoint
     from stealsim.data import load_dataset
-    from stealsim.training import TrainConfig, resolve_device, train_classifier
+    from stealsim.training import (
+        TrainConfig,
+        augmentation_shift,
+        resolve_device,
+        train_classifier,
+    )
 
     _check_out_dir(out)
     if not nasty and (adversary is not None or tau is not None or omega is not None):
@@ -115,8 +120,10 @@ def train(
     data = load_dataset(dataset, data_dir)
     channels, size, _ = data.input_shape
     architecture = arch or default_architecture(channels, size)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed,
-                         max_shift=1 if size <= 16 else 2)
+    config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed,
+        max_shift=augmentation_shift(size),
+    )
     if nasty:
         assert adversary is not None
         from defense.nasty_teacher import train_nasty_teacher
@@ -133,6 +140,120 @@ def train(
     meta = save_checkpoint(out, model, meta)
     _write_json(out / "metrics.json", dict(meta.metrics))
     typer.echo(f"{out}: test_accuracy={meta.metrics['test_accuracy']:.4f}")
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from exc
+    if not seeds:
+        raise ConfigError("--seeds needs at least one seed")
+    return seeds
+
+
+@app.command()
+@reports_errors
+def distill(
+    teacher: Annotated[Path, typer.Option(help="Checkpoint directory of the teacher.")],
+    dataset: DatasetOption,
+    out: Annotated[Path, typer.Option(help="Directory for metrics.json and softmax.png.")],
+    student: Annotated[
+        str | None, typer.Option(help="Student architecture; default depends on the input shape.")
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="Weight of the KD term.")] = 0.9,
+    temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 4.0,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    seed: int = 0,
+    compare_teacher: Annotated[
+        Path | None, typer.Option(help="Another teacher to plot beside this one (normal vs nasty).")
+    ] = None,
+    device: DeviceOption = "auto",
+    data_dir: DataDirOption = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Distil a student from a teacher; compare with the same student trained on labels."""
+    from stealsim.architectures import default_architecture
+    from stealsim.checkpoint import load_checkpoint
+    from stealsim.data import load_dataset
+    from stealsim.distill import DistillConfig, distillation_check
+    from stealsim.plots import one_image_per_class, plot_softmax_distributions
+    from stealsim.training import TrainConfig, augmentation_shift, resolve_device
+
+    _check_out_dir(out)
+    torch_device = resolve_device(device)
+    data = load_dataset(dataset, data_dir)
+    teachers = {"teacher": load_checkpoint(teacher, torch_device)}
+    if compare_teacher is not None:
+        teachers["compared"] = load_checkpoint(compare_teacher, torch_device)
+    for path, (_, meta) in zip((teacher, compare_teacher), teachers.values(), strict=False):
+        if tuple(meta.input_shape) != data.input_shape or meta.num_classes != data.num_classes:
+            raise ConfigError(
+                f"teacher {path} takes {tuple(meta.input_shape)} with {meta.num_classes} classes; "
+                f"dataset {dataset} has {data.input_shape} with {data.num_classes}"
+            )
+    channels, size, _ = data.input_shape
+    config = DistillConfig(
+        alpha, temperature,
+        TrainConfig(epochs=epochs, seed=seed, max_shift=augmentation_shift(size)),
+    )
+    architecture = student or default_architecture(channels, size)
+    model = teachers["teacher"][0]
+    result = distillation_check(model, data, architecture, config, torch_device, not quiet)
+    metrics = result.as_metrics() | {"alpha": alpha, "temperature": temperature}
+    _write_json(out / "metrics.json", {**metrics, "student_architecture": architecture})
+    picks = one_image_per_class(data.y_test, 4)
+    names = {"teacher": teacher.name, "compared": compare_teacher.name if compare_teacher else ""}
+    plot_softmax_distributions(
+        {names[key]: loaded[0] for key, loaded in teachers.items()},
+        data.x_test[picks], data.y_test[picks], data.class_names, temperature, out / "softmax.png",
+    )
+    typer.echo(
+        f"teacher {result.teacher_accuracy:.4f}  student {result.student_accuracy:.4f}  "
+        f"baseline student {result.baseline_student_accuracy:.4f}  -> {out / 'metrics.json'}"
+    )
+
+
+@app.command("nasty-study")
+@reports_errors
+def nasty_study(
+    dataset: DatasetOption,
+    out: Annotated[Path, typer.Option(help="Directory for checkpoints, results.json, table.md, softmax.png.")],
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
+    arch: Annotated[str | None, typer.Option(help="Teacher architecture.")] = None,
+    student: Annotated[str | None, typer.Option(help="Student architecture.")] = None,
+    tau: Annotated[float | None, typer.Option(help="Nasty Teacher temperature.")] = None,
+    omega: Annotated[float | None, typer.Option(help="Nasty Teacher KL weight.")] = None,
+    alpha: float = 0.9,
+    temperature: Annotated[float, typer.Option(help="Students' KD temperature T.")] = 4.0,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    device: DeviceOption = "auto",
+    data_dir: DataDirOption = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Train normal and Nasty teachers and compare students distilled from each."""
+    from defense.nasty_study import markdown_table, run_nasty_study
+    from defense.nasty_teacher import settings_for
+    from stealsim.architectures import default_architecture
+    from stealsim.data import load_dataset
+    from stealsim.distill import DistillConfig
+    from stealsim.training import TrainConfig, augmentation_shift, resolve_device
+
+    _check_out_dir(out)
+    seed_list = _parse_seeds(seeds)
+    torch_device = resolve_device(device)
+    data = load_dataset(dataset, data_dir)
+    settings = settings_for(data.name, tau, omega)
+    channels, size, _ = data.input_shape
+    architecture = arch or default_architecture(channels, size)
+    config = DistillConfig(
+        alpha, temperature, TrainConfig(epochs=epochs, max_shift=augmentation_shift(size))
+    )
+    results = run_nasty_study(
+        data, architecture, student or architecture, settings, config, seed_list, out,
+        torch_device, not quiet,
+    )
+    typer.echo(markdown_table(results))
 
 
 @app.command()

@@ -23,7 +23,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,11 +32,11 @@ from torch import Tensor
 from stealsim.errors import DatasetError
 
 __all__ = [
-    "Dataset",
-    "DATASETS",
     "BUILTIN_DATASETS",
+    "DATASETS",
     "SPLIT_SEED",
     "TEST_FRACTION",
+    "Dataset",
     "load_dataset",
 ]
 
@@ -155,7 +155,7 @@ def read_idx(path: Path) -> np.ndarray:
     raw = _read_maybe_gzip(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DatasetError(f"{path}: not an IDX file (bad magic number)")
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    dtypes: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if raw[2] not in dtypes:
         raise DatasetError(f"{path}: unknown IDX element type 0x{raw[2]:02x}")
     ndim = raw[3]
@@ -200,13 +200,15 @@ def load_fashion_mnist(data_dir: Path | None) -> Dataset:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickle CIFAR batches without running arbitrary code: numpy arrays only."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset({
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),
-    }
+    })
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:

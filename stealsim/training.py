@@ -27,13 +27,14 @@ from stealsim.progress import progress_bar
 __all__ = [
     "LossFn",
     "TrainConfig",
-    "fit",
     "accuracy",
+    "augmentation_shift",
+    "cross_entropy_loss",
+    "fit",
     "predict_logits",
     "random_shift",
     "resolve_device",
     "seed_everything",
-    "cross_entropy_loss",
     "train_classifier",
 ]
 
@@ -63,6 +64,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0 or self.max_shift < 0:
             raise ConfigError(f"invalid training settings: {self}")
+
+
+def augmentation_shift(image_size: int) -> int:
+    """Random-translation augmentation: 1 pixel for 8x8 images, 2 for larger ones."""
+    return 1 if image_size <= 16 else 2
 
 
 def resolve_device(name: str = "auto") -> torch.device:

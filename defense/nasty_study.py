@@ -1,0 +1,119 @@
+"""The Nasty Teacher experiment: normal vs nasty teacher, and students distilled from each.
+
+For each seed: train a normal teacher, a Nasty Teacher against it (Ma et al.,
+ICLR 2021, eq. 3), a student by KD from each (Hinton et al., 2015) and the same
+student on labels alone. The table this writes is the one in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from defense.nasty_teacher import NastySettings, make_nasty_loss
+from stealsim.checkpoint import save_checkpoint
+from stealsim.data import Dataset
+from stealsim.distill import DistillConfig, distill_student
+from stealsim.plots import one_image_per_class, plot_softmax_distributions
+from stealsim.training import TrainConfig, accuracy, train_classifier
+
+__all__ = ["SeedResult", "run_nasty_study", "summarise"]
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ("teacher", "nasty_teacher", "student_from_teacher", "student_from_nasty", "baseline_student")
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    """Test accuracies of one seed's five networks."""
+
+    seed: int
+    teacher: float
+    nasty_teacher: float
+    student_from_teacher: float
+    student_from_nasty: float
+    baseline_student: float
+
+
+def run_nasty_study(
+    dataset: Dataset,
+    architecture: str,
+    student_architecture: str,
+    settings: NastySettings,
+    distill: DistillConfig,
+    seeds: Sequence[int],
+    out: Path,
+    device: torch.device | str = "cpu",
+    show_progress: bool = True,
+) -> list[SeedResult]:
+    """Run the experiment for every seed; write checkpoints, results.json, table.md, softmax.png."""
+    results: list[SeedResult] = []
+    for seed in seeds:
+        train = TrainConfig(**(asdict(distill.train) | {"seed": seed}))
+        kd = DistillConfig(distill.alpha, distill.temperature, train)
+        teacher, teacher_meta = train_classifier(
+            dataset, architecture, train, device, description=f"seed {seed} teacher",
+            show_progress=show_progress,
+        )
+        nasty, nasty_meta = train_classifier(
+            dataset, architecture, train, device, loss_fn=make_nasty_loss(teacher, settings),
+            description=f"seed {seed} nasty", show_progress=show_progress,
+        )
+        nasty_meta = nasty_meta.model_copy(
+            update={"training": nasty_meta.training | {"nasty": asdict(settings)}}
+        )
+        from_teacher = distill_student(teacher, dataset, student_architecture, kd, device, show_progress)
+        from_nasty = distill_student(nasty, dataset, student_architecture, kd, device, show_progress)
+        baseline, _ = train_classifier(
+            dataset, student_architecture, train, device, description=f"seed {seed} baseline",
+            show_progress=show_progress,
+        )
+        save_checkpoint(out / f"seed{seed}" / "teacher", teacher, teacher_meta)
+        save_checkpoint(out / f"seed{seed}" / "nasty", nasty, nasty_meta)
+        test = (dataset.x_test, dataset.y_test, device)
+        result = SeedResult(
+            seed, accuracy(teacher, *test), accuracy(nasty, *test), accuracy(from_teacher, *test),
+            accuracy(from_nasty, *test), accuracy(baseline, *test),
+        )
+        logger.info("seed %d: %s", seed, result)
+        results.append(result)
+        if seed == seeds[0]:
+            picks = one_image_per_class(dataset.y_test, 4)
+            plot_softmax_distributions(
+                {"normal teacher": teacher, "nasty teacher": nasty},
+                dataset.x_test[picks], dataset.y_test[picks], dataset.class_names,
+                distill.temperature, out / "softmax.png",
+            )
+    summary = {
+        "dataset": dataset.name,
+        "architecture": architecture,
+        "student_architecture": student_architecture,
+        "nasty": asdict(settings),
+        "kd": {"alpha": distill.alpha, "temperature": distill.temperature},
+        "training": asdict(distill.train),
+        "seeds": [asdict(r) for r in results],
+        "mean": summarise(results),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "table.md").write_text(markdown_table(results))
+    return results
+
+
+def summarise(results: Sequence[SeedResult]) -> dict[str, float]:
+    """Mean accuracy of each column over the seeds."""
+    return {c: statistics.fmean(getattr(r, c) for r in results) for c in COLUMNS}
+
+
+def markdown_table(results: Sequence[SeedResult]) -> str:
+    header = "| seed | " + " | ".join(COLUMNS) + " |\n|" + " --- |" * (len(COLUMNS) + 1) + "\n"
+    rows = [f"| {r.seed} | " + " | ".join(f"{100 * getattr(r, c):.2f}" for c in COLUMNS) + " |" for r in results]
+    mean = summarise(results)
+    rows.append("| mean | " + " | ".join(f"{100 * mean[c]:.2f}" for c in COLUMNS) + " |")
+    return header + "\n".join(rows) + "\n"

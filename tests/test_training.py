@@ -1,0 +1,51 @@
+"""The training loop: a few-step smoke run, augmentation, device and config checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stealsim.data import load_dataset
+from stealsim.errors import ConfigError
+from stealsim.training import TrainConfig, accuracy, random_shift, resolve_device, train_classifier
+
+
+def test_a_short_run_learns_digits_well_above_chance() -> None:
+    data = load_dataset("digits")
+    config = TrainConfig(epochs=2, batch_size=64, seed=0)
+    model, meta = train_classifier(data, "small-cnn", config, architecture_kwargs={"width": 8}, show_progress=False)
+    assert meta.metrics["test_accuracy"] > 0.5  # chance is 0.1
+    assert meta.metrics["test_accuracy"] == pytest.approx(accuracy(model, data.x_test, data.y_test))
+    assert meta.training["epochs"] == 2
+    assert meta.input_shape == (1, 8, 8)
+
+
+def test_training_is_deterministic_under_a_seed() -> None:
+    data = load_dataset("digits")
+    config = TrainConfig(epochs=1, seed=3)
+    first, _ = train_classifier(data, "small-cnn", config, architecture_kwargs={"width": 4}, show_progress=False)
+    second, _ = train_classifier(data, "small-cnn", config, architecture_kwargs={"width": 4}, show_progress=False)
+    images = data.x_test[:8]
+    with torch.no_grad():
+        assert torch.equal(first(images), second(images))
+
+
+def test_random_shift_moves_content_without_changing_shape() -> None:
+    images = torch.zeros(16, 1, 8, 8)
+    images[:, :, 4, 4] = 1.0
+    shifted = random_shift(images, 1, torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape
+    assert torch.all(shifted.sum(dim=(1, 2, 3)) == 1.0)  # the dot moved, never lost
+    rows, cols = shifted[:, 0].nonzero(as_tuple=True)[1:]
+    assert set(rows.tolist()) <= {3, 4, 5} and set(cols.tolist()) <= {3, 4, 5}
+    assert random_shift(images, 0) is images
+
+
+def test_invalid_settings_are_refused() -> None:
+    with pytest.raises(ConfigError, match="invalid training settings"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")

@@ -46,6 +46,34 @@ class CheckpointError(StealsimError):
     """A checkpoint is missing, corrupt, or does not match its sidecar."""
 
 
+class AttackError(StealsimError):
+    """An attack cannot run as configured, or a run directory cannot be resumed."""
+
+
+class VictimAPIError(AttackError):
+    """The victim API refused a request or could not be reached.
+
+    ``status`` is the HTTP status (0 when no response arrived) and ``code`` the
+    API's machine-readable error code (``unauthorized``, ``model_not_found``, ...).
+    """
+
+    def __init__(self, message: str, *, status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class BudgetExhaustedError(VictimAPIError):
+    """The query budget (the attacker's own or the server's) cannot pay for a request.
+
+    ``remaining`` is the number of images still affordable (0 when spent).
+    """
+
+    def __init__(self, message: str, *, remaining: int = 0, status: int = 429) -> None:
+        super().__init__(message, status=status, code="budget_exhausted")
+        self.remaining = remaining
+
+
 # --- victim service -------------------------------------------------------------
 # The service's errors carry a machine-readable ``code`` (docs/api.md, "Errors") and
 # optional extra JSON fields; the app's exception handlers alone map them to HTTP

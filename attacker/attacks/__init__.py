@@ -1,0 +1,58 @@
+"""The attack registry: one file per attack, one entry each.
+
+::
+
+    attack = build_attack("dual-student", victim.info, torch.device("cpu"), batch_size=512)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from attacker.attacks.dfme import DFME, DFMESettings
+from attacker.attacks.dual_student import DualStudent, DualStudentSettings
+from attacker.attacks.random_noise import RandomNoise, RandomNoiseSettings
+from attacker.loop import Attack, AttackSettings
+from attacker.victims import VictimInfo
+from stealsim.errors import AttackError
+
+__all__ = [
+    "ATTACKS",
+    "DFME",
+    "DFMESettings",
+    "DualStudent",
+    "DualStudentSettings",
+    "RandomNoise",
+    "RandomNoiseSettings",
+    "attack_class",
+    "build_attack",
+    "make_settings",
+]
+
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (DualStudent, DFME, RandomNoise)}
+
+
+def attack_class(name: str) -> type[Attack]:
+    try:
+        return ATTACKS[name]
+    except KeyError:
+        raise AttackError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}") from None
+
+
+def make_settings(name: str, **overrides: Any) -> AttackSettings:
+    """The settings of attack ``name`` with ``overrides`` (``None`` values are ignored)."""
+    settings_type = attack_class(name).settings_type
+    known = {field.name for field in dataclasses.fields(settings_type)}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise AttackError(f"{name} has no setting(s) {unknown}; it accepts {sorted(known)}")
+    return settings_type(**given)
+
+
+def build_attack(name: str, info: VictimInfo, device: torch.device, **overrides: Any) -> Attack:
+    """Build attack ``name`` against a victim described by ``info``."""
+    return attack_class(name)(make_settings(name, **overrides), info, device)

@@ -1,0 +1,75 @@
+"""Pieces the generator-based attacks share: the generator, its optimiser, frozen students."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from attacker.students import cosine_factor, set_learning_rate
+from attacker.victims import VictimInfo
+from stealsim.architectures import DCGANGenerator, build_generator
+
+__all__ = ["GeneratorTrainer", "frozen", "generator_preactivation", "make_generator"]
+
+
+def make_generator(info: VictimInfo, latent_dim: int, width: int, device: torch.device) -> DCGANGenerator:
+    channels, size, _ = info.input_shape
+    return build_generator(latent_dim=latent_dim, image_size=size, channels=channels, width=width).to(device)
+
+
+def generator_preactivation(generator: DCGANGenerator, z: Tensor) -> Tensor:
+    """The generator's output before its final sigmoid (``images = sigmoid(a)``).
+
+    DFME perturbs here (before the squashing non-linearity) so that every
+    perturbed image stays a valid image in [0, 1].
+    """
+    out = generator.project(z).view(z.shape[0], 2 * generator.width, generator.init_size, generator.init_size)
+    preactivation: Tensor = generator.body(out)
+    return preactivation
+
+
+@contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """No parameter gradients for ``modules`` inside the block (inputs still get theirs)."""
+    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
+    for module in modules:
+        module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for module, saved in zip(modules, flags, strict=True):
+            for parameter, flag in zip(module.parameters(), saved, strict=True):
+                parameter.requires_grad_(flag)
+
+
+class GeneratorTrainer:
+    """A generator with its Adam optimiser and cosine schedule over the budget."""
+
+    def __init__(
+        self, info: VictimInfo, latent_dim: int, width: int, learning_rate: float, device: torch.device
+    ) -> None:
+        self.generator = make_generator(info, latent_dim, width, device)
+        self.learning_rate = learning_rate
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=learning_rate, betas=(0.5, 0.999))
+        self.device = device
+
+    def schedule(self, progress: float, floor: float = 0.05) -> None:
+        set_learning_rate(self.optimizer, self.learning_rate, cosine_factor(progress, floor))
+
+    def latent(self, count: int) -> Tensor:
+        return torch.randn(count, self.generator.latent_dim, device=self.device)
+
+    @torch.no_grad()
+    def sample(self, count: int) -> Tensor:
+        """``count`` images in [0, 1] from the current generator (no gradient)."""
+        self.generator.train()
+        images: Tensor = self.generator(self.latent(count))
+        return images
+
+    def update(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()

@@ -1,0 +1,134 @@
+"""DFME: data-free model extraction (Truong, Maini, Walls and Papernot, CVPR 2021)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from attacker.attacks._common import GeneratorTrainer, generator_preactivation
+from attacker.loop import Attack, AttackSettings
+from attacker.losses import (
+    forward_difference_gradient,
+    per_sample_student_loss,
+    unit_directions,
+    victim_targets,
+)
+from attacker.students import Students
+from attacker.victims import BudgetedVictim, VictimInfo
+from stealsim.errors import AttackError
+
+__all__ = ["DFME", "DFMESettings"]
+
+
+@dataclass(frozen=True)
+class DFMESettings(AttackSettings):
+    """DFME's settings (paper defaults: m = 1, eps = 1e-3, n_S = 5).
+
+    Attributes:
+        student_steps: student updates per generator update (``n_S``).
+        directions: random directions ``m`` of the zeroth-order estimate.
+        epsilon: forward-difference step ``eps`` (in the generator's pre-sigmoid space).
+        generator_lr: Adam learning rate of the generator.
+        latent_dim: size of the generator's noise vector.
+        generator_width: channels of the generator's first map.
+    """
+
+    student_steps: int = 5
+    directions: int = 1
+    epsilon: float = 1e-3
+    generator_lr: float = 1e-3
+    latent_dim: int = 64
+    generator_width: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.student_steps < 1 or self.directions < 1 or self.epsilon <= 0 or self.generator_lr <= 0:
+            raise AttackError(f"invalid DFME settings: {self}")
+
+
+class DFME(Attack):
+    """DFME: a generator trained through the victim with a zeroth-order gradient.
+
+    Paper: J.-B. Truong, P. Maini, R. J. Walls, N. Papernot, "Data-Free Model
+    Extraction", CVPR 2021.
+
+    The student minimises ``L1(S(x), l(x))`` with the victim's logits recovered
+    as ``l = log V(x) - mean_k log V(x)`` (Sec. 3.3; ``CE`` to the arg-max with
+    hard labels). The generator maximises the same disagreement,
+    ``L_G = -L1(S(G(z)), l(G(z)))``; the victim is a black box, so its gradient
+    with respect to the generator's pre-sigmoid output ``a`` is estimated by
+    forward differences (eq. 6)::
+
+        grad_a L_G ~ (d / m) sum_j [(L_G(a + eps u_j) - L_G(a)) / eps] u_j
+
+    with ``u_j`` uniform on the unit sphere, then back-propagated through ``G``.
+    Each generator update costs ``batch * (m + 1)`` queries (every perturbed
+    image is an image the victim answers and the budget is charged for), each
+    student update ``batch`` queries.
+    """
+
+    name = "dfme"
+    settings_type = DFMESettings
+
+    def __init__(self, settings: AttackSettings, info: VictimInfo, device: torch.device) -> None:
+        super().__init__(settings, info, device)
+        assert isinstance(settings, DFMESettings)
+        self.s: DFMESettings = settings
+        self.students = Students(info, 1, settings.student_settings(), device)
+        self.gen = GeneratorTrainer(
+            info, settings.latent_dim, settings.generator_width, settings.generator_lr, device
+        )
+        self.track("students", self.students)
+        self.track("student_optimizer_0", self.students.optimizers[0])
+        self.track("generator", self.gen.generator)
+        self.track("generator_optimizer", self.gen.optimizer)
+
+    def _generator_step(self, victim: BudgetedVictim) -> float | None:
+        per_image = self.s.directions + 1
+        count = min(self.s.batch_size, victim.affordable(self.s.batch_size * per_image) // per_image)
+        if count == 0:
+            return None
+        student = self.students.members[0]
+        student.train()
+        self.gen.generator.train()
+        preactivation = generator_preactivation(self.gen.generator, self.gen.latent(count))
+
+        @torch.no_grad()
+        def negative_disagreement(points: Tensor) -> Tensor:
+            images = torch.sigmoid(points)
+            targets = victim_targets(victim.query(images.cpu()), self.hard_label).to(self.device)
+            return -per_sample_student_loss(student(images), targets)
+
+        directions = unit_directions(count * self.s.directions, tuple(preactivation.shape[1:]))
+        directions = directions.view(count, self.s.directions, *preactivation.shape[1:]).to(self.device)
+        gradient, values = forward_difference_gradient(
+            negative_disagreement, preactivation.detach(), directions, self.s.epsilon
+        )
+        # d(mean L_G)/da = gradient / count; push it through the generator.
+        self.gen.optimizer.zero_grad(set_to_none=True)
+        preactivation.backward(gradient / count)
+        self.gen.optimizer.step()
+        return float(values.mean())
+
+    def step(self, victim: BudgetedVictim) -> dict[str, float]:
+        self.students.schedule(self.progress)
+        self.gen.schedule(self.progress)
+        generator_loss = self._generator_step(victim)
+        total, steps = 0.0, 0
+        for _ in range(self.s.student_steps):
+            count = victim.affordable(self.s.batch_size)
+            if count == 0:
+                break
+            images = self.gen.sample(count)
+            targets = victim_targets(victim.query(images.cpu()), self.hard_label).to(self.device)
+            total += self.students.train_step(images, targets)
+            steps += 1
+        stats = {"student": total / max(1, steps)}
+        if generator_loss is not None:
+            stats["generator"] = generator_loss
+        return stats
+
+    def clone(self) -> nn.Module:
+        return self.students.clone(0).eval()

@@ -1,0 +1,74 @@
+"""The random-noise baseline: students trained on the victim's answers to uniform noise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attacker.loop import Attack, AttackSettings
+from attacker.losses import victim_targets
+from attacker.students import Students
+from attacker.victims import BudgetedVictim, VictimInfo
+from stealsim.errors import AttackError
+
+__all__ = ["RandomNoise", "RandomNoiseSettings"]
+
+
+@dataclass(frozen=True)
+class RandomNoiseSettings(AttackSettings):
+    """Attributes:
+    steps_per_call: student updates per loop step (amortises the loop's bookkeeping).
+    """
+
+    steps_per_call: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps_per_call < 1:
+            raise AttackError(f"invalid random-noise settings: {self}")
+
+
+class RandomNoise(Attack):
+    """Random-noise stealing: query uniform pixels, distil the answers.
+
+    The baseline every report shows next to a data-free attack (on easy inputs
+    such as 8x8 digits it is strong). Each query image has i.i.d. pixels
+    ``x ~ U[0, 1]``; the student is trained exactly as the Dual Student's
+    students (same loss, optimiser, cosine schedule and moving average)::
+
+        L_S = L1(S(x), log V(x) - mean_k log V(x))     (soft labels)
+        L_S = CE(S(x), argmax V(x))                    (hard labels)
+
+    Reference: the "random inputs" baseline of Tramèr et al., "Stealing Machine
+    Learning Models via Prediction APIs" (USENIX Security 2016), and of the DFME
+    and Dual Student papers.
+    """
+
+    name = "random"
+    settings_type = RandomNoiseSettings
+
+    def __init__(self, settings: AttackSettings, info: VictimInfo, device: torch.device) -> None:
+        super().__init__(settings, info, device)
+        assert isinstance(settings, RandomNoiseSettings)
+        self.s: RandomNoiseSettings = settings
+        self.students = Students(info, 1, settings.student_settings(), device)
+        self.track("students", self.students)
+        self.track("student_optimizer_0", self.students.optimizers[0])
+
+    def step(self, victim: BudgetedVictim) -> dict[str, float]:
+        self.students.schedule(self.progress)
+        total, steps = 0.0, 0
+        for _ in range(self.s.steps_per_call):
+            count = victim.affordable(self.s.batch_size)
+            if count == 0:
+                break
+            images = torch.rand(count, *self.info.input_shape)
+            targets = victim_targets(victim.query(images), self.hard_label).to(self.device)
+            total += self.students.train_step(images.to(self.device), targets)
+            steps += 1
+        return {"student": total / max(1, steps)}
+
+    def clone(self) -> nn.Module:
+        return self.students.clone(0).eval()

@@ -1,0 +1,303 @@
+"""The attack loop, shared by every attack: budget, accounting, evaluation, checkpoints, progress.
+
+An attack subclasses :class:`Attack` and supplies its hooks:
+
+- ``__init__``: build its students / clones, generator, optimisers, and
+  :meth:`Attack.track` every stateful object (they are checkpointed);
+- :meth:`Attack.step`: spend some queries through the metered victim it is
+  given (ask ``victim.affordable(n)`` before querying) and train;
+- :meth:`Attack.clone`: the model evaluated as the stolen copy.
+
+:meth:`Attack.run` owns everything else: it meters the victim with a
+:class:`~attacker.victims.BudgetedVictim` (one image = one query, every
+zeroth-order perturbation included), persists the count after every answered
+request, evaluates every ``eval_every`` queries, checkpoints at each
+evaluation, resumes from the last checkpoint, and shows a progress bar.
+
+A new attack is one new file in ``attacker/attacks/`` plus its registry entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from attacker.losses import SoftLoss
+from attacker.rundir import Ledger, RunDirectory
+from attacker.students import StudentSettings
+from attacker.victims import BudgetedVictim, Victim, VictimInfo
+from stealsim.errors import AttackError, BudgetExhaustedError
+from stealsim.progress import progress_bar
+from stealsim.training import seed_everything
+
+__all__ = ["Attack", "AttackSettings", "Evaluates", "LoopConfig", "RunOutcome"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """Settings every attack has; each attack extends this with its own (frozen) fields.
+
+    Attributes:
+        batch_size: images per victim request (large batches: few round-trips).
+        hard_label: train on the victim's arg-max only (forced for a label-only victim).
+        student_architecture: the clones' architecture (default: by input shape).
+        student_width: width of a ``small-cnn`` clone.
+        student_lr: the clones' initial learning rate (Adam, cosine-decayed over the budget).
+        ema_decay: moving average of the clones' weights (the average is evaluated).
+        soft_loss: ``l1`` on recovered logits (the papers') or ``kl``.
+        replay: size of the clones' replay memory of answered images (0: none).
+    """
+
+    batch_size: int = 256
+    hard_label: bool = False
+    student_architecture: str | None = None
+    student_width: int = 32
+    student_lr: float = 2e-3
+    ema_decay: float = 0.995
+    soft_loss: SoftLoss = "l1"
+    replay: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.student_lr <= 0 or not 0 <= self.ema_decay < 1:
+            raise AttackError(f"invalid attack settings: {self}")
+
+    def student_settings(self) -> StudentSettings:
+        return StudentSettings(
+            architecture=self.student_architecture,
+            width=self.student_width,
+            learning_rate=self.student_lr,
+            ema_decay=self.ema_decay,
+            soft_loss=self.soft_loss,
+            replay=self.replay,
+        )
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the loop needs: the budget and how often to evaluate.
+
+    Attributes:
+        budget: attack queries (images) the run may spend.
+        eval_every: queries between evaluations (0: a twentieth of the budget).
+        seed: seeds Python, NumPy and torch at the start of a new run.
+        show_progress: draw a progress bar.
+    """
+
+    budget: int
+    eval_every: int = 0
+    seed: int = 0
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.budget < 1 or self.eval_every < 0:
+            raise AttackError(f"budget must be >= 1 and eval_every >= 0, got {self}")
+
+    @property
+    def evaluation_interval(self) -> int:
+        return self.eval_every or max(1, self.budget // 20)
+
+
+class Evaluates:
+    """What the loop asks of an evaluator (see :class:`attacker.evaluation.Evaluator`)."""
+
+    def evaluate(self, clone: nn.Module, final: bool) -> dict[str, float]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended."""
+
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    stop_reason: str
+
+
+class Attack(ABC):
+    """Base class of every attack: owns the loop; subclasses supply :meth:`step` and :meth:`clone`.
+
+    Args:
+        settings: the attack's settings (a subclass of :class:`AttackSettings`).
+        info: the victim's public metadata.
+        device: where students and generators train.
+    """
+
+    name: ClassVar[str]
+    settings_type: ClassVar[type[AttackSettings]] = AttackSettings
+
+    def __init__(self, settings: AttackSettings, info: VictimInfo, device: torch.device) -> None:
+        if not isinstance(settings, self.settings_type):
+            raise AttackError(f"{self.name} needs {self.settings_type.__name__}, got {type(settings).__name__}")
+        self.settings = settings
+        self.info = info
+        self.device = device
+        self.hard_label = settings.hard_label or info.output_kind == "label"
+        self._tracked: dict[str, Any] = {}
+        self.progress = 0.0
+        """Fraction of the budget spent before the current step (drives schedules)."""
+
+    # -- hooks --------------------------------------------------------------------------
+
+    @abstractmethod
+    def step(self, victim: BudgetedVictim) -> dict[str, float]:
+        """Spend some queries (at most ``victim.remaining``) and train; return loss statistics."""
+
+    @abstractmethod
+    def clone(self) -> nn.Module:
+        """The stolen model, in eval mode, taking pixels in [0, 1]."""
+
+    def track(self, name: str, thing: Any) -> None:
+        """Checkpoint ``thing`` (a module, an optimiser, or anything with ``state_dict``)."""
+        self._tracked[name] = thing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: thing.state_dict() for name, thing in self._tracked.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self._tracked) - set(state)
+        if missing:
+            raise AttackError(f"the checkpoint lacks {sorted(missing)}; was it written by another attack?")
+        for name, thing in self._tracked.items():
+            thing.load_state_dict(state[name])
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(
+        self,
+        victim: Victim,
+        config: LoopConfig,
+        run_dir: RunDirectory,
+        evaluator: Evaluates | None = None,
+        resume: bool = False,
+        ledger: Ledger | None = None,
+    ) -> RunOutcome:
+        """Steal from ``victim`` until the budget is spent; write metrics and checkpoints.
+
+        ``ledger`` is the run's query ledger (shared with the evaluator, which
+        adds evaluation queries); a resumed run reads it from ``run_dir``.
+        """
+        ledger = ledger if ledger is not None else (run_dir.read_ledger() if resume else Ledger())
+        history: list[dict[str, Any]] = []
+        attack_seconds = 0.0
+        interval = config.evaluation_interval
+        next_eval = interval
+        state = run_dir.load_checkpoint() if resume else None
+        if state is not None:
+            self.load_state_dict(state["attack"])
+            torch.set_rng_state(state["rng"])
+            history = [dict(line) for line in state["history"]]
+            attack_seconds = float(state["attack_seconds"])
+            next_eval = int(state["next_eval"])
+            run_dir.rewrite_history(history)
+            logger.info(
+                "resuming at %d queries (checkpoint at %d)", ledger.attack_queries, state["queries"]
+            )
+        else:
+            if resume:
+                logger.info("no checkpoint yet: the run restarts its training, keeping its query count")
+            seed_everything(config.seed)
+        # Queries spent after the checkpoint (before a kill) stay spent: the
+        # count resumes from the ledger, the training from the checkpoint.
+        while next_eval <= ledger.attack_queries:
+            next_eval += interval
+
+        budgeted = BudgetedVictim(victim, config.budget, used=ledger.attack_queries)
+
+        def charged(used: int) -> None:
+            ledger.attack_queries = used
+            run_dir.write_ledger(ledger)
+
+        budgeted.on_charge = charged
+        run_dir.write_ledger(ledger)
+
+        stop_reason = "budget_spent"
+        last: dict[str, float] = {}
+        fidelity = history[-1].get("fidelity", float("nan")) if history else float("nan")
+        with progress_bar(self.name, total=config.budget, enabled=config.show_progress) as advance:
+            advance("", steps=budgeted.used)
+            while (budgeted.remaining or 0) > 0:
+                before = budgeted.used
+                self.progress = before / config.budget
+                started = time.perf_counter()
+                try:
+                    last = self.step(budgeted)
+                except BudgetExhaustedError as exc:
+                    attack_seconds += time.perf_counter() - started
+                    if exc.status == 0:  # our own meter: the step asked for too much
+                        raise AttackError(f"{self.name} asked for more than its budget: {exc}") from exc
+                    stop_reason = "server_budget_exhausted"
+                    logger.warning("the server refused further queries: %s", exc)
+                    break
+                attack_seconds += time.perf_counter() - started
+                spent = budgeted.used - before
+                if spent == 0:
+                    stop_reason = "budget_too_small_for_a_step"
+                    break
+                rate = budgeted.used / max(attack_seconds, 1e-9)
+                advance(f"{rate:,.0f} q/s  fidelity {fidelity:.3f}", steps=spent)
+                if budgeted.used >= next_eval and (budgeted.remaining or 0) > 0:
+                    line = self._evaluate(evaluator, budgeted.used, attack_seconds, ledger, last, False)
+                    history.append(line)
+                    run_dir.append_metrics(line)
+                    fidelity = line.get("fidelity", float("nan"))
+                    while next_eval <= budgeted.used:
+                        next_eval += interval
+                    self._checkpoint(run_dir, budgeted.used, history, attack_seconds, next_eval)
+
+        final = self._evaluate(evaluator, budgeted.used, attack_seconds, ledger, last, True)
+        history.append(final)
+        run_dir.append_metrics(final)
+        self._checkpoint(run_dir, budgeted.used, history, attack_seconds, next_eval)
+        metrics = dict(final)
+        metrics.update(
+            queries_used=budgeted.used,
+            budget=config.budget,
+            attack_seconds=attack_seconds,
+            queries_per_second=budgeted.used / max(attack_seconds, 1e-9),
+            victim_requests=budgeted.requests,
+            stop_reason=stop_reason,
+        )
+        return RunOutcome(metrics=metrics, history=history, stop_reason=stop_reason)
+
+    def _evaluate(
+        self,
+        evaluator: Evaluates | None,
+        queries: int,
+        attack_seconds: float,
+        ledger: Ledger,
+        losses: dict[str, float],
+        final: bool,
+    ) -> dict[str, Any]:
+        line: dict[str, Any] = {"queries": queries, "attack_seconds": round(attack_seconds, 3)}
+        line.update({f"loss_{k}": v for k, v in losses.items()})
+        if evaluator is not None:
+            line.update(evaluator.evaluate(self.clone(), final))
+        line["eval_queries"] = ledger.eval_queries
+        return line
+
+    def _checkpoint(
+        self,
+        run_dir: RunDirectory,
+        queries: int,
+        history: list[dict[str, Any]],
+        attack_seconds: float,
+        next_eval: int,
+    ) -> None:
+        run_dir.save_checkpoint(
+            {
+                "attack": self.state_dict(),
+                "rng": torch.get_rng_state(),
+                "history": history,
+                "attack_seconds": attack_seconds,
+                "next_eval": next_eval,
+                "queries": queries,
+            }
+        )

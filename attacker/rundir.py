@@ -1,0 +1,137 @@
+"""A run directory: what an attack run writes, and reads back to resume.
+
+::
+
+    RUN/config.json       the run's settings (attack, victim, budget, seed, ...)
+    RUN/ledger.json       queries spent so far, rewritten after every answered request
+    RUN/checkpoint.pt     attack state (students, generator, optimisers, RNG) at the last evaluation
+    RUN/metrics.jsonl     one line per evaluation
+    RUN/metrics.json      the final metrics
+    RUN/report.md         a human-readable summary
+    RUN/progress.png      fidelity and accuracy against queries
+
+Every file is written atomically (temporary file, then rename), so a killed run
+leaves the previous version, never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stealsim.errors import AttackError
+
+__all__ = ["Ledger", "RunDirectory"]
+
+
+@dataclass
+class Ledger:
+    """Queries spent by a run: attack queries against the budget, evaluation queries apart."""
+
+    attack_queries: int = 0
+    eval_queries: int = 0
+    server_used_at_start: int | None = None
+    """The key's server-side ``used`` when the run began (HTTP only), to reconcile."""
+    eval_on_attack_key: bool = False
+    """Whether evaluation queries are charged to the attack's key (then the server counts both)."""
+    lost_queries: int = 0
+    """Queries the server charged but the run never recorded (a kill mid-request), found on resume."""
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class RunDirectory:
+    """Reads and writes the files of one attack run in ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def prepare(self, resume: bool) -> None:
+        """Create the directory; refuse to mix a new run into an old one."""
+        if self.path.exists() and not self.path.is_dir():
+            raise AttackError(f"--out {self.path} exists and is not a directory")
+        if resume:
+            if not (self.path / "config.json").is_file():
+                raise AttackError(f"cannot resume: {self.path} holds no run (config.json is missing)")
+            return
+        if self.path.is_dir() and (self.path / "config.json").exists():
+            raise AttackError(
+                f"{self.path} already holds a run; pass --resume to continue it or choose another --out"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    # -- JSON files -------------------------------------------------------------------
+
+    def write_json(self, name: str, content: dict[str, Any]) -> None:
+        text = json.dumps(content, indent=2, sort_keys=True, default=str) + "\n"
+        _atomic_write_bytes(self.path / name, text.encode())
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        path = self.path / name
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AttackError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(content, dict):
+            raise AttackError(f"{path} does not hold a JSON object")
+        return content
+
+    def write_ledger(self, ledger: Ledger) -> None:
+        self.write_json("ledger.json", asdict(ledger))
+
+    def read_ledger(self) -> Ledger:
+        if not (self.path / "ledger.json").is_file():
+            return Ledger()
+        return Ledger(**self.read_json("ledger.json"))
+
+    def append_metrics(self, line: dict[str, Any]) -> None:
+        with (self.path / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(line, sort_keys=True) + "\n")
+
+    def read_history(self) -> list[dict[str, Any]]:
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def rewrite_history(self, history: list[dict[str, Any]]) -> None:
+        """Drop evaluation lines written after the checkpoint a resumed run restarts from."""
+        text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in history)
+        _atomic_write_bytes(self.path / "metrics.jsonl", text.encode())
+
+    # -- checkpoint -------------------------------------------------------------------
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        descriptor, temporary = tempfile.mkstemp(dir=self.path, prefix=".checkpoint.pt.")
+        os.close(descriptor)
+        try:
+            torch.save(state, temporary)
+            os.replace(temporary, self.path / "checkpoint.pt")
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        path = self.path / "checkpoint.pt"
+        if not path.is_file():
+            return None
+        try:
+            state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError) as exc:
+            raise AttackError(f"cannot read the checkpoint {path}: {exc}") from exc
+        return state

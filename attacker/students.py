@@ -1,0 +1,188 @@
+"""Students (the clones being trained) with their optimisers, moving averages and schedule.
+
+Every attack trains one or more students on the victim's answers the same way,
+so it lives here once: Adam (or SGD) on :func:`~attacker.losses.student_loss`,
+a cosine learning-rate schedule over the *query budget* (the learning rate is a
+function of the fraction of the budget spent, so a resumed run picks up the
+same schedule), and an exponential moving average of each student's weights and
+buffers (the averaged student is the one evaluated).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from attacker.losses import SoftLoss, student_loss
+from attacker.victims import VictimInfo
+from stealsim.architectures import PixelClassifier, build_classifier, default_architecture
+
+__all__ = ["StudentSettings", "Students", "build_student", "cosine_factor", "set_learning_rate"]
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    """How students are built and trained.
+
+    Attributes:
+        architecture: classifier from the registry (default: the one
+            :func:`~stealsim.architectures.default_architecture` picks for the input).
+        width: ``width`` argument of ``small-cnn`` (ignored by other architectures).
+        learning_rate: initial learning rate.
+        optimizer: ``adam`` or ``sgd`` (momentum 0.9).
+        weight_decay: L2 penalty.
+        ema_decay: decay of the moving average (0 disables it).
+        min_lr_fraction: the cosine schedule ends at this fraction of the initial rate.
+        soft_loss: ``l1`` (on recovered logits) or ``kl`` for soft targets.
+        replay: answered images kept in a replay memory; each update also trains on
+            as many of them (drawn at random) as it has fresh ones (0: no replay).
+            Replay reuses answers already paid for: it costs compute, not queries.
+    """
+
+    architecture: str | None = None
+    width: int = 32
+    learning_rate: float = 2e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = 0.0
+    ema_decay: float = 0.995
+    min_lr_fraction: float = 0.02
+    soft_loss: SoftLoss = "l1"
+    replay: int = 0
+
+
+def cosine_factor(progress: float, floor: float) -> float:
+    """``floor + (1 - floor) * (1 + cos(pi * progress)) / 2`` for progress in [0, 1]."""
+    progress = min(1.0, max(0.0, progress))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, base: float, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = base * factor
+
+
+def build_student(info: VictimInfo, settings: StudentSettings) -> PixelClassifier:
+    """A fresh student for the victim's input shape and class count."""
+    channels, size, _ = info.input_shape
+    name = settings.architecture or default_architecture(channels, size)
+    kwargs: dict[str, Any] = {"width": settings.width} if name == "small-cnn" else {}
+    net = build_classifier(
+        name, in_channels=channels, image_size=size, num_classes=info.num_classes, **kwargs
+    )
+    # The attacker does not know the victim's normalisation; centre [0, 1] pixels.
+    return PixelClassifier(net, [0.5] * channels, [0.5] * channels)
+
+
+class Students(nn.Module):
+    """``count`` students trained alike, each with a moving-average copy.
+
+    ``members[i]`` are trained; ``averages[i]`` follow them and are evaluated.
+    """
+
+    def __init__(
+        self, info: VictimInfo, count: int, settings: StudentSettings, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.members = nn.ModuleList([build_student(info, settings) for _ in range(count)]).to(device)
+        self.averages = nn.ModuleList([copy.deepcopy(m) for m in self.members]).eval()
+        for average in self.averages:
+            average.requires_grad_(False)
+        self.optimizers = [self._optimizer(member) for member in self.members]
+        self.updates = 0
+        self._memory: tuple[Tensor, Tensor] | None = None
+        self._filled = 0
+        self._cursor = 0
+
+    def _optimizer(self, member: nn.Module) -> torch.optim.Optimizer:
+        s = self.settings
+        if s.optimizer == "sgd":
+            return torch.optim.SGD(
+                member.parameters(), lr=s.learning_rate, momentum=0.9, weight_decay=s.weight_decay
+            )
+        return torch.optim.Adam(member.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
+
+    def schedule(self, progress: float) -> None:
+        """Set every student's learning rate for ``progress`` (fraction of the budget spent)."""
+        factor = cosine_factor(progress, self.settings.min_lr_fraction)
+        for optimizer in self.optimizers:
+            set_learning_rate(optimizer, self.settings.learning_rate, factor)
+
+    def _remember(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the fresh batch in the ring memory; return it joined with replayed answers."""
+        size = self.settings.replay
+        count = images.shape[0]
+        if self._memory is None or self._memory[1].shape[1:] != targets.shape[1:]:
+            self._memory = (
+                images.new_empty((size, *images.shape[1:])),
+                targets.new_empty((size, *targets.shape[1:])),
+            )
+            self._filled = self._cursor = 0
+        memory_images, memory_targets = self._memory
+        replayed = None
+        if self._filled > 0:
+            index = torch.randint(0, self._filled, (min(count, self._filled),), device=images.device)
+            replayed = (memory_images[index], memory_targets[index])
+        slots = (torch.arange(count, device=images.device) + self._cursor) % size
+        memory_images[slots] = images.detach()[-size:] if count > size else images.detach()
+        memory_targets[slots] = targets[-size:] if count > size else targets
+        self._cursor = (self._cursor + count) % size
+        self._filled = min(size, self._filled + count)
+        if replayed is None:
+            return images, targets
+        return torch.cat([images, replayed[0]]), torch.cat([targets, replayed[1]])
+
+    def train_step(self, images: Tensor, targets: Tensor) -> float:
+        """One optimiser step of every student on ``(images, targets)``; the mean loss."""
+        if self.settings.replay > 0:
+            images, targets = self._remember(images, targets)
+        total = 0.0
+        for member, optimizer in zip(self.members, self.optimizers, strict=True):
+            member.train()
+            loss = student_loss(member(images), targets, self.settings.soft_loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+        self.updates += 1
+        self._update_averages()
+        return total / len(self.members)
+
+    @torch.no_grad()
+    def _update_averages(self) -> None:
+        decay = self.settings.ema_decay
+        # Warm-up: early on the average follows the students closely.
+        decay = min(decay, (1.0 + self.updates) / (10.0 + self.updates))
+        for member, average in zip(self.members, self.averages, strict=True):
+            params = [p for p in average.parameters()]
+            torch._foreach_mul_(params, decay)
+            torch._foreach_add_(params, [p.detach() for p in member.parameters()], alpha=1 - decay)
+            for mine, theirs in zip(average.buffers(), member.buffers(), strict=True):
+                if mine.dtype.is_floating_point:
+                    mine.mul_(decay).add_(theirs, alpha=1 - decay)
+                else:
+                    mine.copy_(theirs)
+
+    def clone(self, index: int = 0) -> nn.Module:
+        """The model evaluated as the clone: the moving average of student ``index``."""
+        if self.settings.ema_decay <= 0:
+            return self.members[index]
+        return self.averages[index]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"updates": self.updates}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+
+    def optimizer_states(self) -> list[dict[str, Any]]:
+        return [optimizer.state_dict() for optimizer in self.optimizers]
+
+    def load_optimizer_states(self, states: list[dict[str, Any]]) -> None:
+        for optimizer, state in zip(self.optimizers, states, strict=True):
+            optimizer.load_state_dict(state)

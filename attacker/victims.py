@@ -1,0 +1,203 @@
+"""The one-method victim interface every attack talks to, and the wrapper that meters it.
+
+An attack only ever calls ``victim.query(images) -> answers``. Three kinds of
+victim implement it:
+
+- :class:`~attacker.client.HttpVictim`: the real service over HTTP;
+- :class:`InProcessVictim`: a checkpoint loaded in this process (unit tests,
+  and the baseline that measures the HTTP overhead);
+- :class:`FunctionVictim`: any tensor function (a test double).
+
+The budget is counted by :class:`BudgetedVictim`, where the victim is called:
+one image is one query, whatever the attack does with it.
+
+Answers are either probabilities (float32 ``[N, K]``) or labels (int64 ``[N]``),
+as the victim's :class:`VictimInfo` ``output_kind`` says.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from stealsim.errors import AttackError, BudgetExhaustedError
+
+__all__ = [
+    "BudgetedVictim",
+    "FunctionVictim",
+    "InProcessVictim",
+    "OutputKind",
+    "Victim",
+    "VictimInfo",
+]
+
+logger = logging.getLogger(__name__)
+
+OutputKind = Literal["probabilities", "label"]
+
+
+@dataclass(frozen=True)
+class VictimInfo:
+    """What an attacker may know about the victim: its public model metadata."""
+
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    output_kind: OutputKind = "probabilities"
+    pixel_range: tuple[float, float] = (0.0, 1.0)
+    max_images_per_request: int = 1024
+    name: str = "victim"
+
+
+@runtime_checkable
+class Victim(Protocol):
+    """A black box that answers a batch of images in [0, 1] (``[N, C, H, W]``)."""
+
+    info: VictimInfo
+
+    def query(self, images: Tensor) -> Tensor:
+        """Probabilities ``[N, K]`` (float32) or labels ``[N]`` (int64), on the CPU."""
+        ...
+
+
+def _check_images(images: Tensor, info: VictimInfo) -> None:
+    if images.dim() != 4 or tuple(images.shape[1:]) != info.input_shape:
+        raise AttackError(
+            f"images of shape {tuple(images.shape)} do not fit the victim's input "
+            f"[N, {', '.join(map(str, info.input_shape))}]"
+        )
+
+
+class InProcessVictim:
+    """A classifier in this process behind the same interface as the HTTP client.
+
+    Args:
+        model: takes pixels in [0, 1], returns logits (e.g. a checkpoint's
+            :class:`~stealsim.architectures.PixelClassifier`).
+        info: its metadata; ``output_kind="label"`` answers arg-max labels only,
+            like a server with the ``label_only`` policy.
+        device: where the model runs.
+    """
+
+    def __init__(self, model: nn.Module, info: VictimInfo, device: str | torch.device = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.info = info
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        directory: Path,
+        output_kind: OutputKind = "probabilities",
+        device: str | torch.device = "cpu",
+        max_images_per_request: int = 1024,
+    ) -> InProcessVictim:
+        """Load the checkpoint in ``directory`` (see :mod:`stealsim.checkpoint`)."""
+        from stealsim.checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(directory, device)
+        info = VictimInfo(
+            input_shape=meta.input_shape,
+            num_classes=meta.num_classes,
+            output_kind=output_kind,
+            pixel_range=meta.pixel_range,
+            max_images_per_request=max_images_per_request,
+            name=directory.name,
+        )
+        return cls(model, info, device)
+
+    @torch.inference_mode()
+    def query(self, images: Tensor) -> Tensor:
+        _check_images(images, self.info)
+        if not bool(torch.isfinite(images).all()) or images.min() < 0 or images.max() > 1:
+            raise AttackError("pixels must be finite and within [0, 1]")
+        logits = self.model(images.to(self.device, torch.float32)).float()
+        if self.info.output_kind == "label":
+            return logits.argmax(dim=1).cpu()
+        return torch.softmax(logits, dim=1).cpu()
+
+
+class FunctionVictim:
+    """A test double: answers with ``function(images)`` (probabilities or labels)."""
+
+    def __init__(self, function: Callable[[Tensor], Tensor], info: VictimInfo) -> None:
+        self.function = function
+        self.info = info
+
+    def query(self, images: Tensor) -> Tensor:
+        _check_images(images, self.info)
+        return self.function(images)
+
+
+class BudgetedVictim:
+    """Meters a victim: one image is one query, counted where the victim is called.
+
+    A request that does not fit the remaining budget is refused whole with
+    :class:`~stealsim.errors.BudgetExhaustedError` before it reaches the victim,
+    as the service itself does. Only answered images are counted (a request that
+    raises is not). ``on_charge(used)`` runs after every answered request, so a
+    run can persist its count before anything else happens.
+
+    Args:
+        victim: the victim to meter.
+        budget: images this wrapper may spend (``None``: unlimited, still counted).
+        used: images already spent (when resuming).
+        on_charge: called with the new total after each answered request.
+    """
+
+    def __init__(
+        self,
+        victim: Victim,
+        budget: int | None,
+        used: int = 0,
+        on_charge: Callable[[int], None] | None = None,
+    ) -> None:
+        if budget is not None and budget < 0:
+            raise AttackError(f"budget must be >= 0, got {budget}")
+        self.victim = victim
+        self.info = victim.info
+        self.budget = budget
+        self.used = used
+        self.requests = 0
+        self.on_charge = on_charge
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.budget is None else max(0, self.budget - self.used)
+
+    def affordable(self, wanted: int) -> int:
+        """How many of ``wanted`` images the remaining budget pays for."""
+        remaining = self.remaining
+        return wanted if remaining is None else min(wanted, remaining)
+
+    def query(self, images: Tensor) -> Tensor:
+        count = int(images.shape[0])
+        if count == 0:
+            raise AttackError("a query needs at least one image")
+        remaining = self.remaining
+        if remaining is not None and count > remaining:
+            raise BudgetExhaustedError(
+                f"a request of {count} images does not fit the remaining budget of {remaining}",
+                remaining=remaining,
+                status=0,
+            )
+        # One request per chunk the victim accepts, each counted as it is answered,
+        # so a failure half-way leaves the count exact.
+        step = max(1, self.info.max_images_per_request)
+        parts = []
+        for start in range(0, count, step):
+            chunk = images[start : start + step]
+            answers = self.victim.query(chunk)
+            if int(answers.shape[0]) != int(chunk.shape[0]):
+                raise AttackError(f"the victim answered {answers.shape[0]} of {chunk.shape[0]} images")
+            self.used += int(chunk.shape[0])
+            self.requests += 1
+            if self.on_charge is not None:
+                self.on_charge(self.used)
+            parts.append(answers)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

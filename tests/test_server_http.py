@@ -436,3 +436,30 @@ def test_yaml_config_and_graceful_shutdown_drains_queued_batches(
     assert sorted(r.status_code for r in responses) == [200, 200, 200, 200]
     assert sorted(r.json()["parameters"]["images_charged"] for r in responses) == [1, 2, 3, 4]
     assert "draining" in server.log()
+
+
+# --- an off-the-shelf OIP client ---------------------------------------------------------------
+
+
+def test_triton_http_client_works_unmodified(client: httpx.Client, victim_server: ServerProcess,
+                                             digits_checkpoint: Path, digits_test: np.ndarray) -> None:
+    triton = pytest.importorskip("tritonclient.http")
+    key = new_key(client)
+    triton_client = triton.InferenceServerClient(victim_server.url.removeprefix("http://"))
+    try:
+        assert triton_client.is_server_live() and triton_client.is_server_ready()
+        # tritonclient adds its own headers to the dict it is given: a fresh dict per call.
+        assert triton_client.is_model_ready("victim", headers={"X-API-Key": key})
+        meta = triton_client.get_model_metadata("victim", headers={"X-API-Key": key})
+        assert meta["inputs"][0]["shape"] == [-1, 1, 8, 8]
+        images = digits_test[:5]
+        reference = expected_probabilities(digits_checkpoint, images)
+        for binary in (True, False):
+            tensor = triton.InferInput("input", list(images.shape), "FP32")
+            tensor.set_data_from_numpy(images, binary_data=binary)
+            wanted = triton.InferRequestedOutput("probabilities", binary_data=binary)
+            result = triton_client.infer("victim", [tensor], outputs=[wanted], headers={"X-API-Key": key})
+            np.testing.assert_allclose(result.as_numpy("probabilities"), reference, atol=1e-5)
+    finally:
+        triton_client.close()
+    assert usage(client, key)["used"] == 10

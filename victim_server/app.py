@@ -63,7 +63,7 @@ STATUS_CODES: dict[type[ServiceError], int] = {
 def _status(error: ServiceError) -> int:
     for cls in type(error).__mro__:
         if cls in STATUS_CODES:
-            return STATUS_CODES[cls]  # type: ignore[index]
+            return STATUS_CODES[cls]
     return 500
 
 
@@ -102,7 +102,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error_response(request, exc.status_code, code, str(exc.detail))
 
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error_response(request, 500, "internal", f"internal error: {type(exc).__name__}")
+
     app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(Exception, unexpected_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
 

@@ -10,10 +10,10 @@ from stealsim.errors import ForbiddenError, UnauthorizedError
 from victim_server.service import VictimService
 from victim_server.store import KeyRecord
 
-__all__ = ["AdminDep", "CallerKey", "ServiceDep", "get_service", "presented_secret"]
+__all__ = ["AdminDep", "CallerKey", "ServiceDep", "authenticate", "get_service", "presented_secret"]
 
 
-def get_service(request: Request) -> VictimService:
+async def get_service(request: Request) -> VictimService:
     service: VictimService = request.app.state.service
     return service
 
@@ -32,15 +32,19 @@ def presented_secret(request: Request) -> str | None:
     return None
 
 
-async def require_key(request: Request, service: ServiceDep) -> KeyRecord:
+async def authenticate(request: Request, service: VictimService) -> KeyRecord:
+    """The live key the request presents; raises UnauthorizedError (401) otherwise."""
     secret = presented_secret(request)
     if secret is None:
         raise UnauthorizedError("no API key: send X-API-Key: KEY or Authorization: Bearer KEY")
     record = await service.store.authenticate(secret)
     if record is None:
         raise UnauthorizedError("unknown or revoked API key")
-    request.state.key_id = record.key_id
     return record
+
+
+async def require_key(request: Request, service: ServiceDep) -> KeyRecord:
+    return await authenticate(request, service)
 
 
 async def require_admin(request: Request, service: ServiceDep) -> None:

@@ -8,6 +8,7 @@ problem; it never touches the model. Binary bodies are decoded zero-copy with
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +59,12 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
     try:
         header = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError(f"malformed JSON in the request: {exc}") from exc
+        try:
+            # Python's json (and clients built on it) write NaN / Infinity, which orjson refuses:
+            # parse them so that the pixel check can name the problem.
+            header = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidRequestError(f"malformed JSON in the request: {exc}") from exc
     if not isinstance(header, dict):
         raise InvalidRequestError("the request must be a JSON object with an 'inputs' list")
     return header

@@ -6,6 +6,7 @@ The storage is a ``limits`` URI: ``async+memory://`` in one process,
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from stealsim.errors import ConfigError, InvalidRequestError, RateLimitedError
 __all__ = ["RateLimiter", "parse_rate"]
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_rate(text: str) -> limits.RateLimitItem:
     """``"20/second"`` -> a RateLimitItem; raises InvalidRequestError naming the bad value."""
     try:
@@ -45,17 +47,19 @@ class RateLimiter:
             storage = storage_from_string(storage_uri)
         except Exception as exc:
             raise ConfigError(f"rate-limit storage {storage_uri!r} cannot be used: {exc}") from exc
-        self._limiter = FixedWindowRateLimiter(storage)  # type: ignore[arg-type]
+        self._limiter = FixedWindowRateLimiter(storage)
 
     async def hit(self, key_id: str, rate: str | None, image_rate: str | None, images: int) -> None:
-        """Count one request of ``images`` images, or raise RateLimitedError and count nothing."""
+        """Count one request of ``images`` images, or raise RateLimitedError."""
         checks = [_Check("requests", parse_rate(rate), 1)] if rate else []
         if image_rate:
             checks.append(_Check("images", parse_rate(image_rate), images))
+        # A fixed-window hit() counts even when it fails. For the request limit that is
+        # harmless (the window is already full); the image limit is tested first so a
+        # refused request does not eat the images it was refused.
         for check in checks:
-            if not await self._limiter.test(check.item, key_id, check.kind, cost=check.cost):
+            if check.cost > 1 and not await self._limiter.test(check.item, key_id, check.kind, cost=check.cost):
                 await self._refuse(key_id, check)
-        for check in checks:
             if not await self._limiter.hit(check.item, key_id, check.kind, cost=check.cost):
                 await self._refuse(key_id, check)
 

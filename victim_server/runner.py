@@ -46,6 +46,9 @@ class ModelRunner:
 
         Runs synchronously (the batcher calls it from a worker thread).
         """
+        if not images.flags.writeable:
+            # A zero-copy view of a request body is read-only; torch wants writable memory.
+            images = images.copy()
         with torch.inference_mode():
             batch = torch.from_numpy(images).to(self.device, non_blocking=True)
             logits = self.model(batch)

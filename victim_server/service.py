@@ -138,9 +138,8 @@ class VictimService:
         await self.limiter.hit(key.key_id, key.rate, key.image_rate, count)
         remaining = await self.store.reserve(key.key_id, count)
         try:
-            probabilities = await asyncio.wait_for(
-                self.batcher.submit(model, images), self.settings.inference_timeout_s
-            )
+            async with asyncio.timeout(self.settings.inference_timeout_s):
+                probabilities = await self.batcher.submit(model, images)
         except TimeoutError as exc:
             await self.store.refund(key.key_id, count)
             raise UnavailableError(
@@ -158,7 +157,7 @@ class VictimService:
             policy=policy.describe(), flags=list(flags), request_id=request_id,
         ))
         self.metrics.images.labels(model).inc(count)
-        logger.info(
+        logger.debug(
             "served %d images of %s to %s", count, model, key.key_id,
             extra={"key_id": key.key_id, "model": model, "images": count, "remaining": remaining},
         )

@@ -1,0 +1,292 @@
+"""The attacker against a real ``stealsim serve`` over HTTP: the client's error handling,
+every attack end to end within its budget (server-side usage = the attacker's count),
+a spent server budget, and resume after a kill. Nothing here mocks HTTP; the one fake
+server is a tiny local HTTP server that answers 503, which the real one does not on demand."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from server_support import ServerProcess, new_key
+
+from attacker.attacks import ATTACKS
+from attacker.client import HttpVictim, RetryPolicy
+from attacker.victims import BudgetedVictim, InProcessVictim
+from stealsim.data import load_dataset
+from stealsim.errors import BudgetExhaustedError, VictimAPIError
+
+DIGITS_TEST = 360  # images in the digits test split: the evaluation's one-off cost
+TRANSFER = 20
+TINY_FLAGS = ["--set", "student_width=8", "--batch-size", "64", "--transfer-samples", str(TRANSFER),
+              "--reference-epochs", "1", "--threads", "1", "--quiet"]
+GENERATOR_FLAGS = ["--set", "generator_width=8", "--set", "latent_dim=16"]
+
+
+def usage(server: ServerProcess, key: str) -> dict[str, Any]:
+    response = httpx.get(f"{server.url}/v1/usage", headers={"X-API-Key": key}, timeout=30)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def attack_command(name: str, server: ServerProcess, key: str, out: Path, budget: int, *extra: str) -> list[str]:
+    flags = TINY_FLAGS + (GENERATOR_FLAGS if name != "random" else [])
+    return [sys.executable, "-m", "stealsim", "attack", name, "--url", server.url, "--api-key", key,
+            "--model", "victim", "--budget", str(budget), "--out", str(out), *flags, *extra]
+
+
+def run_cli(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=240)
+
+
+# -- the client ----------------------------------------------------------------------------------
+
+
+def test_client_answers_like_the_model(victim_server: ServerProcess, client: httpx.Client, digits_checkpoint: Path) -> None:
+    key = new_key(client, budget=10_000)
+    images = load_dataset("digits").x_test[:300]
+    expected = InProcessVictim.from_checkpoint(digits_checkpoint).query(images)
+    with HttpVictim(victim_server.url, key, "victim") as victim:
+        assert victim.info.input_shape == (1, 8, 8)
+        assert victim.info.num_classes == 10
+        assert victim.info.output_kind == "probabilities"
+        assert victim.info.max_images_per_request == 512
+        torch.testing.assert_close(victim.query(images), expected, atol=1e-5, rtol=1e-4)
+        json_victim = HttpVictim(victim_server.url, key, "victim", binary=False)
+        torch.testing.assert_close(json_victim.query(images[:10]), expected[:10], atol=1e-5, rtol=1e-4)
+        json_victim.close()
+        assert victim.usage()["used"] == 310
+
+
+def test_client_reports_label_only_models(victim_server: ServerProcess, client: httpx.Client, digits_checkpoint: Path) -> None:
+    key = new_key(client, budget=1000, policy=[{"name": "label_only"}])
+    images = load_dataset("digits").x_test[:50]
+    with HttpVictim(victim_server.url, key, "victim") as victim:
+        assert victim.info.output_kind == "label"
+        labels = victim.query(images)
+    assert labels.dtype == torch.int64 and labels.shape == (50,)
+    assert labels.tolist() == InProcessVictim.from_checkpoint(digits_checkpoint).query(images).argmax(1).tolist()
+
+
+def test_client_errors_401_404_413(victim_server: ServerProcess, client: httpx.Client) -> None:
+    with pytest.raises(VictimAPIError) as unauthorized:
+        HttpVictim(victim_server.url, "sk-wrong", "victim")
+    assert unauthorized.value.status == 401 and unauthorized.value.code == "unauthorized"
+    key = new_key(client, budget=2000)
+    with pytest.raises(VictimAPIError) as missing:
+        HttpVictim(victim_server.url, key, "no-such-model")
+    assert missing.value.status == 404 and missing.value.code == "model_not_found"
+    with HttpVictim(victim_server.url, key, "victim") as victim:
+        with pytest.raises(VictimAPIError) as too_large:
+            victim.query(torch.rand(513, 1, 8, 8))  # max_images_per_request is 512
+        assert too_large.value.status == 413 and too_large.value.code == "payload_too_large"
+        assert victim.usage()["used"] == 0  # refused whole, never charged
+        # The meter splits what one request cannot carry.
+        metered = BudgetedVictim(victim, budget=2000)
+        assert metered.query(torch.rand(700, 1, 8, 8)).shape == (700, 10)
+        assert metered.requests == 2 and victim.usage()["used"] == 700
+
+
+def test_client_budget_exhausted_is_not_retried(victim_server: ServerProcess, client: httpx.Client) -> None:
+    key = new_key(client, budget=100)
+    slept: list[float] = []
+    with HttpVictim(victim_server.url, key, "victim", retry=RetryPolicy(sleep=slept.append)) as victim:
+        victim.query(torch.rand(64, 1, 8, 8))
+        with pytest.raises(BudgetExhaustedError) as exhausted:
+            victim.query(torch.rand(64, 1, 8, 8))
+        assert exhausted.value.remaining == 36 and exhausted.value.status == 429
+        assert slept == [] and victim.usage()["used"] == 64
+
+
+def test_client_waits_out_rate_limits(victim_server: ServerProcess, client: httpx.Client) -> None:
+    key = new_key(client, budget=1000, rate="2/3seconds")
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        time.sleep(seconds)
+
+    with HttpVictim(victim_server.url, key, "victim", retry=RetryPolicy(sleep=sleep)) as victim:
+        for _ in range(4):
+            assert victim.query(torch.rand(5, 1, 8, 8)).shape == (5, 10)
+        assert victim.retries >= 1
+        assert victim.usage()["used"] == 20  # rate-limited requests are not charged
+    assert all(1 <= seconds <= 3 for seconds in slept)  # the server's Retry-After, honoured
+
+
+class _Unavailable(BaseHTTPRequestHandler):
+    """Model metadata, then 503 + Retry-After for the first ``failures`` inferences."""
+
+    failures = 2
+    posts = 0
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._send(200, {
+            "name": "m", "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
+            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}],
+            "parameters": {"num_classes": 2, "output_kind": "probabilities", "max_images_per_request": 8},
+        })
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        body = self.rfile.read(length)
+        type(self).posts += 1
+        if type(self).posts <= type(self).failures:
+            self._send(503, {"error": "backend busy", "code": "unavailable"}, {"Retry-After": "0"})
+            return
+        header = json.loads(body[: int(self.headers["Inference-Header-Content-Length"])])
+        count = header["inputs"][0]["shape"][0]
+        self._send(200, {"outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [count, 2],
+                                      "data": [0.25, 0.75] * count}]})
+
+
+@pytest.fixture
+def unavailable_server() -> Iterator[tuple[str, type[_Unavailable]]]:
+    handler = type("Handler", (_Unavailable,), {"posts": 0, "failures": 2})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_client_retries_503_honouring_retry_after(unavailable_server: tuple[str, type[_Unavailable]]) -> None:
+    url, handler = unavailable_server
+    slept: list[float] = []
+    with HttpVictim(url, "k", "m", retry=RetryPolicy(sleep=slept.append)) as victim:
+        answers = victim.query(torch.rand(3, 1, 8, 8))
+    assert answers.tolist() == [[0.25, 0.75]] * 3
+    assert slept == [0.0, 0.0] and handler.posts == 3
+
+
+def test_client_gives_up_after_its_retries(unavailable_server: tuple[str, type[_Unavailable]]) -> None:
+    url, handler = unavailable_server
+    handler.failures = 100
+    slept: list[float] = []
+    with HttpVictim(url, "k", "m", retry=RetryPolicy(max_retries=3, sleep=slept.append)) as victim:
+        with pytest.raises(VictimAPIError) as unavailable:
+            victim.query(torch.rand(3, 1, 8, 8))
+    assert unavailable.value.status == 503 and unavailable.value.code == "unavailable"
+    assert len(slept) == 3 and handler.posts == 4
+
+
+def test_client_backoff_without_retry_after() -> None:
+    policy = RetryPolicy(base_delay=0.1, max_delay=1.0)
+    assert [policy.delay(i, None) for i in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert policy.delay(0, "7") == 7.0
+
+
+# -- every attack end to end over HTTP ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_every_attack_within_its_budget_over_http(
+    name: str, victim_server: ServerProcess, client: httpx.Client, tmp_path: Path
+) -> None:
+    budget = 1200
+    key = new_key(client, budget=budget + DIGITS_TEST + 2 * TRANSFER)
+    out = tmp_path / name
+    result = run_cli(attack_command(name, victim_server, key, out, budget, "--eval-every", "500"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["queries_used"] == budget
+    assert metrics["eval_queries"] == DIGITS_TEST + 2 * TRANSFER
+    server_used = usage(victim_server, key)["used"]
+    assert server_used == metrics["queries_used"] + metrics["eval_queries"]
+    assert metrics["server_count_matches"] is True
+    for required in ("fidelity", "accuracy", "victim_accuracy", "transfer_success_rate", "wall_seconds"):
+        assert required in metrics
+    assert (out / "report.md").is_file() and (out / "progress.png").is_file()
+
+
+def test_label_only_victim_and_separate_evaluation_key(
+    victim_server: ServerProcess, client: httpx.Client, tmp_path: Path
+) -> None:
+    key = new_key(client, budget=800, policy=[{"name": "label_only"}])
+    eval_key = new_key(client, budget=1000)
+    out = tmp_path / "run"
+    result = run_cli(attack_command("dual-student", victim_server, key, out, 800, "--eval-api-key", eval_key))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert usage(victim_server, key)["used"] == metrics["queries_used"] == 800
+    assert usage(victim_server, eval_key)["used"] == metrics["eval_queries"] == DIGITS_TEST + 2 * TRANSFER
+    assert json.loads((out / "config.json").read_text())["victim_info"]["output_kind"] == "label"
+
+
+def test_server_budget_exhausted_stops_cleanly(victim_server: ServerProcess, client: httpx.Client, tmp_path: Path) -> None:
+    key = new_key(client, budget=700)  # the server's budget is below --budget
+    eval_key = new_key(client, budget=1000)
+    out = tmp_path / "run"
+    result = run_cli(attack_command("random", victim_server, key, out, 5000, "--eval-api-key", eval_key))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stop_reason"] == "server_budget_exhausted"
+    assert metrics["queries_used"] == usage(victim_server, key)["used"] <= 700
+    assert "fidelity" in metrics and (out / "report.md").is_file()
+
+
+def test_resume_after_a_kill_over_http(victim_server: ServerProcess, client: httpx.Client, tmp_path: Path) -> None:
+    budget = 12_000
+    key = new_key(client, budget=budget + DIGITS_TEST + 2 * TRANSFER)
+    out = tmp_path / "run"
+    command = attack_command("dual-student", victim_server, key, out, budget, "--eval-every", "1000")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger_path = out / "ledger.json"
+    deadline = time.monotonic() + 180
+    spent = 0
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "checkpoint.pt").is_file() and ledger_path.is_file():
+            try:
+                spent = json.loads(ledger_path.read_text())["attack_queries"]
+            except (json.JSONDecodeError, KeyError):
+                spent = 0
+            if spent >= 2500:
+                break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    ledger_at_kill = json.loads(ledger_path.read_text())
+    at_kill = ledger_at_kill["attack_queries"]
+    assert 2500 <= at_kill < budget
+    server_at_kill = usage(victim_server, key)["used"]
+    # A request in flight at the kill may be charged by the server yet unrecorded.
+    unrecorded = server_at_kill - at_kill - ledger_at_kill["eval_queries"]
+    assert unrecorded >= 0
+
+    result = run_cli(attack_command("dual-student", victim_server, key, out, budget, "--resume"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["queries_used"] == budget
+    # The resumed run counted on from the kill (plus any request charged but never recorded).
+    assert metrics["lost_queries"] == unrecorded
+    assert usage(victim_server, key)["used"] == budget + metrics["eval_queries"]
+    assert metrics["server_count_matches"] is True
+    queries = [json.loads(line)["queries"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert queries == sorted(queries) and queries[-1] == budget

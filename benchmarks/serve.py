@@ -56,7 +56,7 @@ class Variant:
 
 VARIANTS: list[Variant] = [
     Variant("batch1", ("--max-batch-size", "1")),
-    Variant("batched", ()),  # the defaults: --max-batch-size 64 --max-wait-ms 2
+    Variant("batched", ()),  # the defaults: --max-batch-size 64 --max-wait-ms 0.5
 ]
 
 
@@ -139,13 +139,16 @@ def timed(seconds: float, step: Any) -> float:
     return images / elapsed
 
 
-def bench_inprocess(checkpoint: Path, args: argparse.Namespace, images: np.ndarray) -> float:
+def load_runner(checkpoint: Path, args: argparse.Namespace) -> Any:
     from stealsim.training import resolve_device
     from victim_server.runner import load_runners
 
     torch.set_num_threads(args.torch_threads)
-    runner = load_runners({MODEL: checkpoint}, resolve_device(args.device))[MODEL]
-    return timed(args.seconds, lambda: len(runner.predict_batch(images)))
+    return load_runners({MODEL: checkpoint}, resolve_device(args.device))[MODEL]
+
+
+def bench_inprocess(runner: Any, images: np.ndarray, seconds: float) -> float:
+    return timed(seconds, lambda: len(runner.predict_batch(images)))
 
 
 def bench_http(url: str, key: str, images: np.ndarray, seconds: float, binary: bool) -> float:
@@ -228,7 +231,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=256, help="images per request (in-process, HTTP)")
     parser.add_argument("--clients", default="1,16,64", help="concurrent single-image clients")
-    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per trial")
+    parser.add_argument("--repeats", type=int, default=3, help="trials per measurement (the best counts)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--torch-threads", type=int, default=1)
     args = parser.parse_args()
@@ -245,17 +249,27 @@ def main() -> None:
             "device": args.device, "torch_threads": args.torch_threads, "batch": args.batch,
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
         }
-        results["inprocess_images_per_s"] = bench_inprocess(checkpoint, args, batch)
+        runner = load_runner(checkpoint, args)
         clients = [int(c) for c in args.clients.split(",")]
+        trials: dict[str, list[float]] = {}
+
+        def record(name: str, value: float) -> None:
+            trials.setdefault(f"{name}_images_per_s", []).append(value)
+
+        # Each number is the best of --repeats trials (the machine may be shared), and the
+        # in-process forward is measured between the HTTP trials, not once apart from them.
         for variant in VARIANTS:
             with running_server(checkpoint, args, variant.server_args) as (url, key):
-                if variant.name == "batched":
-                    results["http_binary_images_per_s"] = bench_http(url, key, batch, args.seconds, True)
-                    results["http_json_images_per_s"] = bench_http(url, key, batch, args.seconds, False)
-                for count in clients:
-                    results[f"concurrent{count}_{variant.name}_images_per_s"] = bench_concurrent(
-                        url, key, batch[:1], count, args.seconds
-                    )
+                for _ in range(args.repeats):
+                    if variant.name == "batched":
+                        record("inprocess", bench_inprocess(runner, batch, args.seconds))
+                        record("http_binary", bench_http(url, key, batch, args.seconds, True))
+                        record("http_json", bench_http(url, key, batch, args.seconds, False))
+                    for count in clients:
+                        record(f"concurrent{count}_{variant.name}",
+                               bench_concurrent(url, key, batch[:1], count, args.seconds))
+        results.update({name: max(values) for name, values in trials.items()})
+        results["trials"] = trials
         results["ratio_http_binary_vs_inprocess"] = (
             results["http_binary_images_per_s"] / results["inprocess_images_per_s"]
         )
@@ -271,11 +285,12 @@ def main() -> None:
         print(json.dumps(results))
         return
     print(f"model {results['model']}, device {args.device}, torch threads {args.torch_threads}, "
-          f"{results['cpu_count']} CPUs, {args.seconds:g} s per row\n")
-    print("| measurement | images/s |\n| --- | ---: |")
+          f"{results['cpu_count']} CPUs, best of {args.repeats} trials of {args.seconds:g} s\n")
+    print("| measurement | images/s (best) | trials |\n| --- | ---: | --- |")
     for name, value in results.items():
         if name.endswith("_images_per_s"):
-            print(f"| {name.removesuffix('_images_per_s')} | {value:,.0f} |")
+            spread = ", ".join(f"{v:,.0f}" for v in trials[name])
+            print(f"| {name.removesuffix('_images_per_s')} | {value:,.0f} | {spread} |")
     print("\n| ratio | value |\n| --- | ---: |")
     for name, value in results.items():
         if name.startswith("ratio_"):

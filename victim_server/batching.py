@@ -79,7 +79,7 @@ class LocalBatcher:
         self,
         predictors: Mapping[str, PredictFn],
         max_batch_size: int = 64,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 0.5,
         observer: BatchObserver | None = None,
     ) -> None:
         if max_batch_size < 1 or max_wait_ms < 0:

@@ -72,7 +72,7 @@ class ServerSettings(BaseSettings):
 
     max_batch_size: int = Field(default=64, ge=1)
     """Images per forward pass the micro-batcher coalesces at most."""
-    max_wait_ms: float = Field(default=2.0, ge=0.0)
+    max_wait_ms: float = Field(default=0.5, ge=0.0)
     """How long the batcher waits for more requests after the first one of a batch."""
     inference_timeout_s: float = Field(default=30.0, gt=0.0)
     max_images_per_request: int = Field(default=1024, ge=1)

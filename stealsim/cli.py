@@ -303,6 +303,88 @@ def serve(
         raise ConfigError("no models to serve: give --model NAME=DIR (or models: in --config)")
     run_server(settings)
 
+
+@app.command()
+@reports_errors
+def attack(
+    name: Annotated[str, typer.Argument(help="dual-student, dfme or random.")],
+    out: Annotated[Path, typer.Option(help="Run directory to write (or resume).")],
+    budget: Annotated[int, typer.Option(min=1, help="Attack queries (images) to spend.")],
+    url: Annotated[str | None, typer.Option(help="Victim service base URL.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="STEALSIM_API_KEY", help="The attack's API key.")] = None,
+    model: Annotated[str, typer.Option(help="Model name on the service.")] = "victim",
+    victim_checkpoint: Annotated[
+        Path | None, typer.Option(help="Attack a checkpoint in this process instead of --url.")
+    ] = None,
+    label_only: Annotated[bool, typer.Option(help="In-process victim answers labels only.")] = False,
+    eval_dataset: Annotated[
+        str | None, typer.Option(help="Labelled test set (default: the built-in of the victim's shape).")
+    ] = None,
+    eval_api_key: Annotated[
+        str | None, typer.Option(envvar="STEALSIM_EVAL_API_KEY", help="Key charged for evaluation queries (default: --api-key).")
+    ] = None,
+    eval_every: Annotated[int, typer.Option(min=0, help="Queries between evaluations (0: budget/20).")] = 0,
+    seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    hard_label: Annotated[bool, typer.Option(help="Train on the victim's arg-max only.")] = False,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per victim request.")] = None,
+    setting: Annotated[
+        list[str] | None, typer.Option("--set", help="KEY=VALUE attack setting (JSON value), repeatable.")
+    ] = None,
+    transfer_epsilon: Annotated[float | None, typer.Option(help="L-inf PGD budget (default by input).")] = None,
+    transfer_samples: Annotated[int, typer.Option(min=1, help="Test images attacked by PGD.")] = 500,
+    reference_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the transfer reference model.")] = 15,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads for training.")] = None,
+    device: DeviceOption = "cpu",
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Steal a victim model within a query budget; write a run directory with metrics and a report."""
+    import torch
+
+    from attacker.evaluation import EvalConfig
+    from attacker.runner import RunSpec, run_attack
+
+    overrides: dict[str, Any] = {"hard_label": hard_label or None, "batch_size": batch_size}
+    for text in setting or []:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
+        try:
+            overrides[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.replace("-", "_")] = value
+    if threads is not None:
+        torch.set_num_threads(threads)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    metrics = run_attack(
+        RunSpec(
+            attack=name, out=out, budget=budget, url=url, api_key=api_key, model=model,
+            victim_checkpoint=victim_checkpoint,
+            victim_output="label" if label_only else "probabilities",
+            eval_dataset=eval_dataset, eval_api_key=eval_api_key, eval_every=eval_every,
+            seed=seed, device=device, resume=resume, show_progress=not quiet,
+            settings=overrides,
+            evaluation=EvalConfig(transfer_epsilon=transfer_epsilon, transfer_samples=transfer_samples,
+                                  reference_epochs=reference_epochs),
+        )
+    )
+    shown = ("queries_used", "fidelity", "accuracy", "victim_accuracy", "transfer_success_rate",
+             "eval_queries", "stop_reason")
+    typer.echo(f"{out}: " + " ".join(f"{k}={metrics.get(k)}" for k in shown))
+
+
+@app.command()
+@reports_errors
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories written by `stealsim attack`.")],
+    plot: Annotated[Path | None, typer.Option(help="Also write one plot of every run here (PNG).")] = None,
+) -> None:
+    """Compare attack runs in one table (markdown) and, with --plot, one figure."""
+    from attacker.report import compare_runs
+
+    typer.echo(compare_runs(runs, plot), nl=False)
+
+
 def main() -> None:
     """Entry point of the ``stealsim`` console script."""
     app(prog_name="stealsim")

@@ -23,7 +23,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -59,11 +59,11 @@ class AttackSettings:
     batch_size: int = 256
     hard_label: bool = False
     student_architecture: str | None = None
-    student_width: int = 32
+    student_width: int = 16
     student_lr: float = 2e-3
     ema_decay: float = 0.995
     soft_loss: SoftLoss = "l1"
-    replay: int = 0
+    replay: int = 20_000
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.student_lr <= 0 or not 0 <= self.ema_decay < 1:
@@ -105,11 +105,10 @@ class LoopConfig:
         return self.eval_every or max(1, self.budget // 20)
 
 
-class Evaluates:
+class Evaluates(Protocol):
     """What the loop asks of an evaluator (see :class:`attacker.evaluation.Evaluator`)."""
 
-    def evaluate(self, clone: nn.Module, final: bool) -> dict[str, float]:
-        raise NotImplementedError
+    def evaluate(self, clone: nn.Module, final: bool) -> dict[str, float]: ...
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,7 @@ class Students(nn.Module):
         # Warm-up: early on the average follows the students closely.
         decay = min(decay, (1.0 + self.updates) / (10.0 + self.updates))
         for member, average in zip(self.members, self.averages, strict=True):
-            params = [p for p in average.parameters()]
+            params: list[Tensor] = list(average.parameters())
             torch._foreach_mul_(params, decay)
             torch._foreach_add_(params, [p.detach() for p in member.parameters()], alpha=1 - decay)
             for mine, theirs in zip(average.buffers(), member.buffers(), strict=True):

@@ -189,9 +189,9 @@ def test_client_gives_up_after_its_retries(unavailable_server: tuple[str, type[_
     url, handler = unavailable_server
     handler.failures = 100
     slept: list[float] = []
-    with HttpVictim(url, "k", "m", retry=RetryPolicy(max_retries=3, sleep=slept.append)) as victim:
-        with pytest.raises(VictimAPIError) as unavailable:
-            victim.query(torch.rand(3, 1, 8, 8))
+    victim = HttpVictim(url, "k", "m", retry=RetryPolicy(max_retries=3, sleep=slept.append))
+    with victim, pytest.raises(VictimAPIError) as unavailable:
+        victim.query(torch.rand(3, 1, 8, 8))
     assert unavailable.value.status == 503 and unavailable.value.code == "unavailable"
     assert len(slept) == 3 and handler.posts == 4
 

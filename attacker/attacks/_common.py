@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from attacker.students import cosine_factor, set_learning_rate
 from attacker.victims import VictimInfo
@@ -46,12 +47,27 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
 
 
 class GeneratorTrainer:
-    """A generator with its Adam optimiser and cosine schedule over the budget."""
+    """A generator with its Adam optimiser and cosine schedule over the budget.
+
+    Images are ``sigmoid(b)`` with ``b = gain * BN(a)``: ``a`` the DCGAN
+    generator's pre-sigmoid output, ``BN`` a batch normalisation without affine
+    parameters. As the final ``BatchNorm2d(affine=False)`` of the DFAD / DFME
+    generators, it keeps every batch spread over the pixel range (the plain
+    sigmoid output drifts to low-contrast grey, far from any real image);
+    ``gain`` sets how much of the batch saturates towards 0 and 1.
+    """
 
     def __init__(
-        self, info: VictimInfo, latent_dim: int, width: int, learning_rate: float, device: torch.device
+        self,
+        info: VictimInfo,
+        latent_dim: int,
+        width: int,
+        learning_rate: float,
+        device: torch.device,
+        gain: float = 3.0,
     ) -> None:
         self.generator = make_generator(info, latent_dim, width, device)
+        self.gain = gain
         self.learning_rate = learning_rate
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=learning_rate, betas=(0.5, 0.999))
         self.device = device
@@ -62,12 +78,23 @@ class GeneratorTrainer:
     def latent(self, count: int) -> Tensor:
         return torch.randn(count, self.generator.latent_dim, device=self.device)
 
+    def points(self, count: int) -> Tensor:
+        """``b = gain * BN(a)`` for ``count`` latent draws (images are ``sigmoid(b)``)."""
+        self.generator.train()
+        preactivation = generator_preactivation(self.generator, self.latent(count))
+        if self.gain <= 0:
+            return preactivation
+        normalised = F.batch_norm(preactivation, None, None, training=True, eps=1e-5)
+        return self.gain * normalised
+
+    def images(self, count: int) -> Tensor:
+        """``count`` images in [0, 1], differentiable with respect to the generator."""
+        return torch.sigmoid(self.points(count))
+
     @torch.no_grad()
     def sample(self, count: int) -> Tensor:
         """``count`` images in [0, 1] from the current generator (no gradient)."""
-        self.generator.train()
-        images: Tensor = self.generator(self.latent(count))
-        return images
+        return self.images(count)
 
     def update(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)

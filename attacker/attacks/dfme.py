@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attacker.attacks._common import GeneratorTrainer, generator_preactivation
+from attacker.attacks._common import GeneratorTrainer
 from attacker.loop import Attack, AttackSettings
 from attacker.losses import (
     forward_difference_gradient,
@@ -33,6 +33,7 @@ class DFMESettings(AttackSettings):
         generator_lr: Adam learning rate of the generator.
         latent_dim: size of the generator's noise vector.
         generator_width: channels of the generator's first map.
+        generator_gain: images are ``sigmoid(gain * BN(a))`` (0: the plain ``sigmoid(a)``).
     """
 
     student_steps: int = 5
@@ -40,7 +41,8 @@ class DFMESettings(AttackSettings):
     epsilon: float = 1e-3
     generator_lr: float = 1e-3
     latent_dim: int = 64
-    generator_width: int = 32
+    generator_width: int = 16
+    generator_gain: float = 3.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,7 +80,8 @@ class DFME(Attack):
         self.s: DFMESettings = settings
         self.students = Students(info, 1, settings.student_settings(), device)
         self.gen = GeneratorTrainer(
-            info, settings.latent_dim, settings.generator_width, settings.generator_lr, device
+            info, settings.latent_dim, settings.generator_width, settings.generator_lr, device,
+            settings.generator_gain,
         )
         self.track("students", self.students)
         self.track("student_optimizer_0", self.students.optimizers[0])
@@ -93,7 +96,7 @@ class DFME(Attack):
         student = self.students.members[0]
         student.train()
         self.gen.generator.train()
-        preactivation = generator_preactivation(self.gen.generator, self.gen.latent(count))
+        preactivation = self.gen.points(count)
 
         @torch.no_grad()
         def negative_disagreement(points: Tensor) -> Tensor:

@@ -29,14 +29,16 @@ class DualStudentSettings(AttackSettings):
         generator_width: channels of the DCGAN generator's first map.
         balance_weight: weight ``lambda`` of the class-balance term (0: the paper's loss alone).
         disagreement: compare the students' ``logits`` (the paper) or softmax ``probabilities``.
+        generator_gain: images are ``sigmoid(gain * BN(a))`` (0: the plain ``sigmoid(a)``).
     """
 
     student_steps: int = 5
     generator_lr: float = 1e-3
     latent_dim: int = 64
-    generator_width: int = 32
-    balance_weight: float = 0.5
+    generator_width: int = 16
+    balance_weight: float = 0.2
     disagreement: Literal["logits", "probabilities"] = "probabilities"
+    generator_gain: float = 3.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,7 +85,8 @@ class DualStudent(Attack):
         self.s: DualStudentSettings = settings
         self.students = Students(info, 2, settings.student_settings(), device)
         self.gen = GeneratorTrainer(
-            info, settings.latent_dim, settings.generator_width, settings.generator_lr, device
+            info, settings.latent_dim, settings.generator_width, settings.generator_lr, device,
+            settings.generator_gain,
         )
         self.track("students", self.students)
         self.track("generator", self.gen.generator)
@@ -100,7 +103,7 @@ class DualStudent(Attack):
         self.gen.generator.train()
         # Generator: maximise the students' disagreement (no victim query).
         with frozen(first, second):
-            images = self.gen.generator(self.gen.latent(self.s.batch_size))
+            images = self.gen.images(self.s.batch_size)
             logits = first(images)
             generator_loss = disagreement_loss(
                 logits, second(images), self.hard_label or self.s.disagreement == "probabilities"

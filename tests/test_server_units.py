@@ -334,3 +334,50 @@ def test_settings_precedence_flags_over_env_over_yaml(tmp_path: Path, monkeypatc
         load_settings(config, {"max_batch_size": 0})
     with pytest.raises(ConfigError):
         load_settings(tmp_path / "missing.yaml")
+
+
+# --- refunds (service level: the batcher and store are real, the model fails) ---------------
+
+
+def make_service(predict: object, timeout_s: float = 30.0) -> tuple[object, object]:
+    from victim_server.audit import JsonlAuditLog
+    from victim_server.metrics import ServerMetrics
+    from victim_server.ratelimit import RateLimiter
+    from victim_server.service import VictimService
+    from victim_server.settings import ServerSettings
+
+    class Runner:
+        input_shape = (1, 2, 2)
+        num_classes = 3
+
+    metrics = ServerMetrics()
+    batcher = LocalBatcher({"m": predict}, max_batch_size=8, max_wait_ms=0)  # type: ignore[dict-item]
+    service = VictimService(
+        ServerSettings(inference_timeout_s=timeout_s), {"m": Runner()},  # type: ignore[dict-item]
+        batcher, MemoryStateStore(), RateLimiter(), JsonlAuditLog(), metrics,
+    )
+    return service, batcher
+
+
+@pytest.mark.parametrize("failure", ["raises", "times out"])
+def test_images_lost_to_a_failed_inference_are_refunded(failure: str) -> None:
+    import time as clock
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        if failure == "raises":
+            raise RuntimeError("CUDA out of memory")
+        clock.sleep(0.5)
+        return np.full((len(images), 3), 1 / 3, dtype=np.float32)
+
+    async def run() -> tuple[int, bytes]:
+        service, batcher = make_service(predict, timeout_s=0.05)
+        await batcher.start()  # type: ignore[attr-defined]
+        _, key = await service.create_key(10)  # type: ignore[attr-defined]
+        with pytest.raises(UnavailableError):
+            await service.infer(key, "m", np.zeros((4, 1, 2, 2), np.float32))  # type: ignore[attr-defined]
+        await batcher.stop()  # type: ignore[attr-defined]
+        record = await service.store.get(key.key_id)  # type: ignore[attr-defined]
+        return record.used, await service.audit.export()  # type: ignore[attr-defined]
+
+    used, audit = asyncio.run(run())
+    assert used == 0 and audit == b""

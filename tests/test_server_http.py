@@ -395,7 +395,7 @@ def test_audit_and_metrics_record_served_requests(client: httpx.Client, victim_s
 # --- configuration file and graceful shutdown ----------------------------------------------
 
 
-def test_yaml_config_and_graceful_shutdown_drains_queued_batches(
+def test_yaml_config_json_logs_and_graceful_shutdown_drains_queued_batches(
     digits_checkpoint: Path, tmp_path: Path
 ) -> None:
     """Requests waiting in the batcher when SIGTERM arrives are still answered."""
@@ -405,7 +405,7 @@ def test_yaml_config_and_graceful_shutdown_drains_queued_batches(
         "max_batch_size: 256\nmax_wait_ms: 4000\n"
         "api_keys:\n  - {api_key: sk-from-yaml, budget: 100, name: preset}\n"
     )
-    server = ServerProcess({}, args=["--config", str(config)], log_path=tmp_path / "server.log")
+    server = ServerProcess({}, args=["--config", str(config), "--log-json"], log_path=tmp_path / "server.log")
     try:
         headers = {"X-API-Key": "sk-from-yaml"}
         responses: list[httpx.Response] = []
@@ -435,7 +435,9 @@ def test_yaml_config_and_graceful_shutdown_drains_queued_batches(
     assert code in (0, -signal.SIGTERM), server.log()
     assert sorted(r.status_code for r in responses) == [200, 200, 200, 200]
     assert sorted(r.json()["parameters"]["images_charged"] for r in responses) == [1, 2, 3, 4]
-    assert "draining" in server.log()
+    logs = [json.loads(line) for line in server.log().splitlines() if line.strip()]  # --log-json
+    assert any("draining" in entry["message"] for entry in logs)
+    assert {"time", "level", "logger", "message"} <= set(logs[0])
 
 
 # --- an off-the-shelf OIP client ---------------------------------------------------------------

@@ -14,7 +14,7 @@ from victim_server.settings import ServerSettings
 
 __all__ = ["JsonLogFormatter", "serve"]
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
 
 
 class JsonLogFormatter(logging.Formatter):

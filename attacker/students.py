@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from attacker.losses import SoftLoss, student_loss
 from attacker.victims import VictimInfo
-from stealsim.architectures import PixelClassifier, build_classifier, default_architecture
+from stealsim.architectures import PixelClassifier, build_classifier
 
 __all__ = ["StudentSettings", "Students", "build_student", "cosine_factor", "set_learning_rate"]
 
@@ -31,7 +31,7 @@ class StudentSettings:
 
     Attributes:
         architecture: classifier from the registry (default: the one
-            :func:`~stealsim.architectures.default_architecture` picks for the input).
+            :func:`default_clone_architecture` picks for the input).
         width: ``width`` argument of ``small-cnn`` (ignored by other architectures).
         learning_rate: initial learning rate.
         optimizer: ``adam`` or ``sgd`` (momentum 0.9).
@@ -66,10 +66,21 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, base: float, factor: flo
         group["lr"] = base * factor
 
 
+def default_clone_architecture(channels: int, size: int) -> str:
+    """The clones' architecture unless told otherwise: small and fast on a CPU.
+
+    ``small-cnn`` for 8x8 inputs, ``lenet5`` for larger grayscale, ``resnet18``
+    for colour. The attacker does not know the victim's architecture.
+    """
+    if size <= 16:
+        return "small-cnn"
+    return "lenet5" if channels == 1 else "resnet18"
+
+
 def build_student(info: VictimInfo, settings: StudentSettings) -> PixelClassifier:
     """A fresh student for the victim's input shape and class count."""
     channels, size, _ = info.input_shape
-    name = settings.architecture or default_architecture(channels, size)
+    name = settings.architecture or default_clone_architecture(channels, size)
     kwargs: dict[str, Any] = {"width": settings.width} if name == "small-cnn" else {}
     net = build_classifier(
         name, in_channels=channels, image_size=size, num_classes=info.num_classes, **kwargs

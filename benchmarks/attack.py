@@ -55,7 +55,8 @@ def attack(name: str, out: Path, budget: int, args: argparse.Namespace, **spec: 
     metrics = run_attack(RunSpec(
         attack=name, out=out, budget=budget, seed=args.seed, show_progress=False,
         eval_every=max(1, budget // args.evaluations), settings=settings,
-        evaluation=EvalConfig(transfer_samples=args.transfer_samples), **spec,
+        evaluation=EvalConfig(transfer_samples=args.transfer_samples, reference_epochs=args.reference_epochs),
+        **spec,
     ))
     kept = {k: metrics.get(k) for k in KEPT}
     print(f"# {out.name}: " + json.dumps(kept), file=sys.stderr, flush=True)
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evaluations", type=int, default=20, help="evaluations per run")
     parser.add_argument("--transfer-samples", type=int, default=500)
+    parser.add_argument("--reference-epochs", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--skip", nargs="*", default=[], choices=["digits", "mnist", "mnist-hard", "http"])
     parser.add_argument("--quick", action="store_true", help="small budgets (a smoke run)")

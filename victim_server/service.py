@@ -76,6 +76,7 @@ class VictimService:
             spec = settings.models.get(name)
             self._model_policies[name] = parse_policy(spec.policy if spec else None)
         self._detectors: dict[tuple[str, str], PradaDetector] = {}
+        self._key_policies: dict[str, OutputPolicy] = {}
         self._rng = np.random.default_rng(settings.seed)
         self.ready = False
 
@@ -90,9 +91,13 @@ class VictimService:
         return runner
 
     def policy_for(self, key: KeyRecord, model: str) -> OutputPolicy:
-        if key.policy is not None:
-            return parse_policy(key.policy)
-        return self._model_policies[model]
+        """The key's own policy if it has one (parsed once per key), else the model's."""
+        if key.policy is None:
+            return self._model_policies[model]
+        policy = self._key_policies.get(key.key_id)
+        if policy is None:
+            policy = self._key_policies[key.key_id] = parse_policy(key.policy)
+        return policy
 
     def check_access(self, key: KeyRecord, model: str) -> ModelRunner:
         runner = self.runner(model)

@@ -278,7 +278,12 @@ class Attack(ABC):
         line: dict[str, Any] = {"queries": queries, "attack_seconds": round(attack_seconds, 3)}
         line.update({f"loss_{k}": v for k, v in losses.items()})
         if evaluator is not None:
-            line.update(evaluator.evaluate(self.clone(), final))
+            try:
+                line.update(evaluator.evaluate(self.clone(), final))
+            except BudgetExhaustedError as exc:
+                # The evaluation key ran dry: keep the run (and its checkpoint), report why.
+                logger.warning("evaluation skipped: %s", exc)
+                line["evaluation_error"] = str(exc)
         line["eval_queries"] = ledger.eval_queries
         return line
 

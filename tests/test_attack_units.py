@@ -367,3 +367,26 @@ def test_ledger_round_trip(tmp_path: Path) -> None:
     run_dir = RunDirectory(tmp_path)
     run_dir.write_ledger(Ledger(attack_queries=5, eval_queries=7, server_used_at_start=3))
     assert run_dir.read_ledger() == Ledger(attack_queries=5, eval_queries=7, server_used_at_start=3)
+
+
+def test_report_command_compares_runs(digits_checkpoint: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from stealsim.cli import app
+
+    out = tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(app, [
+        "attack", "random", "--victim-checkpoint", str(digits_checkpoint), "--budget", "300",
+        "--out", str(out), "--batch-size", "100", "--set", "student_width=8", "--transfer-samples", "10",
+        "--reference-epochs", "1", "--quiet", "--threads", "1",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "queries_used=300" in result.output
+    result = runner.invoke(app, ["report", str(out), "--plot", str(tmp_path / "cmp.png")])
+    assert result.exit_code == 0, result.output
+    assert "| run | attack |" in result.output and "| run | random |" in result.output
+    assert (tmp_path / "cmp.png").is_file()
+    bad = runner.invoke(app, ["attack", "nope", "--victim-checkpoint", str(digits_checkpoint),
+                              "--budget", "10", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown attack" in bad.output

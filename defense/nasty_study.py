@@ -2,7 +2,9 @@
 
 For each seed: train a normal teacher, a Nasty Teacher against it (Ma et al.,
 ICLR 2021, eq. 3), a student by KD from each (Hinton et al., 2015) and the same
-student on labels alone. The table this writes is the one in the README.
+student on labels alone. As in the paper, students distil at the temperature
+the teacher was made nasty at (``T = tau``) unless told otherwise. The table
+this writes is the one in the README.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from defense.nasty_teacher import NastySettings, make_nasty_loss
+from defense.nasty_teacher import NastySettings, train_nasty_teacher
 from stealsim.checkpoint import save_checkpoint
 from stealsim.data import Dataset
 from stealsim.distill import DistillConfig, distill_student
@@ -62,12 +64,8 @@ def run_nasty_study(
             dataset, architecture, train, device, description=f"seed {seed} teacher",
             show_progress=show_progress,
         )
-        nasty, nasty_meta = train_classifier(
-            dataset, architecture, train, device, loss_fn=make_nasty_loss(teacher, settings),
-            description=f"seed {seed} nasty", show_progress=show_progress,
-        )
-        nasty_meta = nasty_meta.model_copy(
-            update={"training": nasty_meta.training | {"nasty": asdict(settings)}}
+        nasty, nasty_meta = train_nasty_teacher(
+            dataset, architecture, train, teacher, teacher_meta, settings, device, show_progress
         )
         from_teacher = distill_student(teacher, dataset, student_architecture, kd, device, show_progress)
         from_nasty = distill_student(nasty, dataset, student_architecture, kd, device, show_progress)

@@ -34,6 +34,7 @@ __all__ = [
     "build_classifier",
     "build_generator",
     "default_architecture",
+    "default_student_architecture",
 ]
 
 
@@ -311,9 +312,15 @@ def build_generator(
 
 
 def default_architecture(in_channels: int, image_size: int) -> str:
-    """The architecture a dataset of this shape trains with unless told otherwise."""
-    if image_size <= 16:
-        return "small-cnn"
-    if in_channels == 1:
-        return "lenet5"
-    return "resnet18"
+    """The architecture a victim (teacher) of this input shape trains with unless told otherwise."""
+    return "small-cnn" if in_channels == 1 else "resnet18"
+
+
+def default_student_architecture(in_channels: int, image_size: int) -> str:
+    """The smaller network distilled from a teacher of this input shape.
+
+    As in Ma et al. (2021), students are smaller than their teachers (LeNet-5
+    under a small CNN for grayscale; a small CNN under a ResNet for colour).
+    """
+    del image_size
+    return "lenet5" if in_channels == 1 else "small-cnn"

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -86,7 +87,9 @@ def train(
     arch: Annotated[
         str | None, typer.Option(help="Architecture; default depends on the input shape.")
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Epochs [default: 30; a warm-started Nasty Teacher: its setting's].")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     seed: int = 0,
@@ -121,15 +124,20 @@ def train(
     channels, size, _ = data.input_shape
     architecture = arch or default_architecture(channels, size)
     config = TrainConfig(
-        epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed,
+        epochs=epochs or 30, batch_size=batch_size, learning_rate=lr, seed=seed,
         max_shift=augmentation_shift(size),
     )
     if nasty:
         assert adversary is not None
-        from defense.nasty_teacher import train_nasty_teacher
+        from defense.nasty_teacher import settings_for, train_nasty_teacher
+        from stealsim.checkpoint import load_checkpoint
 
+        settings = settings_for(data.name, tau, omega)
+        if epochs is not None:
+            settings = replace(settings, epochs=epochs)
+        adversary_model, adversary_meta = load_checkpoint(adversary, torch_device)
         model, meta = train_nasty_teacher(
-            data, architecture, config, adversary, tau=tau, omega=omega, device=torch_device,
+            data, arch, config, adversary_model, adversary_meta, settings, torch_device,
             show_progress=not quiet,
         )
     else:
@@ -159,7 +167,7 @@ def distill(
     dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Directory for metrics.json and softmax.png.")],
     student: Annotated[
-        str | None, typer.Option(help="Student architecture; default depends on the input shape.")
+        str | None, typer.Option(help="Student architecture; default: a smaller net than the teacher.")
     ] = None,
     alpha: Annotated[float, typer.Option(help="Weight of the KD term.")] = 0.9,
     temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 4.0,
@@ -173,7 +181,7 @@ def distill(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Distil a student from a teacher; compare with the same student trained on labels."""
-    from stealsim.architectures import default_architecture
+    from stealsim.architectures import default_student_architecture
     from stealsim.checkpoint import load_checkpoint
     from stealsim.data import load_dataset
     from stealsim.distill import DistillConfig, distillation_check
@@ -197,7 +205,7 @@ def distill(
         alpha, temperature,
         TrainConfig(epochs=epochs, seed=seed, max_shift=augmentation_shift(size)),
     )
-    architecture = student or default_architecture(channels, size)
+    architecture = student or default_student_architecture(channels, size)
     model = teachers["teacher"][0]
     result = distillation_check(model, data, architecture, config, torch_device, not quiet)
     metrics = result.as_metrics() | {"alpha": alpha, "temperature": temperature}
@@ -225,7 +233,9 @@ def nasty_study(
     tau: Annotated[float | None, typer.Option(help="Nasty Teacher temperature.")] = None,
     omega: Annotated[float | None, typer.Option(help="Nasty Teacher KL weight.")] = None,
     alpha: float = 0.9,
-    temperature: Annotated[float, typer.Option(help="Students' KD temperature T.")] = 4.0,
+    temperature: Annotated[
+        float | None, typer.Option(help="Students' KD temperature T (default: the Nasty tau).")
+    ] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     device: DeviceOption = "auto",
     data_dir: DataDirOption = None,
@@ -234,7 +244,7 @@ def nasty_study(
     """Train normal and Nasty teachers and compare students distilled from each."""
     from defense.nasty_study import markdown_table, run_nasty_study
     from defense.nasty_teacher import settings_for
-    from stealsim.architectures import default_architecture
+    from stealsim.architectures import default_architecture, default_student_architecture
     from stealsim.data import load_dataset
     from stealsim.distill import DistillConfig
     from stealsim.training import TrainConfig, augmentation_shift, resolve_device
@@ -247,10 +257,12 @@ def nasty_study(
     channels, size, _ = data.input_shape
     architecture = arch or default_architecture(channels, size)
     config = DistillConfig(
-        alpha, temperature, TrainConfig(epochs=epochs, max_shift=augmentation_shift(size))
+        alpha, settings.tau if temperature is None else temperature,
+        TrainConfig(epochs=epochs, max_shift=augmentation_shift(size)),
     )
     results = run_nasty_study(
-        data, architecture, student or architecture, settings, config, seed_list, out,
+        data, architecture, student or default_student_architecture(channels, size), settings,
+        config, seed_list, out,
         torch_device, not quiet,
     )
     typer.echo(markdown_table(results))

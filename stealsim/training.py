@@ -174,10 +174,13 @@ def train_classifier(
     architecture_kwargs: dict[str, object] | None = None,
     description: str = "train",
     show_progress: bool = True,
+    initial_state: dict[str, Tensor] | None = None,
 ) -> tuple[PixelClassifier, CheckpointMeta]:
     """Build ``architecture`` for ``dataset``, train it, and describe it for a checkpoint.
 
-    The returned metadata carries ``test_accuracy`` in its metrics; save both with
+    ``initial_state`` (a state dict of the same architecture) starts training from
+    those weights instead of a fresh initialisation. The returned metadata carries
+    ``test_accuracy`` in its metrics; save both with
     :func:`stealsim.checkpoint.save_checkpoint`.
     """
     kwargs = dict(architecture_kwargs or {})
@@ -187,6 +190,8 @@ def train_classifier(
     net = build_classifier(
         architecture, in_channels=channels, image_size=size, num_classes=dataset.num_classes, **kwargs
     )
+    if initial_state is not None:
+        net.load_state_dict(initial_state)
     model = PixelClassifier(net, mean, std)
     started = time.perf_counter()
     history = fit(model, dataset.x_train, dataset.y_train, config, loss_fn, device, description, show_progress)

@@ -11,6 +11,7 @@ from stealsim.architectures import (
     build_classifier,
     build_generator,
     default_architecture,
+    default_student_architecture,
 )
 from stealsim.errors import ArchitectureError
 
@@ -64,5 +65,7 @@ def test_pixel_classifier_normalises_inside() -> None:
 
 def test_default_architecture_fits_the_input() -> None:
     assert default_architecture(1, 8) == "small-cnn"
-    assert default_architecture(1, 28) == "lenet5"
+    assert default_architecture(1, 28) == "small-cnn"
     assert default_architecture(3, 32) == "resnet18"
+    assert default_student_architecture(1, 28) == "lenet5"
+    assert default_student_architecture(3, 32) == "small-cnn"

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from stealsim.architectures import PixelClassifier, build_classifier
-from stealsim.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointMeta, load_checkpoint, save_checkpoint
+from stealsim.checkpoint import (
+    META_FILE,
+    WEIGHTS_FILE,
+    CheckpointMeta,
+    load_checkpoint,
+    save_checkpoint,
+)
 from stealsim.errors import CheckpointError
 
 

@@ -23,7 +23,7 @@ def test_digits_split_is_fixed_and_stratified() -> None:
     assert len(first.x_train) + len(first.x_test) == 1797
     assert torch.equal(first.y_test, second.y_test)
     assert torch.equal(first.x_test, second.x_test)
-    assert 0.0 <= float(first.x_train.min()) and float(first.x_train.max()) <= 1.0
+    assert float(first.x_train.min()) >= 0.0 and float(first.x_train.max()) <= 1.0
     assert set(first.y_test.tolist()) == set(range(10))
     assert first.num_classes == 10
 
@@ -176,5 +176,5 @@ def test_npz_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"within \[0, 1\]"):
         load_dataset("npz", tmp_path / "range.npz")
     np.savez(tmp_path / "second.npz", x=np.zeros((4, 8, 8), np.uint8), y=[0, 1, 0, 1])
-    with pytest.raises(DatasetError, match="exactly one .npz"):
+    with pytest.raises(DatasetError, match=r"exactly one \.npz"):
         load_dataset("npz", tmp_path)

@@ -49,3 +49,26 @@ def test_invalid_settings_are_refused() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_warm_started_nasty_teacher_begins_from_the_adversary() -> None:
+    from defense.nasty_teacher import NastySettings, train_nasty_teacher
+
+    data = load_dataset("digits")
+    adversary, meta = train_classifier(
+        data, "small-cnn", TrainConfig(epochs=1), architecture_kwargs={"width": 4}, show_progress=False
+    )
+    # No KL weight and a vanishing learning rate: the teacher must stay the adversary.
+    settings = NastySettings(tau=4.0, omega=0.0, warm_start=True, epochs=1, learning_rate=1e-9)
+    teacher, teacher_meta = train_nasty_teacher(data, None, TrainConfig(), adversary, meta, settings, show_progress=False)
+    adversary_state, teacher_state = adversary.net.state_dict(), teacher.net.state_dict()
+    weights = [name for name in adversary_state if name.endswith("weight")]
+    assert weights and all(torch.allclose(teacher_state[n], adversary_state[n], atol=1e-6) for n in weights)
+    assert teacher_meta.architecture_kwargs == {"width": 4}
+    assert teacher_meta.training["nasty"]["warm_start"] is True
+    assert teacher_meta.training["epochs"] == 1
+
+    with pytest.raises(ConfigError, match="uses the adversary's architecture"):
+        train_nasty_teacher(data, "lenet5", TrainConfig(), adversary, meta, settings, show_progress=False)
+    with pytest.raises(ConfigError, match="--tau must be > 0"):
+        NastySettings(tau=0.0, omega=0.1)

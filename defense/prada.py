@@ -23,6 +23,7 @@ Usage::
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,6 +87,41 @@ class PradaDetector:
             # Once flagged, stays flagged: an attacker cannot wash a detection out with natural queries.
             self._flagged = self._flagged or self._statistic < self.delta
         return PradaVerdict(self._flagged, self._statistic, len(self._distances))
+
+    def to_bytes(self) -> bytes:
+        """The detector's whole state (an ``.npz`` archive, no pickle), for a shared store."""
+        arrays: dict[str, np.ndarray] = {
+            "distances": np.asarray(self._distances, np.float64),
+            "state": np.asarray([float(self._flagged),
+                                 np.nan if self._statistic is None else self._statistic]),
+        }
+        for label, group in self._classes.items():
+            arrays[f"points_{label}"] = group.points[: group.count]
+            arrays[f"added_{label}"] = np.asarray(group.added_distances, np.float64)
+            arrays[f"threshold_{label}"] = np.asarray([group.threshold])
+        buffer = io.BytesIO()
+        np.savez(buffer, allow_pickle=False, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, delta: float = 0.95, min_queries: int = 100) -> PradaDetector:
+        """A detector with the state written by :meth:`to_bytes`."""
+        detector = cls(delta, min_queries)
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            detector._distances = arrays["distances"].tolist()
+            flagged, statistic = arrays["state"].tolist()
+            detector._flagged = bool(flagged)
+            detector._statistic = None if np.isnan(statistic) else float(statistic)
+            for name in arrays.files:
+                if name.startswith("points_"):
+                    label = int(name.removeprefix("points_"))
+                    points = np.array(arrays[name], np.float32)
+                    group = _ClassSet(points if len(points) else np.empty((16, 0), np.float32),
+                                      count=len(points),
+                                      threshold=float(arrays[f"threshold_{label}"][0]),
+                                      added_distances=arrays[f"added_{label}"].tolist())
+                    detector._classes[label] = group
+        return detector
 
     def _observe_one(self, x: np.ndarray, label: int) -> None:
         group = self._classes.get(label)

@@ -289,6 +289,9 @@ def serve(
     audit_log: Annotated[Path | None, typer.Option(help="JSONL audit file (default: in memory).")] = None,
     torch_threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads for inference.")] = None,
     log_json: Annotated[bool | None, typer.Option("--log-json/--log-text", help="Structured JSON logs.")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis for keys, usage, limits, audit, PRADA (shared by API processes).")] = None,
+    redis_prefix: Annotated[str | None, typer.Option(help="Namespace of the Redis keys (default stealsim).")] = None,
+    batching: Annotated[str | None, typer.Option(help="local (in-process, default) or redis (Streams + `stealsim worker`).")] = None,
 ) -> None:
     """Serve checkpoints over the Open Inference Protocol with keys, budgets and defenses."""
     from victim_server.server import serve as run_server
@@ -310,10 +313,43 @@ def serve(
         "models": models or None, "host": host, "port": port, "device": device,
         "admin_key": admin_key, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
         "audit_log": audit_log, "torch_threads": torch_threads, "log_json": log_json,
+        "redis_url": redis_url, "redis_prefix": redis_prefix, "batching": batching,
     })
     if not settings.models:
         raise ConfigError("no models to serve: give --model NAME=DIR (or models: in --config)")
     run_server(settings)
+
+
+@app.command()
+@reports_errors
+def worker(
+    redis_url: Annotated[str, typer.Option(help="Redis the API enqueues to (redis://HOST:6379).")],
+    model: Annotated[list[str], typer.Option("--model", help="NAME=DIR: serve requests for NAME (repeatable).")],
+    redis_prefix: Annotated[str, typer.Option(help="Namespace of the Redis keys (as the API's).")] = "stealsim",
+    device: DeviceOption = "auto",
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
+    max_wait_ms: Annotated[float, typer.Option(min=0.0, help="Batching wait after the first entry.")] = 2.0,
+    claim_idle_ms: Annotated[int, typer.Option(min=1, help="Claim entries idle this long on a dead worker.")] = 10_000,
+    torch_threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads for inference.")] = None,
+    name: Annotated[str | None, typer.Option(help="Consumer name (default host-pid-random).")] = None,
+) -> None:
+    """Inference worker of `serve --batching redis`: reads a Redis Stream per model, batches, replies."""
+    import torch
+
+    from stealsim.training import resolve_device
+    from victim_server.runner import load_runners
+    from victim_server.settings import parse_model_flag
+    from victim_server.worker import WorkerConfig, run_worker
+
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    models = dict(parse_model_flag(text) for text in model)
+    config = WorkerConfig(
+        redis_url=redis_url, redis_prefix=redis_prefix, max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms, name=name,
+    )
+    runners = load_runners(models, resolve_device(device))
+    run_worker({key: runner.predict_batch for key, runner in runners.items()}, config)
 
 
 @app.command()

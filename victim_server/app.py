@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import redis.asyncio as aioredis
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,14 +35,19 @@ from stealsim.errors import (
 )
 from stealsim.training import resolve_device
 from victim_server import routes_oip, routes_v1
-from victim_server.audit import JsonlAuditLog
-from victim_server.batching import LocalBatcher
+from victim_server.audit import AuditLog, JsonlAuditLog
+from victim_server.audit_redis import RedisAuditLog
+from victim_server.batching import Batcher, LocalBatcher
+from victim_server.batching_redis import RedisBatcher
 from victim_server.metrics import ServerMetrics
+from victim_server.prada_state import MemoryPradaStates, PradaStates, RedisPradaStates
 from victim_server.ratelimit import RateLimiter
+from victim_server.redis_keys import RedisNames, connect
 from victim_server.runner import ModelRunner, load_runners
 from victim_server.service import VictimService
 from victim_server.settings import ServerSettings
-from victim_server.store import MemoryStateStore
+from victim_server.store import MemoryStateStore, StateStore
+from victim_server.store_redis import RedisStateStore
 
 __all__ = ["STATUS_CODES", "create_app"]
 
@@ -112,6 +119,51 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
 
 
+@dataclass
+class _Backends:
+    """The state store, rate limiter, audit log, detector states and batcher of one app."""
+
+    store: StateStore
+    limiter: RateLimiter
+    audit: AuditLog
+    detectors: PradaStates
+    batcher: Batcher
+    client: aioredis.Redis | None = None
+
+    @classmethod
+    def build(
+        cls, settings: ServerSettings, runners: Mapping[str, ModelRunner], metrics: ServerMetrics
+    ) -> _Backends:
+        if settings.batching == "local":
+            batcher: Batcher = LocalBatcher(
+                {name: runner.predict_batch for name, runner in runners.items()},
+                max_batch_size=settings.max_batch_size,
+                max_wait_ms=settings.max_wait_ms,
+                observer=metrics.observe_batch,
+            )
+        if settings.redis_url is None:
+            return cls(MemoryStateStore(), RateLimiter(settings.rate_limit_storage),
+                       JsonlAuditLog(settings.audit_log), MemoryPradaStates(), batcher)
+        client = connect(settings.redis_url)
+        names = RedisNames(settings.redis_prefix)
+        storage = settings.rate_limit_storage
+        if storage == "async+memory://":  # the default: share the limits in Redis too
+            storage = "async+" + settings.redis_url
+        limiter = RateLimiter(storage, implementation="redispy", key_prefix=names.rate_limits) \
+            if storage.startswith("async+redis") else RateLimiter(storage)
+        if settings.batching == "redis":
+            batcher = RedisBatcher(
+                client, names, runners, reply_timeout_s=settings.inference_timeout_s,
+                stream_max_len=settings.stream_max_len, worker_seen_s=settings.worker_seen_s,
+            )
+        return cls(RedisStateStore(client, names), limiter, RedisAuditLog(client, names),
+                   RedisPradaStates(client, names), batcher, client)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+
 def create_app(
     settings: ServerSettings, runners: Mapping[str, ModelRunner] | None = None
 ) -> FastAPI:
@@ -126,23 +178,25 @@ def create_app(
             resolve_device(settings.device),
         )
         metrics = ServerMetrics()
-        batcher = LocalBatcher(
-            {name: runner.predict_batch for name, runner in loaded.items()},
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            observer=metrics.observe_batch,
-        )
+        backends = _Backends.build(settings, loaded, metrics)
+        batcher = backends.batcher
         service = VictimService(
-            settings, loaded, batcher, MemoryStateStore(),
-            RateLimiter(settings.rate_limit_storage), JsonlAuditLog(settings.audit_log), metrics,
+            settings, loaded, batcher, backends.store, backends.limiter, backends.audit, metrics,
+            backends.detectors,
         )
         for name in loaded:
             metrics.track_queue(name, lambda name=name: batcher.queue_depth(name))  # type: ignore[misc]
         for spec in settings.api_keys:
-            await service.create_key(
-                spec.budget, name=spec.name, rate=spec.rate, image_rate=spec.image_rate,
-                models=spec.models, policy=spec.policy, secret=spec.api_key.get_secret_value(),
-            )
+            secret = spec.api_key.get_secret_value()
+            if await service.store.authenticate(secret) is not None:
+                continue  # provisioned before (Redis), by this or another API process
+            try:
+                await service.create_key(
+                    spec.budget, name=spec.name, rate=spec.rate, image_rate=spec.image_rate,
+                    models=spec.models, policy=spec.policy, secret=secret,
+                )
+            except ValueError:
+                logger.info("key %r was provisioned by another API process", spec.name)
         app.state.service = service
         await batcher.start()
         service.ready = True
@@ -155,6 +209,7 @@ def create_app(
             logger.info("shutting down: draining queued batches")
             await batcher.stop()
             await service.audit.close()
+            await backends.close()
 
     app = FastAPI(
         title="stealsim victim",

@@ -25,7 +25,7 @@ import numpy as np
 
 from stealsim.errors import ModelNotFoundError, UnavailableError
 
-__all__ = ["BatchObserver", "Batcher", "LocalBatcher", "PredictFn"]
+__all__ = ["BatchObserver", "Batcher", "LocalBatcher", "ModelStatus", "PredictFn"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,21 @@ PredictFn = Callable[[np.ndarray], np.ndarray]
 
 BatchObserver = Callable[[str, int, float], None]
 """``observer(model, images_in_batch, seconds_of_forward)``, called after every batch."""
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """How a backend stands for one model (``/v2/health/ready``, ``/metrics``)."""
+
+    ready: bool
+    reason: str | None = None
+    """Why it is not ready."""
+    queued: int = 0
+    """Requests waiting (the Redis backend: entries in the model's stream)."""
+    pending: int = 0
+    """Requests read by a worker and not yet acknowledged (Redis backend)."""
+    workers: int = 0
+    """Workers seen lately (Redis backend; the local backend's is its one thread)."""
 
 
 @runtime_checkable
@@ -50,6 +65,9 @@ class Batcher(Protocol):
 
     def queue_depth(self, model: str) -> int:
         """Images waiting for a forward pass of ``model``."""
+
+    async def status(self) -> dict[str, ModelStatus]:
+        """Per model: can it answer, and what is queued (may raise UnavailableError)."""
 
 
 @dataclass
@@ -114,6 +132,14 @@ class LocalBatcher:
     def queue_depth(self, model: str) -> int:
         queue = self._queues.get(model)
         return 0 if queue is None else queue.waiting_images
+
+    async def status(self) -> dict[str, ModelStatus]:
+        return {
+            name: ModelStatus(ready=name in self._queues and self._accepting,
+                              reason=None if self._accepting else "not accepting requests",
+                              queued=self.queue_depth(name), workers=1)
+            for name in self._predictors
+        }
 
     async def submit(self, model: str, images: np.ndarray) -> np.ndarray:
         queue = self._queues.get(model)

@@ -45,6 +45,22 @@ class ServerMetrics:
             "stealsim_queue_images", "Images waiting for a forward pass.", ["model"],
             registry=self.registry,
         )
+        self.backend_up = Gauge(
+            "stealsim_backend_up", "1 when the batching backend (Redis) answered the last scrape.",
+            registry=self.registry,
+        )
+        self.stream_entries = Gauge(
+            "stealsim_stream_entries", "Requests in the model's Redis stream (not yet answered).",
+            ["model"], registry=self.registry,
+        )
+        self.stream_pending = Gauge(
+            "stealsim_stream_pending", "Requests read by a worker and not yet acknowledged.",
+            ["model"], registry=self.registry,
+        )
+        self.workers_live = Gauge(
+            "stealsim_workers_live", "Workers of the model seen within worker_seen_s.",
+            ["model"], registry=self.registry,
+        )
         self.flagged = Counter(
             "stealsim_keys_flagged", "Keys flagged by a detector.", ["detector"],
             registry=self.registry,

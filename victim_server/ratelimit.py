@@ -14,9 +14,10 @@ from typing import Any
 
 import limits
 from limits.aio.strategies import FixedWindowRateLimiter
+from limits.errors import StorageError
 from limits.storage import storage_from_string
 
-from stealsim.errors import ConfigError, InvalidRequestError, RateLimitedError
+from stealsim.errors import ConfigError, InvalidRequestError, RateLimitedError, UnavailableError
 
 __all__ = ["RateLimiter", "parse_rate"]
 
@@ -42,15 +43,22 @@ class _Check:
 class RateLimiter:
     """Fixed-window limits per key: one for requests, one for images."""
 
-    def __init__(self, storage_uri: str = "async+memory://") -> None:
+    def __init__(self, storage_uri: str = "async+memory://", **options: str | bool) -> None:
+        """``options`` go to the storage (for Redis: ``implementation``, ``key_prefix``)."""
         try:
-            storage = storage_from_string(storage_uri)
+            storage = storage_from_string(storage_uri, wrap_exceptions=True, **options)
         except Exception as exc:
             raise ConfigError(f"rate-limit storage {storage_uri!r} cannot be used: {exc}") from exc
         self._limiter = FixedWindowRateLimiter(storage)
 
     async def hit(self, key_id: str, rate: str | None, image_rate: str | None, images: int) -> None:
         """Count one request of ``images`` images, or raise RateLimitedError."""
+        try:
+            await self._hit(key_id, rate, image_rate, images)
+        except StorageError as exc:
+            raise UnavailableError(f"rate limits: storage unavailable ({exc})", retry_after=1) from exc
+
+    async def _hit(self, key_id: str, rate: str | None, image_rate: str | None, images: int) -> None:
         checks = [_Check("requests", parse_rate(rate), 1)] if rate else []
         if image_rate:
             checks.append(_Check("images", parse_rate(image_rate), images))
@@ -80,6 +88,12 @@ class RateLimiter:
 
     async def describe(self, key_id: str, rate: str | None, image_rate: str | None) -> list[dict[str, Any]]:
         """The key's limits with what remains of the current windows (for /v1/usage)."""
+        try:
+            return await self._describe(key_id, rate, image_rate)
+        except StorageError as exc:
+            raise UnavailableError(f"rate limits: storage unavailable ({exc})", retry_after=1) from exc
+
+    async def _describe(self, key_id: str, rate: str | None, image_rate: str | None) -> list[dict[str, Any]]:
         described: list[dict[str, Any]] = []
         for kind, text in (("requests", rate), ("images", image_rate)):
             if not text:

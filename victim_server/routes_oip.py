@@ -92,7 +92,10 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready")
 async def ready(service: ServiceDep) -> JSONResponse:
-    return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
+    reasons = await service.readiness()
+    if reasons:
+        return JSONResponse({"ready": False, "reasons": reasons}, status_code=503)
+    return JSONResponse({"ready": True})
 
 
 @router.get("")
@@ -115,4 +118,4 @@ async def model_version_metadata(
 @router.get("/models/{model}/ready")
 async def model_ready(model: str, key: CallerKey, service: ServiceDep) -> JSONResponse:
     service.check_access(key, model)
-    return JSONResponse({"name": model, "ready": service.ready})
+    return JSONResponse({"name": model, "ready": not await service.readiness(model)})

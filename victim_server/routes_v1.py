@@ -65,4 +65,5 @@ async def audit(_: AdminDep, service: ServiceDep) -> Response:
 
 @router.get("/metrics", tags=["operations"])
 async def metrics(service: ServiceDep) -> Response:
+    await service.refresh_metrics()
     return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from defense.policies import OutputPolicy, PolicyAnswer, parse_policy
-from defense.prada import PradaDetector
 from stealsim import __version__
 from stealsim.errors import (
     ConfigError,
@@ -30,6 +29,7 @@ from stealsim.errors import (
 from victim_server.audit import AuditLog, AuditRecord, input_digest
 from victim_server.batching import Batcher
 from victim_server.metrics import ServerMetrics
+from victim_server.prada_state import MemoryPradaStates, PradaStates
 from victim_server.protocol import INPUT_NAME
 from victim_server.ratelimit import RateLimiter, parse_rate
 from victim_server.runner import ModelRunner
@@ -63,6 +63,7 @@ class VictimService:
         limiter: RateLimiter,
         audit: AuditLog,
         metrics: ServerMetrics,
+        detectors: PradaStates | None = None,
     ) -> None:
         self.settings = settings
         self.runners = dict(runners)
@@ -75,7 +76,7 @@ class VictimService:
         for name in self.runners:
             spec = settings.models.get(name)
             self._model_policies[name] = parse_policy(spec.policy if spec else None)
-        self._detectors: dict[tuple[str, str], PradaDetector] = {}
+        self.detectors: PradaStates = detectors if detectors is not None else MemoryPradaStates()
         self._key_policies: dict[str, OutputPolicy] = {}
         self._rng = np.random.default_rng(settings.seed)
         self.ready = False
@@ -143,30 +144,39 @@ class VictimService:
         await self.limiter.hit(key.key_id, key.rate, key.image_rate, count)
         remaining = await self.store.reserve(key.key_id, count)
         try:
-            async with asyncio.timeout(self.settings.inference_timeout_s):
-                probabilities = await self.batcher.submit(model, images)
-        except TimeoutError as exc:
-            await self.store.refund(key.key_id, count)
-            raise UnavailableError(
-                f"model {model!r} did not answer within {self.settings.inference_timeout_s} s",
-                retry_after=1,
-            ) from exc
+            probabilities = await self._forward(model, images)
+            answer = policy.apply(probabilities, self._rng)
+            flags = await self._detect(key, model, policy, images, probabilities)
+            await self.audit.append(AuditRecord(
+                key_id=key.key_id, model=model, images=count, input_sha256=input_digest(images),
+                policy=policy.describe(), flags=list(flags), request_id=request_id,
+            ))
         except BaseException:
-            # Failed inference, or the caller went away: nothing was served, nothing is charged.
-            await self.store.refund(key.key_id, count)
+            # Not served (failed or timed-out inference, Redis gone, caller gone): not charged.
+            await self._refund(key.key_id, count)
             raise
-        answer = policy.apply(probabilities, self._rng)
-        flags = await self._detect(key, model, policy, images, probabilities)
-        await self.audit.append(AuditRecord(
-            key_id=key.key_id, model=model, images=count, input_sha256=input_digest(images),
-            policy=policy.describe(), flags=list(flags), request_id=request_id,
-        ))
         self.metrics.images.labels(model).inc(count)
         logger.debug(
             "served %d images of %s to %s", count, model, key.key_id,
             extra={"key_id": key.key_id, "model": model, "images": count, "remaining": remaining},
         )
         return InferenceResult(answer, count, remaining, flags)
+
+    async def _forward(self, model: str, images: np.ndarray) -> np.ndarray:
+        try:
+            async with asyncio.timeout(self.settings.inference_timeout_s):
+                return await self.batcher.submit(model, images)
+        except TimeoutError as exc:
+            raise UnavailableError(
+                f"model {model!r} did not answer within {self.settings.inference_timeout_s} s",
+                retry_after=1,
+            ) from exc
+
+    async def _refund(self, key_id: str, images: int) -> None:
+        try:
+            await self.store.refund(key_id, images)
+        except UnavailableError as exc:
+            logger.error("could not refund %d images to key %s: %s", images, key_id, exc.message)
 
     async def _detect(
         self, key: KeyRecord, model: str, policy: OutputPolicy,
@@ -175,12 +185,9 @@ class VictimService:
         step = policy.prada
         if step is None:
             return key.flags
-        detector = self._detectors.get((key.key_id, model))
-        if detector is None:
-            detector = PradaDetector(step.delta, step.min_queries)
-            self._detectors[(key.key_id, model)] = detector
-        already = detector.flagged
-        verdict = detector.observe(images, probabilities.argmax(axis=1))
+        already, verdict = await self.detectors.observe(
+            key.key_id, model, step.delta, step.min_queries, images, probabilities.argmax(axis=1)
+        )
         if verdict.flagged and not already:
             record = await self.store.flag(key.key_id, "prada", block=step.block)
             self.metrics.flagged.labels("prada").inc()
@@ -191,6 +198,36 @@ class VictimService:
             )
             return record.flags
         return key.flags
+
+    # --- health ---------------------------------------------------------------------
+
+    async def readiness(self, model: str | None = None) -> list[str]:
+        """Why the service (or ``model``) cannot answer now; empty when it can."""
+        if not self.ready:
+            return ["the service is starting or shutting down"]
+        try:
+            await self.store.ping()
+            statuses = await self.batcher.status()
+        except UnavailableError as exc:
+            return [exc.message]
+        return [
+            status.reason or f"model {name!r} is not ready"
+            for name, status in statuses.items()
+            if not status.ready and (model is None or name == model)
+        ]
+
+    async def refresh_metrics(self) -> None:
+        """Set the batching gauges (queued, pending, live workers) before a scrape."""
+        try:
+            statuses = await self.batcher.status()
+        except UnavailableError:
+            self.metrics.backend_up.set(0)
+            return
+        self.metrics.backend_up.set(1)
+        for name, status in statuses.items():
+            self.metrics.stream_entries.labels(name).set(status.queued)
+            self.metrics.stream_pending.labels(name).set(status.pending)
+            self.metrics.workers_live.labels(name).set(status.workers)
 
     # --- keys -------------------------------------------------------------------------
 

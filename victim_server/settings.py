@@ -16,10 +16,18 @@ A YAML file has the same keys as :class:`ServerSettings`::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -90,6 +98,27 @@ class ServerSettings(BaseSettings):
     seed: int = 0
     """Seed of the randomised output policies (Gaussian noise)."""
     log_json: bool = False
+
+    redis_url: str | None = None
+    """Redis server of the scale-out (``redis://host:6379/0``): keys, usage, rate limits,
+    PRADA state and the audit log live there, shared by every API process; None: in memory."""
+    redis_prefix: str = Field(default="stealsim", min_length=1)
+    """Namespace of every Redis key this service writes (``PREFIX:...``)."""
+    batching: Literal["local", "redis"] = "local"
+    """``local``: the in-process micro-batcher; ``redis``: a Redis Stream per model read by
+    ``stealsim worker`` processes (needs ``redis_url``)."""
+    stream_max_len: int = Field(default=10_000, ge=1)
+    """Entries a model's request stream may hold; more gets 503 (refunded)."""
+    worker_seen_s: float = Field(default=5.0, gt=0.0)
+    """A model is ready only if a worker sent a heartbeat within this many seconds."""
+
+    @model_validator(mode="after")
+    def _check_backends(self) -> ServerSettings:
+        if self.batching == "redis" and self.redis_url is None:
+            raise ValueError("batching 'redis' needs redis_url (--redis-url redis://HOST:6379)")
+        if ":" in self.redis_prefix or not self.redis_prefix.strip():
+            raise ValueError(f"redis_prefix {self.redis_prefix!r}: a non-empty name without ':'")
+        return self
 
     @field_validator("models")
     @classmethod

@@ -71,6 +71,9 @@ class KeyRecord:
 class StateStore(Protocol):
     """Keys, budgets and flags; every method is atomic with respect to the others."""
 
+    async def ping(self) -> None:
+        """Raises UnavailableError when the store cannot be reached."""
+
     async def create_key(self, record: KeyRecord, secret: str) -> KeyRecord: ...
 
     async def authenticate(self, secret: str) -> KeyRecord | None:
@@ -103,6 +106,9 @@ class MemoryStateStore:
         self._lock = asyncio.Lock()
         self._keys: dict[str, KeyRecord] = {}
         self._by_digest: dict[str, str] = {}
+
+    async def ping(self) -> None:
+        """Always reachable."""
 
     async def create_key(self, record: KeyRecord, secret: str) -> KeyRecord:
         digest = hash_secret(secret)

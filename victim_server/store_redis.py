@@ -1,0 +1,199 @@
+"""The state store in Redis: keys, budgets and usage shared by every API process.
+
+Each key is a hash ``PREFIX:key:ID`` (``budget``, ``used``, ``flags``, ...); the
+secret's SHA-256 maps to the id in ``PREFIX:digests``. Every operation that
+reads and writes is one Lua script, which Redis runs atomically: however many
+API processes race on one key, :meth:`RedisStateStore.reserve` never charges
+more than the budget, and a request that does not fit is refused whole.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from stealsim.errors import BudgetExceededError, KeyNotFoundError
+from victim_server.redis_keys import RedisNames, redis_errors
+from victim_server.store import KeyRecord, hash_secret
+
+__all__ = ["RedisStateStore"]
+
+logger = logging.getLogger(__name__)
+
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+return 1
+"""
+
+_AUTHENTICATE = """
+local id = redis.call('HGET', KEYS[1], ARGV[1])
+if not id then return false end
+return redis.call('HGETALL', ARGV[2] .. id)
+"""
+
+# Returns {charged (1) / refused (0) / no such key (-1), remaining after}.
+_RESERVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+local budget = tonumber(redis.call('HGET', KEYS[1], 'budget'))
+local used = tonumber(redis.call('HGET', KEYS[1], 'used'))
+local n = tonumber(ARGV[1])
+if used + n > budget then return {0, math.max(0, budget - used)} end
+redis.call('HINCRBY', KEYS[1], 'used', n)
+return {1, budget - used - n}
+"""
+
+_REFUND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local used = tonumber(redis.call('HGET', KEYS[1], 'used'))
+redis.call('HINCRBY', KEYS[1], 'used', -math.min(used, tonumber(ARGV[1])))
+return 1
+"""
+
+# ARGV[1]: 'revoke' | 'top_up' | 'flag'; ARGV[2]: images or flag; ARGV[3]: block ('1'/'0').
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if ARGV[1] == 'revoke' then
+  redis.call('HSET', KEYS[1], 'revoked', '1')
+elseif ARGV[1] == 'top_up' then
+  redis.call('HINCRBY', KEYS[1], 'budget', tonumber(ARGV[2]))
+elseif ARGV[1] == 'flag' then
+  local flags = cjson.decode(redis.call('HGET', KEYS[1], 'flags'))
+  local found = false
+  for _, f in ipairs(flags) do if f == ARGV[2] then found = true end end
+  if not found then
+    table.insert(flags, ARGV[2])
+    redis.call('HSET', KEYS[1], 'flags', cjson.encode(flags))
+  end
+  if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'blocked', '1') end
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+def _fields(record: KeyRecord) -> dict[str, str]:
+    def as_json(value: Any) -> str:
+        return orjson.dumps(None if value is None else list(value)).decode()
+
+    return {
+        "key_id": record.key_id, "name": record.name, "budget": str(record.budget),
+        "used": str(record.used), "rate": record.rate or "", "image_rate": record.image_rate or "",
+        "models": as_json(record.models), "policy": as_json(record.policy),
+        "flags": as_json(record.flags), "blocked": "1" if record.blocked else "0",
+        "revoked": "1" if record.revoked else "0", "created": repr(record.created),
+    }
+
+
+def _record(flat: list[bytes]) -> KeyRecord:
+    """A KeyRecord from HGETALL's flat ``[field, value, ...]`` reply."""
+    raw = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+    models = orjson.loads(raw["models"])
+    policy = orjson.loads(raw["policy"])
+    flags = orjson.loads(raw["flags"])
+    return KeyRecord(
+        key_id=raw["key_id"], name=raw["name"], budget=int(raw["budget"]), used=int(raw["used"]),
+        rate=raw["rate"] or None, image_rate=raw["image_rate"] or None,
+        models=None if models is None else tuple(models),
+        policy=None if policy is None else tuple(policy),
+        flags=tuple(flags) if isinstance(flags, list) else (),  # Lua's cjson writes {} for []
+        blocked=raw["blocked"] == "1", revoked=raw["revoked"] == "1", created=float(raw["created"]),
+    )
+
+
+class RedisStateStore:
+    """:class:`~victim_server.store.StateStore` in Redis; one Lua script per operation."""
+
+    def __init__(self, client: aioredis.Redis, names: RedisNames) -> None:
+        self._redis = client
+        self._names = names
+        self._create = client.register_script(_CREATE)
+        self._authenticate = client.register_script(_AUTHENTICATE)
+        self._reserve = client.register_script(_RESERVE)
+        self._refund = client.register_script(_REFUND)
+        self._update = client.register_script(_UPDATE)
+
+    async def ping(self) -> None:
+        """Raises UnavailableError when Redis does not answer."""
+        with redis_errors("state store"):
+            await self._redis.ping()
+
+    async def create_key(self, record: KeyRecord, secret: str) -> KeyRecord:
+        fields = [part for pair in _fields(record).items() for part in pair]
+        with redis_errors("creating a key"):
+            created = await self._create(
+                keys=[self._names.key(record.key_id), self._names.digests, self._names.key_ids],
+                args=[hash_secret(secret), record.key_id, record.created, *fields],
+            )
+        if not created:
+            raise ValueError(f"key {record.key_id} or its secret already exists")
+        return record
+
+    async def authenticate(self, secret: str) -> KeyRecord | None:
+        with redis_errors("authenticating"):
+            flat = await self._authenticate(
+                keys=[self._names.digests], args=[hash_secret(secret), self._names.key("")]
+            )
+        if not flat:
+            return None
+        record = _record(flat)
+        return None if record.revoked else record
+
+    async def get(self, key_id: str) -> KeyRecord:
+        with redis_errors("reading a key"):
+            flat = await self._redis.execute_command("HGETALL", self._names.key(key_id))
+        if not flat:
+            raise KeyNotFoundError(f"no API key with id {key_id!r}", key_id=key_id)
+        return _record(flat if isinstance(flat, list) else [x for kv in flat.items() for x in kv])
+
+    async def list_keys(self) -> list[KeyRecord]:
+        with redis_errors("listing keys"):
+            ids: list[bytes] = await self._redis.zrange(self._names.key_ids, 0, -1)  # type: ignore[assignment]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key_id in ids:
+                    pipe.hgetall(self._names.key(key_id.decode()))
+                replies = await pipe.execute()
+        return [
+            _record([x for kv in reply.items() for x in kv]) for reply in replies if reply
+        ]
+
+    async def _change(self, key_id: str, action: str, value: str = "", block: bool = False) -> KeyRecord:
+        with redis_errors("updating a key"):
+            flat = await self._update(
+                keys=[self._names.key(key_id)], args=[action, value, "1" if block else "0"]
+            )
+        if not flat:
+            raise KeyNotFoundError(f"no API key with id {key_id!r}", key_id=key_id)
+        return _record(flat)
+
+    async def revoke(self, key_id: str) -> KeyRecord:
+        return await self._change(key_id, "revoke")
+
+    async def top_up(self, key_id: str, images: int) -> KeyRecord:
+        return await self._change(key_id, "top_up", str(images))
+
+    async def reserve(self, key_id: str, images: int) -> int:
+        with redis_errors("charging the budget"):
+            status, remaining = await self._reserve(keys=[self._names.key(key_id)], args=[images])
+        if status == -1:
+            raise KeyNotFoundError(f"no API key with id {key_id!r}", key_id=key_id)
+        if status == 0:
+            raise BudgetExceededError(
+                f"request of {images} images does not fit the remaining budget of "
+                f"{remaining} images",
+                remaining=int(remaining), requested=images,
+            )
+        return int(remaining)
+
+    async def refund(self, key_id: str, images: int) -> None:
+        with redis_errors("refunding the budget"):
+            await self._refund(keys=[self._names.key(key_id)], args=[images])
+
+    async def flag(self, key_id: str, flag: str, block: bool = False) -> KeyRecord:
+        return await self._change(key_id, "flag", flag, block)

@@ -7,7 +7,11 @@ What it measures (each for ``--seconds``):
 * ``http_binary`` / ``http_json``: one client sending batches of ``--batch`` images over
   HTTP (binary tensor extension / JSON), keep-alive, to ``stealsim serve``;
 * ``concurrentC_<variant>``: C concurrent clients sending one image per request, for each
-  server variant (``batch1``: ``--max-batch-size 1``; ``batched``: the default batcher).
+  server variant (``batch1``: ``--max-batch-size 1``; ``batched``: the default batcher);
+* ``redis_1worker`` / ``redis_2workers``: ``serve --batching redis`` with 1 or 2
+  ``stealsim worker`` processes, as many concurrent clients as workers, each sending
+  batches of ``--batch`` images (binary); Redis at ``--redis-url`` under a prefix of
+  this run, deleted afterwards.
 
 Usage::
 
@@ -115,6 +119,53 @@ def running_server(checkpoint: Path, args: argparse.Namespace, extra: tuple[str,
             process.wait()
 
 
+@contextmanager
+def running_redis_stack(
+    checkpoint: Path, args: argparse.Namespace, workers: int
+) -> Iterator[tuple[str, str]]:
+    """``workers`` ``stealsim worker`` processes and ``serve --batching redis``; yield ``(url, key)``."""
+    import uuid
+
+    import redis
+
+    prefix = "stealsim-bench-" + uuid.uuid4().hex[:8]
+    client = redis.Redis.from_url(args.redis_url)
+    client.ping()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.torch_threads)}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "stealsim", "--log-level", "WARNING", "worker",
+             "--redis-url", args.redis_url, "--redis-prefix", prefix, "--model", f"{MODEL}={checkpoint}",
+             "--device", args.device, "--torch-threads", str(args.torch_threads),
+             "--max-batch-size", str(args.batch), "--name", f"bench-{index}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for index in range(workers)
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while client.zcard(f"{prefix}:workers:{MODEL}") < workers:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                raise RuntimeError("workers did not start")
+            time.sleep(0.1)
+        with running_server(checkpoint, args, ("--redis-url", args.redis_url, "--redis-prefix", prefix,
+                                               "--batching", "redis")) as (url, key):
+            yield url, key
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
 def binary_body(images: np.ndarray) -> tuple[bytes, dict[str, str]]:
     raw = np.ascontiguousarray(images, dtype="<f4").tobytes()
     header = json.dumps({
@@ -171,6 +222,13 @@ def bench_http(url: str, key: str, images: np.ndarray, seconds: float, binary: b
             response.raise_for_status()
             return len(images)
         return timed(seconds, step)
+
+
+def bench_http_clients(url: str, key: str, images: np.ndarray, seconds: float, clients: int) -> float:
+    """``clients`` threads, each a keep-alive binary client sending ``images``; images/s in all."""
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        rates = pool.map(lambda _: bench_http(url, key, images, seconds, True), range(clients))
+        return float(sum(rates))
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
@@ -242,6 +300,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="trials per measurement (the best counts)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--redis-url", default=os.environ.get("STEALSIM_TEST_REDIS_URL", "redis://127.0.0.1:6379"),
+                        help="Redis of the redis_* measurements")
+    parser.add_argument("--redis-workers", default="1,2", help="worker counts of the redis_* measurements ('' skips them)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -275,12 +336,26 @@ def main() -> None:
                     for count in clients:
                         record(f"concurrent{count}_{variant.name}",
                                bench_concurrent(url, key, batch[:1], count, args.seconds))
+        for workers in [int(w) for w in args.redis_workers.split(",") if w.strip()]:
+            label = f"redis_{workers}worker" + ("s" if workers > 1 else "")
+            with running_redis_stack(checkpoint, args, workers) as (url, key):
+                for _ in range(args.repeats):
+                    record("inprocess", bench_inprocess(runner, batch, args.seconds))
+                    record(label, bench_http_clients(url, key, batch, args.seconds, workers))
         results.update({name: max(values) for name, values in trials.items()})
         results["trials"] = trials
         results["ratio_http_binary_vs_inprocess"] = (
             results["http_binary_images_per_s"] / results["inprocess_images_per_s"]
         )
         results["ratio_http_json_vs_inprocess"] = results["http_json_images_per_s"] / results["inprocess_images_per_s"]
+        for name in list(results):
+            if name.startswith("redis_") and name.endswith("_images_per_s"):
+                label = name.removesuffix("_images_per_s")
+                results[f"ratio_{label}_vs_inprocess"] = results[name] / results["inprocess_images_per_s"]
+        if "redis_1worker_images_per_s" in results and "redis_2workers_images_per_s" in results:
+            results["ratio_redis_2workers_vs_1worker"] = (
+                results["redis_2workers_images_per_s"] / results["redis_1worker_images_per_s"]
+            )
         for count in clients:
             base = results.get(f"concurrent{count}_batch1_images_per_s")
             for variant in VARIANTS:

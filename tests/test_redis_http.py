@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -220,3 +221,38 @@ def test_redis_restart_503_meanwhile_then_recovers_and_audit_survives(
         if worker.process.poll() is None:
             worker.stop()
         own.stop()
+
+
+def test_sigterm_worker_finishes_its_batch_then_exits(
+    digits_checkpoint: Path, redis_url: str, prefix: str, tmp_path: Path,  # noqa: F811
+) -> None:
+    worker = WorkerProcess(redis_url, prefix, {MODEL: digits_checkpoint}, log_path=tmp_path / "w.log",
+                           args=["--max-wait-ms", "30000"])  # holds what it reads until stopped
+    worker.wait_seen(redis_url, prefix, MODEL)
+    server = api(digits_checkpoint, redis_url, prefix, tmp_path / "api.log", batching="redis")
+    watcher = redis.Redis.from_url(redis_url)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            key = new_key(client, budget=1000)
+
+            async def scenario() -> list[tuple[int, int]]:
+                requests = asyncio.create_task(race([server.url], key, [3] * 6, clients=6))
+                while len(await asyncio.to_thread(  # until the worker holds all 6 requests
+                    watcher.xpending_range, f"{prefix}:stream:{MODEL}", "workers", "-", "+", 10, worker.name
+                )) < 6:
+                    await asyncio.sleep(0.05)
+                worker.process.send_signal(signal.SIGTERM)
+                return await requests
+
+            answers = asyncio.run(scenario())
+            assert worker.process.wait(timeout=30) == 0, worker.log()
+            # It stopped waiting for more, served what it held, acknowledged, left.
+            assert [status for status, _ in answers if status != 200] == []
+            assert used(client, key) == 18
+            assert watcher.xpending(f"{prefix}:stream:{MODEL}", "workers")["pending"] == 0
+            assert watcher.zcard(f"{prefix}:workers:{MODEL}") == 0  # it left
+            assert client.get("/v2/health/ready").status_code == 503
+    finally:
+        watcher.close()
+        server.stop()
+        worker.stop()

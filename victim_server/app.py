@@ -128,7 +128,7 @@ class _Backends:
     audit: AuditLog
     detectors: PradaStates
     batcher: Batcher
-    client: aioredis.Redis | None = None
+    clients: tuple[aioredis.Redis, ...] = ()
 
     @classmethod
     def build(
@@ -151,17 +151,21 @@ class _Backends:
             storage = "async+" + settings.redis_url
         limiter = RateLimiter(storage, implementation="redispy", key_prefix=names.rate_limits) \
             if storage.startswith("async+redis") else RateLimiter(storage)
+        clients: tuple[aioredis.Redis, ...] = (client,)
         if settings.batching == "redis":
+            # Its own client: BLPOP blocks up to the inference timeout, beyond the usual 5 s.
+            blocking = connect(settings.redis_url, socket_timeout=settings.inference_timeout_s + 5)
+            clients += (blocking,)
             batcher = RedisBatcher(
-                client, names, runners, reply_timeout_s=settings.inference_timeout_s,
+                blocking, names, runners, reply_timeout_s=settings.inference_timeout_s,
                 stream_max_len=settings.stream_max_len, worker_seen_s=settings.worker_seen_s,
             )
         return cls(RedisStateStore(client, names), limiter, RedisAuditLog(client, names),
-                   RedisPradaStates(client, names), batcher, client)
+                   RedisPradaStates(client, names), batcher, clients)
 
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
+        for client in self.clients:
+            await client.aclose()
 
 
 def create_app(

@@ -101,7 +101,8 @@ class RedisBatcher:
     """:class:`~victim_server.batching.Batcher` over Redis Streams, for the models ``models``.
 
     ``reply_timeout_s`` is how long a caller blocks for its reply; the service's own
-    timeout (``inference_timeout_s``) refunds and answers 503 when it runs out.
+    timeout (``inference_timeout_s``) refunds and answers 503 when it runs out. The
+    client's socket timeout must be longer than ``reply_timeout_s`` (BLPOP blocks).
     """
 
     def __init__(
@@ -145,11 +146,12 @@ class RedisBatcher:
                 keys=[self._names.stream(model)],
                 args=[self._max_len, *encode_request(request_id, images, deadline)],
             )
-            if entry is None:
-                raise UnavailableError(
-                    f"model {model!r} has {self._max_len} requests queued (the limit); retry later",
-                    retry_after=1,
-                )
+        if entry is None:
+            raise UnavailableError(
+                f"model {model!r} has {self._max_len} requests queued (the limit); retry later",
+                retry_after=1,
+            )
+        with redis_errors(f"waiting for the reply of model {model!r}"):
             popped: list[bytes] | None = None
             try:
                 popped = await self._redis.blpop(  # type: ignore[assignment]

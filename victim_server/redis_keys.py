@@ -76,14 +76,17 @@ class RedisNames:
         return f"{self.prefix}:limits"
 
 
-def connect(url: str, **options: object) -> aioredis.Redis:
+def connect(url: str, socket_timeout: float = 5.0, **options: object) -> aioredis.Redis:
     """An asyncio Redis client of ``url`` (connects lazily, reconnects after a restart).
 
+    ``socket_timeout`` bounds every reply's wait: a client that blocks (BLPOP,
+    XREADGROUP BLOCK) needs it longer than its longest block.
     Raises ConfigError for a URL redis-py cannot parse.
     """
     try:
         client: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=2.0, health_check_interval=10, **options  # type: ignore[arg-type]
+            url, socket_timeout=socket_timeout, socket_connect_timeout=2.0,
+            health_check_interval=10, **options,  # type: ignore[arg-type]
         )
     except ValueError as exc:
         raise ConfigError(f"--redis-url {url!r}: {exc}") from exc

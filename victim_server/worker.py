@@ -191,12 +191,13 @@ class StreamWorker:
         images = sum(_count(fields) for _, fields in first)
         more: list[Entry] = []
         deadline = time.monotonic() + self._config.max_wait_ms / 1000.0
-        while images < self._config.max_batch_size:
+        while images < self._config.max_batch_size and not self._stopping.is_set():
             remaining_ms = (deadline - time.monotonic()) * 1000.0
             if remaining_ms <= 0:
                 break
-            # BLOCK 0 would wait forever: under a millisecond, take only what is there.
-            block = int(remaining_ms) if remaining_ms >= 1 else None
+            # BLOCK 0 would wait forever: under a millisecond, take only what is there. Long
+            # waits are cut in pieces so that a stop request ends the wait.
+            block = min(int(remaining_ms), _READ_BLOCK_MS) if remaining_ms >= 1 else None
             got = await self._read(stream, self._config.max_batch_size - images, block)
             if not got:
                 if block is None:
@@ -313,7 +314,7 @@ def _batches(requests: list[StreamRequest], max_images: int) -> list[list[Stream
 
 
 async def _run(predictors: Mapping[str, PredictFn], config: WorkerConfig) -> None:
-    client = connect(config.redis_url)
+    client = connect(config.redis_url)  # reads block _READ_BLOCK_MS at most, well under 5 s
     worker = StreamWorker(client, predictors, config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

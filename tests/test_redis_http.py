@@ -26,10 +26,11 @@ MODEL = "victim"
 
 
 def api(checkpoint: Path, url: str, prefix: str, log: Path, *, batching: str = "local",  # noqa: F811
-        env: dict[str, str] | None = None) -> ServerProcess:
+        env: dict[str, str] | None = None, processes: int = 1) -> ServerProcess:
     return ServerProcess(
         {MODEL: checkpoint},
-        args=["--redis-url", url, "--redis-prefix", prefix, "--batching", batching],
+        args=["--redis-url", url, "--redis-prefix", prefix, "--batching", batching,
+              "--workers", str(processes)],
         env=env, log_path=log,
     )
 
@@ -70,7 +71,9 @@ async def race(urls: list[str], key: str, sizes: list[int], clients: int) -> lis
 def test_two_api_processes_share_budget_rate_limits_and_keys(
     digits_checkpoint: Path, redis_url: str, prefix: str, tmp_path: Path,  # noqa: F811
 ) -> None:
-    servers = [api(digits_checkpoint, redis_url, prefix, tmp_path / f"api{i}.log") for i in range(2)]
+    # One plain API process, and one port served by two (uvicorn --workers 2): three in all.
+    servers = [api(digits_checkpoint, redis_url, prefix, tmp_path / f"api{i}.log", processes=1 + i)
+               for i in range(2)]
     try:
         with httpx.Client(base_url=servers[0].url, timeout=60) as one, \
              httpx.Client(base_url=servers[1].url, timeout=60) as two:

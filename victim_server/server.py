@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
 import orjson
 import uvicorn
+from fastapi import FastAPI
 
 from victim_server.app import create_app
 from victim_server.settings import ServerSettings
 
-__all__ = ["JsonLogFormatter", "serve"]
+__all__ = ["JsonLogFormatter", "app_from_environment", "serve"]
+
+_SETTINGS_ENV = "STEALSIM_SERVE_SETTINGS_JSON"
+"""How ``serve`` hands its settings to the API processes uvicorn starts (``workers`` > 1)."""
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
 
@@ -34,13 +39,48 @@ class JsonLogFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def serve(settings: ServerSettings) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests and queued batches finish first."""
+def _configure_logging(settings: ServerSettings) -> None:
     if settings.log_json:
         handler = logging.StreamHandler()
         handler.setFormatter(JsonLogFormatter())
         root = logging.getLogger()
         root.handlers[:] = [handler]
+
+
+def _settings_json(settings: ServerSettings) -> str:
+    """The settings as JSON with their secrets (model_dump masks SecretStr)."""
+    data = settings.model_dump(mode="json")
+    if settings.admin_key is not None:
+        data["admin_key"] = settings.admin_key.get_secret_value()
+    for spec, dumped in zip(settings.api_keys, data["api_keys"], strict=True):
+        dumped["api_key"] = spec.api_key.get_secret_value()
+    return orjson.dumps(data).decode()
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one of ``serve``'s API processes when ``workers`` > 1 (a uvicorn factory)."""
+    settings = ServerSettings(**orjson.loads(os.environ[_SETTINGS_ENV]))
+    if not logging.getLogger().handlers:  # a fresh (spawned) process: no CLI logging
+        logging.basicConfig(level=logging.INFO, format="%(process)d %(name)s: %(message)s")
+    _configure_logging(settings)
+    return create_app(settings)
+
+
+def serve(settings: ServerSettings) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests and queued batches finish first.
+
+    With ``settings.workers`` > 1, uvicorn runs that many API processes on one port,
+    sharing their state through Redis.
+    """
+    _configure_logging(settings)
+    if settings.workers > 1:
+        os.environ[_SETTINGS_ENV] = _settings_json(settings)
+        uvicorn.run(
+            "victim_server.server:app_from_environment", factory=True, workers=settings.workers,
+            host=settings.host, port=settings.port, log_config=None, access_log=False,
+            timeout_graceful_shutdown=max(5, int(settings.inference_timeout_s) + 5), lifespan="on",
+        )
+        return
     app = create_app(settings)
     config = uvicorn.Config(
         app,

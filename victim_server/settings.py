@@ -111,11 +111,18 @@ class ServerSettings(BaseSettings):
     """Entries a model's request stream may hold; more gets 503 (refunded)."""
     worker_seen_s: float = Field(default=5.0, gt=0.0)
     """A model is ready only if a worker sent a heartbeat within this many seconds."""
+    workers: int = Field(default=1, ge=1)
+    """API processes on ``host:port`` (uvicorn workers); more than one needs ``redis_url``."""
 
     @model_validator(mode="after")
     def _check_backends(self) -> ServerSettings:
         if self.batching == "redis" and self.redis_url is None:
             raise ValueError("batching 'redis' needs redis_url (--redis-url redis://HOST:6379)")
+        if self.workers > 1 and self.redis_url is None:
+            raise ValueError(
+                f"workers={self.workers} API processes need redis_url: in memory, each would "
+                "keep its own keys, budgets and limits"
+            )
         if ":" in self.redis_prefix or not self.redis_prefix.strip():
             raise ValueError(f"redis_prefix {self.redis_prefix!r}: a non-empty name without ':'")
         return self

@@ -357,7 +357,7 @@ def worker(
 @app.command()
 @reports_errors
 def attack(
-    name: Annotated[str, typer.Argument(help="dual-student, dfme, random, ensemble or knockoff.")],
+    name: Annotated[str, typer.Argument(help="dual-student, dfme or random.")],
     out: Annotated[Path, typer.Option(help="Run directory to write (or resume).")],
     budget: Annotated[int, typer.Option(min=1, help="Attack queries (images) to spend.")],
     url: Annotated[str | None, typer.Option(help="Victim service base URL.")] = None,
@@ -387,19 +387,6 @@ def attack(
     threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads for training.")] = None,
     device: DeviceOption = "cpu",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
-    uq: Annotated[str | None, typer.Option(help="ensemble: deep-ensemble, mc-dropout, snapshot, swag or laplace.")] = None,
-    members: Annotated[int | None, typer.Option(min=1, help="ensemble: number of members.")] = None,
-    member_arch: Annotated[
-        list[str] | None, typer.Option("--member-arch", help="ensemble: members' architectures (repeatable, cycled).")
-    ] = None,
-    diversity: Annotated[float | None, typer.Option(min=0.0, help="ensemble: weight of the diversity term.")] = None,
-    source: Annotated[str | None, typer.Option(help="ensemble: queries from the generator or surrogate data.")] = None,
-    surrogate: Annotated[
-        str | None, typer.Option(help="ensemble/knockoff: dataset name or image directory (default: the other built-in).")
-    ] = None,
-    surrogate_dir: Annotated[str | None, typer.Option(help="--data-dir of an on-disk surrogate dataset.")] = None,
-    surrogate_split: Annotated[str | None, typer.Option(help="train, test or all of the surrogate dataset.")] = None,
-    sampling: Annotated[str | None, typer.Option(help="knockoff: random or adaptive (bandit over classes).")] = None,
 ) -> None:
     """Steal a victim model within a query budget; write a run directory with metrics and a report."""
     import torch
@@ -408,9 +395,6 @@ def attack(
     from attacker.runner import RunSpec, run_attack
 
     overrides: dict[str, Any] = {"hard_label": hard_label or None, "batch_size": batch_size}
-    overrides.update(uq=uq, members=members, architectures=member_arch or None, diversity_weight=diversity,
-                     source=source, surrogate=surrogate, surrogate_dir=surrogate_dir,
-                     surrogate_split=surrogate_split, sampling=sampling)
     for text in setting or []:
         key, sep, value = text.partition("=")
         if not sep:
@@ -449,50 +433,6 @@ def report(
     from attacker.report import compare_runs
 
     typer.echo(compare_runs(runs, plot), nl=False)
-
-
-@app.command()
-@reports_errors
-def demo(
-    quick: Annotated[bool, typer.Option(help="Small victims and budgets (about 1-2 minutes; the CI smoke test).")] = False,
-    out: Annotated[Path, typer.Option(help="Directory of the runs, summary.json and report.md.")] = Path("runs/demo"),
-    cache_dir: Annotated[Path, typer.Option(help="Cache of trained victims, keyed by their settings.")] = Path("runs/cache"),
-    attack: Annotated[
-        list[str] | None, typer.Option("--attack", help="Attack to run (repeatable; default: every registered attack).")
-    ] = None,
-    budget: Annotated[int | None, typer.Option(min=1, help="Attack queries per run [default: 20000; --quick 1500].")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Victim training epochs [default: 30; --quick 4].")] = None,
-    seed: int = 0,
-    threads: Annotated[int, typer.Option(min=1, help="torch threads of the attacks.")] = 2,
-    url: Annotated[str | None, typer.Option(help="Attack this running service instead of starting one.")] = None,
-    admin_key: Annotated[
-        str | None, typer.Option(envvar="STEALSIM_ADMIN_KEY", help="Admin key of the service at --url.")
-    ] = None,
-    normal_model: Annotated[str, typer.Option(help="Model name of the normal victim at --url.")] = "normal",
-    nasty_model: Annotated[str, typer.Option(help="Model name of the Nasty Teacher at --url.")] = "nasty",
-    victims_only: Annotated[
-        bool, typer.Option(help="Only train (or reuse) the victims and copy them to OUT/victims/{normal,nasty}.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
-) -> None:
-    """The end-to-end demo: victims, the service, every attack over HTTP, one table and a report."""
-    from experiments.demo import DemoConfig, run_demo
-    from experiments.victims import VictimSettings
-
-    _check_out_dir(out)
-    victims = None
-    if epochs is not None:
-        victims = VictimSettings(epochs=epochs, nasty_epochs=epochs)
-    config = DemoConfig.standard(
-        out, quick, victims=victims, cache_dir=cache_dir, attacks=tuple(attack) if attack else None,
-        budget=budget, seed=seed, threads=threads, url=url, admin_key=admin_key,
-        models={"normal": normal_model, "nasty": nasty_model}, victims_only=victims_only,
-        show_progress=not quiet,
-    )
-    result = run_demo(config, announce=lambda text: typer.secho(text, bold=True, err=True))
-    typer.echo(f"{result.summary_path}  {result.report_path}  ({result.wall_seconds:.0f} s)")
-    if result.status != "done":
-        raise typer.Exit(code=1)
 
 
 def main() -> None:

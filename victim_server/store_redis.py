@@ -92,8 +92,13 @@ def _fields(record: KeyRecord) -> dict[str, str]:
 
 
 def _record(flat: list[bytes]) -> KeyRecord:
-    """A KeyRecord from HGETALL's flat ``[field, value, ...]`` reply."""
-    raw = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+    """A KeyRecord from HGETALL's flat ``[field, value, ...]`` reply to a Lua script."""
+    return _record_of({flat[i]: flat[i + 1] for i in range(0, len(flat), 2)})
+
+
+def _record_of(fields: dict[bytes, bytes]) -> KeyRecord:
+    """A KeyRecord from the fields of its hash."""
+    raw = {name.decode(): value.decode() for name, value in fields.items()}
     models = orjson.loads(raw["models"])
     policy = orjson.loads(raw["policy"])
     flags = orjson.loads(raw["flags"])
@@ -147,10 +152,10 @@ class RedisStateStore:
 
     async def get(self, key_id: str) -> KeyRecord:
         with redis_errors("reading a key"):
-            flat = await self._redis.execute_command("HGETALL", self._names.key(key_id))
-        if not flat:
+            fields: dict[bytes, bytes] = await self._redis.hgetall(self._names.key(key_id))  # type: ignore[assignment]
+        if not fields:
             raise KeyNotFoundError(f"no API key with id {key_id!r}", key_id=key_id)
-        return _record(flat if isinstance(flat, list) else [x for kv in flat.items() for x in kv])
+        return _record_of(fields)
 
     async def list_keys(self) -> list[KeyRecord]:
         with redis_errors("listing keys"):
@@ -159,9 +164,7 @@ class RedisStateStore:
                 for key_id in ids:
                     pipe.hgetall(self._names.key(key_id.decode()))
                 replies = await pipe.execute()
-        return [
-            _record([x for kv in reply.items() for x in kv]) for reply in replies if reply
-        ]
+        return [_record_of(fields) for fields in replies if fields]
 
     async def _change(self, key_id: str, action: str, value: str = "", block: bool = False) -> KeyRecord:
         with redis_errors("updating a key"):

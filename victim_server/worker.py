@@ -9,7 +9,9 @@ reads its model's stream ``PREFIX:stream:M`` with the consumer group
 
 Crash recovery: entries read by a worker that died (SIGKILL, lost host) stay
 pending on it; every live worker periodically claims entries idle for
-``claim_idle_ms`` (XAUTOCLAIM) and serves them. Entries whose caller's deadline
+``claim_idle_ms`` (XAUTOCLAIM) and serves them, unless an entry was delivered
+more than ``max_deliveries`` times (it may be what kills workers): that one is
+answered with an error and dropped. Entries whose caller's deadline
 has passed are acknowledged without inference. A heartbeat in
 ``PREFIX:workers:M`` tells the API which models have live workers.
 
@@ -65,6 +67,9 @@ class WorkerConfig:
     """How long a batch waits for more entries after its first one."""
     claim_idle_ms: int = 10_000
     """Entries pending this long on another (dead) worker are claimed and served."""
+    max_deliveries: int = 3
+    """An entry claimed more often than this (it keeps killing workers?) is answered with
+    an error and dropped instead of being served again."""
     heartbeat_s: float = 1.0
     reply_ttl_s: float = 60.0
     """Expiry of a reply nobody pops (its caller gave up)."""
@@ -72,7 +77,8 @@ class WorkerConfig:
     """Consumer name in the group; default: host-pid-random."""
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_wait_ms < 0 or self.claim_idle_ms < 1:
+        if (self.max_batch_size < 1 or self.max_wait_ms < 0 or self.claim_idle_ms < 1
+                or self.max_deliveries < 1):
             raise ValueError(
                 f"bad worker settings: max_batch_size={self.max_batch_size} "
                 f"max_wait_ms={self.max_wait_ms} claim_idle_ms={self.claim_idle_ms}"
@@ -181,10 +187,37 @@ class StreamWorker:
             start_id="0-0", count=self._config.max_batch_size,
         )
         claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
-        if claimed:
-            logger.warning("worker %s claimed %d entries of %s left by another worker",
-                           self.name, len(claimed), stream)
-        return claimed
+        if not claimed:
+            return []
+        logger.warning("worker %s claimed %d entries of %s left by another worker",
+                       self.name, len(claimed), stream)
+        pending: Any = await self._redis.xpending_range(
+            stream, CONSUMER_GROUP, min=claimed[0][0], max=claimed[-1][0], count=len(claimed),
+            consumername=self.name,
+        )
+        deliveries = {entry["message_id"]: entry["times_delivered"] for entry in pending}
+        poison = [e for e in claimed if deliveries.get(e[0], 0) > self._config.max_deliveries]
+        if poison:
+            await self._drop(stream, poison)
+        return [e for e in claimed if deliveries.get(e[0], 0) <= self._config.max_deliveries]
+
+    async def _drop(self, stream: str, entries: list[Entry]) -> None:
+        """Answer entries delivered too often with an error; acknowledge and delete them."""
+        logger.error("worker %s drops %d entries of %s delivered more than %d times",
+                     self.name, len(entries), stream, self._config.max_deliveries)
+        message = encode_error(
+            f"the request was tried by {self._config.max_deliveries} workers, which all failed"
+        )
+        ids = [entry_id for entry_id, _ in entries]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for _, fields in entries:
+                if b"id" in fields:
+                    key = self._names.reply(fields[b"id"].decode(errors="replace"))
+                    pipe.rpush(key, message)
+                    pipe.expire(key, int(self._config.reply_ttl_s))
+            pipe.xack(stream, CONSUMER_GROUP, *ids)
+            pipe.xdel(stream, *ids)
+            await pipe.execute()
 
     async def _coalesce(self, stream: str, first: list[Entry]) -> list[Entry]:
         """More entries until the batch is full or max_wait_ms after the first arrived."""

@@ -191,6 +191,7 @@ def test_redis_restart_503_meanwhile_then_recovers_and_audit_survives(
             ready = client.get("/v2/health/ready")
             assert ready.status_code == 503 and ready.json()["ready"] is False
             assert client.get("/v2/health/live").status_code == 200
+            assert "stealsim_backend_up 0.0" in client.get("/metrics").text
 
             own.start()  # same port, same append-only file: keys and usage are back
             deadline = time.monotonic() + 30
@@ -210,6 +211,7 @@ def test_redis_restart_503_meanwhile_then_recovers_and_audit_survives(
             assert not_ready["ready"] is False and "no worker" in not_ready["reasons"][0]
             metrics = client.get("/metrics").text
             assert f'stealsim_workers_live{{model="{MODEL}"}} 0.0' in metrics
+            assert "stealsim_backend_up 1.0" in metrics
             assert f'stealsim_stream_entries{{model="{MODEL}"}} 1.0' in metrics  # the unanswered one
 
         server.stop()

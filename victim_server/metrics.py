@@ -46,7 +46,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.backend_up = Gauge(
-            "stealsim_backend_up", "1 when the batching backend (Redis) answered the last scrape.",
+            "stealsim_backend_up", "1 when the state store and batching backend (Redis) answered the last scrape.",
             registry=self.registry,
         )
         self.stream_entries = Gauge(

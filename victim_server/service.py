@@ -217,8 +217,9 @@ class VictimService:
         ]
 
     async def refresh_metrics(self) -> None:
-        """Set the batching gauges (queued, pending, live workers) before a scrape."""
+        """Set the backend gauges (state store up; queued, pending, live workers) before a scrape."""
         try:
+            await self.store.ping()
             statuses = await self.batcher.status()
         except UnavailableError:
             self.metrics.backend_up.set(0)

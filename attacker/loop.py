@@ -6,7 +6,8 @@ An attack subclasses :class:`Attack` and supplies its hooks:
   :meth:`Attack.track` every stateful object (they are checkpointed);
 - :meth:`Attack.step`: spend some queries through the metered victim it is
   given (ask ``victim.affordable(n)`` before querying) and train;
-- :meth:`Attack.clone`: the model evaluated as the stolen copy.
+- :meth:`Attack.clone`: the model evaluated as the stolen copy;
+- :meth:`Attack.diagnostics` (optional): extra metrics at each evaluation.
 
 :meth:`Attack.run` owns everything else: it meters the victim with a
 :class:`~attacker.victims.BudgetedVictim` (one image = one query, every
@@ -153,6 +154,10 @@ class Attack(ABC):
     def clone(self) -> nn.Module:
         """The stolen model, in eval mode, taking pixels in [0, 1]."""
 
+    def diagnostics(self, evaluator: Evaluates) -> dict[str, float]:
+        """Metrics of the attack's own, added to each evaluation's line (default: none)."""
+        return {}
+
     def track(self, name: str, thing: Any) -> None:
         """Checkpoint ``thing`` (a module, an optimiser, or anything with ``state_dict``)."""
         self._tracked[name] = thing
@@ -280,6 +285,7 @@ class Attack(ABC):
         if evaluator is not None:
             try:
                 line.update(evaluator.evaluate(self.clone(), final))
+                line.update(self.diagnostics(evaluator))
             except BudgetExhaustedError as exc:
                 # The evaluation key ran dry: keep the run (and its checkpoint), report why.
                 logger.warning("evaluation skipped: %s", exc)

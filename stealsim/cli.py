@@ -357,7 +357,7 @@ def worker(
 @app.command()
 @reports_errors
 def attack(
-    name: Annotated[str, typer.Argument(help="dual-student, dfme or random.")],
+    name: Annotated[str, typer.Argument(help="dual-student, dfme, random, ensemble or knockoff.")],
     out: Annotated[Path, typer.Option(help="Run directory to write (or resume).")],
     budget: Annotated[int, typer.Option(min=1, help="Attack queries (images) to spend.")],
     url: Annotated[str | None, typer.Option(help="Victim service base URL.")] = None,
@@ -387,6 +387,19 @@ def attack(
     threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads for training.")] = None,
     device: DeviceOption = "cpu",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    uq: Annotated[str | None, typer.Option(help="ensemble: deep-ensemble, mc-dropout, snapshot, swag or laplace.")] = None,
+    members: Annotated[int | None, typer.Option(min=1, help="ensemble: number of members.")] = None,
+    member_arch: Annotated[
+        list[str] | None, typer.Option("--member-arch", help="ensemble: members' architectures (repeatable, cycled).")
+    ] = None,
+    diversity: Annotated[float | None, typer.Option(min=0.0, help="ensemble: weight of the diversity term.")] = None,
+    source: Annotated[str | None, typer.Option(help="ensemble: queries from the generator or surrogate data.")] = None,
+    surrogate: Annotated[
+        str | None, typer.Option(help="ensemble/knockoff: dataset name or image directory (default: the other built-in).")
+    ] = None,
+    surrogate_dir: Annotated[str | None, typer.Option(help="--data-dir of an on-disk surrogate dataset.")] = None,
+    surrogate_split: Annotated[str | None, typer.Option(help="train, test or all of the surrogate dataset.")] = None,
+    sampling: Annotated[str | None, typer.Option(help="knockoff: random or adaptive (bandit over classes).")] = None,
 ) -> None:
     """Steal a victim model within a query budget; write a run directory with metrics and a report."""
     import torch
@@ -395,6 +408,9 @@ def attack(
     from attacker.runner import RunSpec, run_attack
 
     overrides: dict[str, Any] = {"hard_label": hard_label or None, "batch_size": batch_size}
+    overrides.update(uq=uq, members=members, architectures=member_arch or None, diversity_weight=diversity,
+                     source=source, surrogate=surrogate, surrogate_dir=surrogate_dir,
+                     surrogate_split=surrogate_split, sampling=sampling)
     for text in setting or []:
         key, sep, value = text.partition("=")
         if not sep:

@@ -41,7 +41,7 @@ def usage(server: ServerProcess, key: str) -> dict[str, Any]:
 
 
 def attack_command(name: str, server: ServerProcess, key: str, out: Path, budget: int, *extra: str) -> list[str]:
-    flags = TINY_FLAGS + (GENERATOR_FLAGS if name != "random" else [])
+    flags = TINY_FLAGS + (GENERATOR_FLAGS if name not in ("random", "knockoff") else [])
     return [sys.executable, "-m", "stealsim", "attack", name, "--url", server.url, "--api-key", key,
             "--model", "victim", "--budget", str(budget), "--out", str(out), *flags, *extra]
 

@@ -38,7 +38,7 @@ TINY = {"student_width": 8, "generator_width": 8, "batch_size": 64, "latent_dim"
 
 def tiny_settings(name: str, **extra: object) -> dict[str, object]:
     settings = dict(TINY)
-    if name == "random":
+    if name in ("random", "knockoff"):
         settings = {k: v for k, v in settings.items() if k not in ("generator_width", "latent_dim")}
     return {**settings, **extra}
 

@@ -14,6 +14,8 @@ import torch
 
 from attacker.attacks.dfme import DFME, DFMESettings
 from attacker.attacks.dual_student import DualStudent, DualStudentSettings
+from attacker.attacks.ensemble import Ensemble, EnsembleSettings
+from attacker.attacks.knockoff import Knockoff, KnockoffSettings
 from attacker.attacks.random_noise import RandomNoise, RandomNoiseSettings
 from attacker.loop import Attack, AttackSettings
 from attacker.victims import VictimInfo
@@ -25,6 +27,10 @@ __all__ = [
     "DFMESettings",
     "DualStudent",
     "DualStudentSettings",
+    "Ensemble",
+    "EnsembleSettings",
+    "Knockoff",
+    "KnockoffSettings",
     "RandomNoise",
     "RandomNoiseSettings",
     "attack_class",
@@ -32,7 +38,7 @@ __all__ = [
     "make_settings",
 ]
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (DualStudent, DFME, RandomNoise)}
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (DualStudent, DFME, RandomNoise, Ensemble, Knockoff)}
 
 
 def attack_class(name: str) -> type[Attack]:

@@ -1,0 +1,199 @@
+"""Knockoff Nets: stealing with surrogate images (Orekondy, Schiele, Fritz, CVPR 2019)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from attacker.loop import Attack, AttackSettings
+from attacker.losses import LOG_EPSILON
+from attacker.students import build_student, cosine_factor, set_learning_rate
+from attacker.surrogate import BanditSampler, RandomSampler, Reward, SurrogateSplit, load_surrogate
+from attacker.victims import BudgetedVictim, VictimInfo
+from stealsim.errors import AttackError
+from stealsim.losses import kd_loss
+
+__all__ = ["Knockoff", "KnockoffSettings", "TransferSet"]
+
+
+@dataclass(frozen=True)
+class KnockoffSettings(AttackSettings):
+    """Knockoff's settings.
+
+    Attributes:
+        surrogate: dataset name or image directory queried (default: the other built-in dataset).
+        surrogate_dir: ``--data-dir`` of an on-disk surrogate dataset.
+        surrogate_split: ``train``, ``test`` or ``all`` of a surrogate dataset.
+        sampling: ``random`` or ``adaptive`` (the bandit over the surrogate's classes).
+        reward: the adaptive sampler's reward: ``certainty``, ``diversity``, ``loss`` or ``all``.
+        bandit_lr: the bandit's step ``alpha``.
+        temperature: KD temperature ``T`` on soft answers.
+        updates_per_batch: clone updates after each answered batch.
+        train_batch: images per clone update, drawn from the transfer set.
+
+    ``replay`` (from :class:`AttackSettings`) is the transfer set's capacity.
+    """
+
+    surrogate: str | None = None
+    surrogate_dir: str | None = None
+    surrogate_split: SurrogateSplit = "train"
+    sampling: Literal["random", "adaptive"] = "random"
+    reward: Reward = "all"
+    bandit_lr: float = 0.1
+    temperature: float = 4.0
+    updates_per_batch: int = 16
+    train_batch: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sampling not in ("random", "adaptive"):
+            raise AttackError(f"sampling must be random or adaptive, got {self.sampling!r}")
+        if self.reward not in ("certainty", "diversity", "loss", "all"):
+            raise AttackError(f"reward must be certainty, diversity, loss or all, got {self.reward!r}")
+        if self.temperature <= 0 or self.updates_per_batch < 1 or self.train_batch < 1 or self.replay < 1:
+            raise AttackError(f"invalid Knockoff settings: {self}")
+
+
+class TransferSet:
+    """The answered queries ``(x, V(x))`` the clone trains on (a ring of ``capacity``)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.images: Tensor | None = None
+        self.targets: Tensor | None = None
+        self.filled = 0
+        self.cursor = 0
+
+    def add(self, images: Tensor, targets: Tensor) -> None:
+        if self.images is None or self.targets is None:
+            self.images = images.new_empty((self.capacity, *images.shape[1:]))
+            self.targets = targets.new_empty((self.capacity, *targets.shape[1:]))
+        keep = min(len(images), self.capacity)
+        slots = (torch.arange(keep) + self.cursor) % self.capacity
+        self.images[slots] = images[-keep:]
+        self.targets[slots] = targets[-keep:]
+        self.cursor = (self.cursor + keep) % self.capacity
+        self.filled = min(self.capacity, self.filled + keep)
+
+    def sample(self, count: int) -> tuple[Tensor, Tensor]:
+        assert self.images is not None and self.targets is not None and self.filled > 0
+        index = torch.randint(0, self.filled, (min(count, self.filled),))
+        return self.images[index], self.targets[index]
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.images is None or self.targets is None:
+            return {"filled": 0, "cursor": 0}
+        return {"images": self.images[: self.filled].clone(), "targets": self.targets[: self.filled].clone(),
+                "filled": self.filled, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.images = self.targets = None
+        self.filled = self.cursor = 0
+        if int(state["filled"]) > 0:
+            self.add(state["images"], state["targets"])
+            self.cursor = int(state["cursor"])
+
+
+class Knockoff(Attack):
+    """Knockoff Nets: query with the attacker's own images, train the clone on the answers by KD.
+
+    Paper: T. Orekondy, B. Schiele, M. Fritz, "Knockoff Nets: Stealing
+    Functionality of Black-Box Models", CVPR 2019. Images come from a surrogate
+    pool (:mod:`attacker.surrogate`: a dataset or a directory of images),
+    drawn at random or by the paper's adaptive strategy (a gradient bandit over
+    the pool's classes, Sec. 4.1.2, rewards certainty / diversity / loss). Every
+    answered image joins the transfer set; after each answered batch the clone
+    takes ``updates_per_batch`` Adam steps on batches from it, with
+
+        L = T^2 KL(softmax(log V(x) / T) || softmax(S(x) / T))
+
+    on probabilities (Hinton et al. 2015, the KD of the Nasty Teacher paper,
+    Ma et al. ICLR 2021, with the victim's logits recovered as ``log V(x)``), or
+    ``CE(S(x), y)`` on labels (a label-only API, or ``hard_label``). Against a
+    normal and a Nasty Teacher served side by side this is the Nasty Teacher
+    experiment through a real API. The clone's learning rate decays on a cosine
+    over the budget.
+
+    Example::
+
+        attack = Knockoff(KnockoffSettings(sampling="adaptive"), victim.info, torch.device("cpu"))
+        attack.run(victim, LoopConfig(budget=5_000), RunDirectory(Path("runs/knockoff")), evaluator)
+    """
+
+    name = "knockoff"
+    settings_type = KnockoffSettings
+
+    def __init__(self, settings: AttackSettings, info: VictimInfo, device: torch.device) -> None:
+        super().__init__(settings, info, device)
+        assert isinstance(settings, KnockoffSettings)
+        self.s: KnockoffSettings = settings
+        surrogate = load_surrogate(settings.surrogate, info.input_shape, settings.surrogate_dir,
+                                   settings.surrogate_split)
+        self.pool = surrogate.images
+        self.network = build_student(info, settings.student_settings()).to(device)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=settings.student_lr)
+        self.transfer = TransferSet(settings.replay)
+        self.sampler: RandomSampler | BanditSampler
+        if settings.sampling == "adaptive":
+            self.sampler = BanditSampler(surrogate.classes, info.num_classes, settings.bandit_lr, settings.reward)
+        else:
+            self.sampler = RandomSampler(len(surrogate))
+        self.track("network", self.network)
+        self.track("optimizer", self.optimizer)
+        self.track("transfer_set", self.transfer)
+        self.track("sampler", self.sampler)
+
+    def _loss(self, logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+        if targets.dim() == 1:
+            return F.cross_entropy(logits, targets, reduction=reduction)
+        teacher = torch.log(targets + LOG_EPSILON)
+        if reduction == "none":
+            t = self.s.temperature
+            return (F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                             reduction="none", log_target=True).sum(dim=1) * t * t)
+        return kd_loss(logits, teacher, None, temperature=self.s.temperature)
+
+    def step(self, victim: BudgetedVictim) -> dict[str, float]:
+        set_learning_rate(self.optimizer, self.s.student_lr, cosine_factor(self.progress, 0.02))
+        count = victim.affordable(self.s.batch_size)
+        if count == 0:
+            return {}
+        arms = None
+        if isinstance(self.sampler, BanditSampler):
+            picks, arms = self.sampler.draw(count)
+        else:
+            picks = self.sampler.draw(count)
+        images = self.pool[picks]
+        answers = victim.query(images)
+        targets = answers.long() if answers.dim() == 1 else answers.float()
+        if self.hard_label and targets.dim() == 2:
+            targets = targets.argmax(dim=1)
+        stats: dict[str, float] = {}
+        if isinstance(self.sampler, BanditSampler) and arms is not None:
+            with torch.no_grad():
+                self.network.eval()
+                losses = self._loss(self.network(images.to(self.device)), targets.to(self.device), "none").cpu()
+            probabilities = (F.one_hot(targets, self.info.num_classes).float() if targets.dim() == 1
+                             else targets)
+            rewards = self.sampler.rewards(probabilities, losses)
+            self.sampler.update(arms, rewards)
+            stats["reward"] = float(rewards.mean())
+        self.transfer.add(images.to(self.device), targets.to(self.device))
+        self.network.train()
+        total = 0.0
+        for _ in range(self.s.updates_per_batch):
+            batch, batch_targets = self.transfer.sample(self.s.train_batch)
+            loss = self._loss(self.network(batch), batch_targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach())
+        stats["student"] = total / self.s.updates_per_batch
+        return stats
+
+    def clone(self) -> nn.Module:
+        return self.network.eval()

@@ -1,0 +1,122 @@
+"""The two victims of an experiment: a normally trained classifier and its Nasty Teacher.
+
+Training is cached: :func:`prepare_victims` keys a directory by a hash of the
+settings and reuses it when it holds both checkpoints, so a second demo (or
+every grid worker on one host) starts serving at once::
+
+    victims = prepare_victims(VictimSettings(dataset="digits", epochs=30), Path("runs/cache"))
+    victims.normal, victims.nasty  # checkpoint directories
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["VICTIM_NAMES", "PreparedVictims", "VictimSettings", "prepare_victims"]
+
+logger = logging.getLogger(__name__)
+
+VICTIM_NAMES = ("normal", "nasty")
+"""The model names the experiments serve the two victims under."""
+
+_CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class VictimSettings:
+    """How the two victims are trained.
+
+    Attributes:
+        dataset: a built-in dataset (``digits``, ``mnist5k``).
+        architecture: the victims' architecture (``None``: the default for the input).
+        epochs: epochs of normal training.
+        nasty_epochs: epochs of Nasty Teacher training (``None``: the dataset's setting, else ``epochs``).
+        tau, omega: Nasty Teacher settings (``None``: the dataset's defaults).
+        seed: training seed.
+    """
+
+    dataset: str = "digits"
+    architecture: str | None = None
+    epochs: int = 30
+    nasty_epochs: int | None = None
+    tau: float | None = None
+    omega: float | None = None
+    seed: int = 0
+
+    def cache_key(self) -> str:
+        text = json.dumps({"format": _CACHE_FORMAT, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PreparedVictims:
+    """Checkpoint directories of both victims and their test accuracies."""
+
+    normal: Path
+    nasty: Path
+    cache_key: str
+    reused: bool
+    metrics: dict[str, Any]
+
+    def models(self) -> dict[str, Path]:
+        return {"normal": self.normal, "nasty": self.nasty}
+
+
+def _complete(directory: Path) -> bool:
+    return all((directory / name / "model.json").is_file() and (directory / name / "model.safetensors").is_file()
+               for name in VICTIM_NAMES) and (directory / "victims.json").is_file()
+
+
+def prepare_victims(settings: VictimSettings, cache_dir: Path, show_progress: bool = True) -> PreparedVictims:
+    """Train (or reuse from ``cache_dir``) a normal victim and its Nasty Teacher."""
+    key = settings.cache_key()
+    directory = cache_dir / f"victims-{key}"
+    if _complete(directory):
+        logger.info("reusing the victims in %s", directory)
+        metrics = json.loads((directory / "victims.json").read_text())["metrics"]
+        return PreparedVictims(directory / "normal", directory / "nasty", key, True, metrics)
+
+    from dataclasses import replace
+
+    from defense.nasty_teacher import settings_for, train_nasty_teacher
+    from stealsim.architectures import default_architecture
+    from stealsim.checkpoint import save_checkpoint
+    from stealsim.data import load_dataset
+    from stealsim.training import TrainConfig, augmentation_shift, train_classifier
+
+    data = load_dataset(settings.dataset)
+    channels, size, _ = data.input_shape
+    architecture = settings.architecture or default_architecture(channels, size)
+    config = TrainConfig(epochs=settings.epochs, seed=settings.seed, max_shift=augmentation_shift(size))
+    nasty_settings = settings_for(data.name, settings.tau, settings.omega)
+    if settings.nasty_epochs is not None:
+        nasty_settings = replace(nasty_settings, epochs=settings.nasty_epochs)
+    logger.info("training the victims (%s, %s, %d epochs) into %s", data.name, architecture, settings.epochs, directory)
+    normal, normal_meta = train_classifier(data, architecture, config, "cpu", description="victim: normal",
+                                           show_progress=show_progress)
+    nasty, nasty_meta = train_nasty_teacher(data, architecture, config, normal, normal_meta, nasty_settings,
+                                            "cpu", show_progress)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".victims-{key}-", dir=cache_dir))
+    try:
+        save_checkpoint(staging / "normal", normal, normal_meta)
+        save_checkpoint(staging / "nasty", nasty, nasty_meta)
+        metrics = {"normal_test_accuracy": normal_meta.metrics["test_accuracy"],
+                   "nasty_test_accuracy": nasty_meta.metrics["test_accuracy"]}
+        (staging / "victims.json").write_text(json.dumps(
+            {"settings": asdict(settings), "architecture": architecture,
+             "nasty": asdict(nasty_settings), "metrics": metrics}, indent=2) + "\n")
+        if directory.exists():  # an incomplete earlier attempt
+            shutil.rmtree(directory)
+        staging.rename(directory)  # atomic: a reader sees no victims or both
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return PreparedVictims(directory / "normal", directory / "nasty", key, False, metrics)

@@ -1,0 +1,149 @@
+"""``stealsim demo`` as a user runs it: a subprocess that trains victims, starts the real
+service, steals both victims over HTTP with every registered attack, and reports.
+
+Also: Ctrl-C (SIGINT) in the middle leaves no process behind and a usable partial report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from attacker.attacks import ATTACKS
+
+QUICK_BUDGET = 1_000  # the --quick default
+
+
+def demo_command(out: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "stealsim", "demo", "--quick", "--out", str(out), "--cache-dir", str(cache),
+            "--quiet", "--threads", "1", *extra]
+
+
+def children_of(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def read_summary(out: Path) -> dict[str, Any]:
+    return dict(json.loads((out / "summary.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def victim_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared by both tests: the second reuses the victims the first trained."""
+    return tmp_path_factory.mktemp("demo-cache")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quick_demo_end_to_end(tmp_path: Path, victim_cache: Path) -> None:
+    out = tmp_path / "demo"
+    result = subprocess.run(demo_command(out, victim_cache), capture_output=True, text=True, timeout=590,
+                            env={**os.environ, "COLUMNS": "160"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = read_summary(out)
+    assert summary["status"] == "done"
+    rows = summary["rows"]
+    assert {(row["attack"], row["victim"]) for row in rows} == {
+        (attack, victim) for attack in ATTACKS for victim in ("normal", "nasty")
+    }
+    for row in rows:
+        assert row["status"] == "done", row
+        assert row["queries"] == QUICK_BUDGET, row
+        assert row["server_count_matches"] is True, row  # the service charged what the attacker counted
+        for metric in ("accuracy", "fidelity", "transfer_success_rate"):
+            assert 0.0 <= row[metric] <= 1.0, row
+        run_dir = out / "runs" / f"{row['attack']}-{row['victim']}"
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["fidelity"] == row["fidelity"]
+        assert metrics["server_queries"] == QUICK_BUDGET  # evaluation went to the separate key
+    # Both victims are served and trained: the nasty one keeps its accuracy.
+    assert summary["victims"]["normal_test_accuracy"] > 0.8
+    assert summary["victims"]["nasty_test_accuracy"] > 0.6
+    report = (out / "report.md").read_text()
+    for attack in ATTACKS:
+        assert f"| {attack} | nasty |" in report
+    for name in summary["plots"].values():
+        assert (out / name).stat().st_size > 1000
+    assert set(summary["plots"]) == {"normal", "nasty"}
+    # The table is printed at the end, and the service is gone.
+    assert "fidelity" in result.stdout and all(attack in result.stdout for attack in ATTACKS)
+    assert not alive(int(summary["service_pid"]))
+    assert "victim service stopped" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ctrl_c_leaves_no_process_and_a_partial_report(tmp_path: Path, victim_cache: Path) -> None:
+    out = tmp_path / "demo"
+    log = (tmp_path / "demo.log").open("wb")
+    # Random noise first (fast), then DFME, interrupted a few seconds into its 2,000,000 queries.
+    process = subprocess.Popen(
+        demo_command(out, victim_cache, "--attack", "random", "--attack", "dfme=2000000"),
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / "demo.log").read_text()
+            if (out / "summary.json").is_file():
+                rows = read_summary(out)["rows"]
+                if rows[0]["status"] == "done" and rows[1]["status"] == "running":
+                    break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the demo did not reach its second run:\n" + (tmp_path / "demo.log").read_text())
+        time.sleep(2)  # inside DFME's loop
+        descendants = children_of(process.pid)
+        service_pid = int(read_summary(out)["service_pid"])
+        assert service_pid in descendants
+        process.send_signal(signal.SIGINT)
+        returncode = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+    assert returncode != 0
+    assert not [pid for pid in descendants if alive(pid)], "processes left behind"
+    summary = read_summary(out)
+    assert summary["status"] == "interrupted"
+    statuses = [(row["attack"], row["victim"], row["status"]) for row in summary["rows"]]
+    assert statuses[0] == ("random", "normal", "done")
+    assert statuses[1] == ("dfme", "normal", "interrupted")
+    assert {status for _, _, status in statuses[2:]} == {"pending"}
+    report = (out / "report.md").read_text()
+    assert "Status: **interrupted**" in report
+    assert "| random | normal | 1,000 |" in report
+    assert (out / "runs" / "random-normal" / "report.md").is_file()
+    assert "victim service stopped" in (tmp_path / "demo.log").read_text()

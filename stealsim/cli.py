@@ -451,6 +451,100 @@ def report(
     typer.echo(compare_runs(runs, plot), nl=False)
 
 
+@app.command()
+@reports_errors
+def demo(
+    quick: Annotated[bool, typer.Option(help="Small victims and budgets (about 1-2 minutes; the CI smoke test).")] = False,
+    out: Annotated[Path, typer.Option(help="Directory of the runs, summary.json and report.md.")] = Path("runs/demo"),
+    cache_dir: Annotated[Path, typer.Option(help="Cache of trained victims, keyed by their settings.")] = Path("runs/cache"),
+    attack: Annotated[
+        list[str] | None,
+        typer.Option("--attack", help="NAME or NAME=BUDGET: attack to run (repeatable; default: every registered attack)."),
+    ] = None,
+    budget: Annotated[int | None, typer.Option(min=1, help="Attack queries per run [default: 20000; --quick 1000].")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Victim training epochs [default: 30; --quick 4].")] = None,
+    seed: int = 0,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads of the attacks.")] = 2,
+    url: Annotated[str | None, typer.Option(help="Attack this running service instead of starting one.")] = None,
+    admin_key: Annotated[
+        str | None, typer.Option(envvar="STEALSIM_ADMIN_KEY", help="Admin key of the service at --url.")
+    ] = None,
+    normal_model: Annotated[str, typer.Option(help="Model name of the normal victim at --url.")] = "normal",
+    nasty_model: Annotated[str, typer.Option(help="Model name of the Nasty Teacher at --url.")] = "nasty",
+    victims_only: Annotated[
+        bool, typer.Option(help="Only train (or reuse) the victims and copy them to OUT/victims/{normal,nasty}.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """The end-to-end demo: victims, the service, every attack over HTTP, one table and a report."""
+    from experiments.demo import DemoConfig, run_demo
+    from experiments.victims import VictimSettings
+
+    _check_out_dir(out)
+    victims = None
+    if epochs is not None:
+        victims = VictimSettings(epochs=epochs, nasty_epochs=epochs)
+    attacks: dict[str, int | None] = {}
+    for text in attack or []:
+        name, sep, value = text.partition("=")
+        try:
+            attacks[name] = int(value) if sep else None
+        except ValueError as exc:
+            raise ConfigError(f"--attack {text!r}: expected NAME or NAME=BUDGET (an integer)") from exc
+    config = DemoConfig.standard(
+        out, quick, victims=victims, cache_dir=cache_dir, attacks=tuple(attacks) or None,
+        budgets={name: value for name, value in attacks.items() if value is not None},
+        budget=budget, seed=seed, threads=threads, url=url, admin_key=admin_key,
+        models={"normal": normal_model, "nasty": nasty_model}, victims_only=victims_only,
+        show_progress=not quiet,
+    )
+    result = run_demo(config, announce=lambda text: typer.secho(text, bold=True, err=True))
+    typer.echo(f"{result.summary_path}  {result.report_path}  ({result.wall_seconds:.0f} s)")
+    if result.status != "done":
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@reports_errors
+def grid(
+    spec: Annotated[Path, typer.Argument(help="Grid spec (YAML; see examples/grid.yaml).")],
+    out: Annotated[Path, typer.Option(help="Directory of results.csv, defenses.csv, report.md (resumed).")] = Path("runs/grid"),
+    cache_dir: Annotated[Path, typer.Option(help="Cache of trained victims (in-process runs).")] = Path("runs/cache"),
+    redis_url: Annotated[
+        str | None, typer.Option(help="Run the cells as jobs on this Redis (consumed by `stealsim grid-worker`).")
+    ] = None,
+    queue: Annotated[str, typer.Option(help="rq queue name of the jobs (with --redis-url).")] = "stealsim-grid",
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Attacks x victims x API defenses x budgets x seeds: resumable, in-process or on Redis workers."""
+    from experiments.grid import load_spec, run_grid
+
+    _check_out_dir(out)
+    rows = run_grid(load_spec(spec), out, cache_dir=cache_dir, redis_url=redis_url, queue=queue,
+                    show_progress=not quiet, announce=lambda text: typer.secho(text, bold=True, err=True))
+    failed = sum(row["status"] != "done" for row in rows)
+    typer.echo(f"{out / 'results.csv'}: {len(rows)} rows ({failed} failed), report {out / 'report.md'}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command("grid-worker")
+@reports_errors
+def grid_worker(
+    redis_url: Annotated[str, typer.Option(help="Redis holding the grid's queue (redis://HOST:6379).")],
+    queue: Annotated[list[str] | None, typer.Option("--queue", help="rq queue to consume (repeatable).")] = None,
+    work_dir: Annotated[Path, typer.Option(help="Directory of this worker's runs and service log.")] = Path("runs/grid-worker"),
+    cache_dir: Annotated[Path, typer.Option(help="Cache of trained victims on this host.")] = Path("runs/cache"),
+    burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
+    name: Annotated[str | None, typer.Option(help="Worker name (default: rq's).")] = None,
+) -> None:
+    """Run grid cells from a Redis queue (rq), with a victim service of this worker's own."""
+    from experiments.grid_worker import WorkerOptions, run_grid_worker
+
+    run_grid_worker(redis_url, queue or ["stealsim-grid"], WorkerOptions(work_dir, cache_dir),
+                    burst=burst, name=name)
+
+
 def main() -> None:
     """Entry point of the ``stealsim`` console script."""
     app(prog_name="stealsim")

@@ -1,0 +1,471 @@
+"""Experiment grids: attacks x victims x API defenses x budgets x seeds, resumable.
+
+A spec (YAML, see ``examples/grid.yaml`` and docs/demo.md) names the axes::
+
+    spec = load_spec(Path("examples/grid.yaml"))
+    rows = run_grid(spec, Path("runs/grid"))                       # in this process
+    rows = run_grid(spec, Path("runs/grid"), redis_url="redis://...", queue="grid")  # on rq workers
+
+Every cell is one attack run over HTTP against the victim service, with an API
+key whose per-key output policy is the cell's defense; evaluation uses a second
+key without a policy, so fidelity is measured against the undefended victim.
+For each victim and defense the grid also measures what the defense costs
+honest users: accuracy and expected calibration error (ECE) of the defended
+answers on the test set.
+
+Results go to ``OUT/results.csv`` (one line per cell, appended as cells
+finish) and ``OUT/defenses.csv``; a cell already in the CSV is skipped, so a
+grid resumes where it stopped. ``OUT/report.md`` has the tables and plots.
+In-process, the grid trains (or reuses) the victims and runs its own service;
+on Redis, each ``stealsim grid-worker`` does that on its own host
+(:mod:`experiments.grid_worker`) and the grid command only enqueues and collects.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import logging
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from experiments.service import ServiceProcess, create_key, new_admin_key
+from experiments.victims import VictimSettings, prepare_victims
+from stealsim.errors import ConfigError
+
+__all__ = [
+    "DEFENSE_COLUMNS",
+    "RESULT_COLUMNS",
+    "Cell",
+    "CellRunner",
+    "DefenseCell",
+    "GridSpec",
+    "cells_of",
+    "defense_cells_of",
+    "expected_calibration_error",
+    "load_spec",
+    "read_csv",
+    "run_grid",
+    "write_grid_report",
+]
+
+logger = logging.getLogger(__name__)
+
+VictimName = Literal["normal", "nasty"]
+_VICTIMS: tuple[VictimName, ...] = ("normal", "nasty")
+
+RESULT_COLUMNS = ("cell", "attack", "victim", "defense", "budget", "seed", "status", "queries", "accuracy",
+                  "fidelity", "transfer_success_rate", "victim_accuracy", "wall_seconds", "error")
+DEFENSE_COLUMNS = ("cell", "victim", "defense", "accuracy", "ece", "test_images")
+
+EVAL_BUDGET = 1_000_000
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+class GridSpec(BaseModel):
+    """The axes of a grid and the settings shared by its cells (the YAML file's keys)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: str = "digits"
+    victim_epochs: int = Field(default=30, ge=1)
+    nasty_epochs: int | None = Field(default=None, ge=1)
+    victims: list[VictimName] = Field(default_factory=lambda: list(_VICTIMS), min_length=1)
+    attacks: list[str] = Field(min_length=1)
+    defenses: dict[str, list[dict[str, Any]]] = Field(default_factory=lambda: {"none": list[dict[str, Any]]()}, min_length=1)
+    budgets: list[int] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    attack_settings: dict[str, Any] = Field(default_factory=dict)
+    transfer_samples: int = Field(default=100, ge=1)
+    reference_epochs: int = Field(default=3, ge=1)
+    eval_every: int = Field(default=0, ge=0)
+    threads: int = Field(default=1, ge=1)
+
+    @field_validator("budgets")
+    @classmethod
+    def _positive(cls, budgets: list[int]) -> list[int]:
+        if any(budget < 1 for budget in budgets):
+            raise ValueError(f"budgets must be >= 1, got {budgets}")
+        return budgets
+
+    @field_validator("defenses")
+    @classmethod
+    def _names(cls, defenses: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+        for name in defenses:
+            if not _NAME.fullmatch(name) or "__" in name:
+                raise ValueError(f"defense name {name!r}: use letters, digits, '-' and single '_'")
+        return defenses
+
+    def victim_settings(self) -> VictimSettings:
+        return VictimSettings(dataset=self.dataset, epochs=self.victim_epochs, nasty_epochs=self.nasty_epochs)
+
+    def policy(self, defense: str) -> list[dict[str, Any]]:
+        """The defense's output policy; an empty list means the full probabilities."""
+        return self.defenses[defense] or [{"name": "probabilities"}]
+
+
+def load_spec(path: Path) -> GridSpec:
+    """Read and validate a grid spec; errors name the file and the bad field."""
+    from attacker.attacks import attack_class
+    from defense.policies import parse_policy
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read grid spec {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of grid settings, got {type(raw).__name__}")
+    try:
+        spec = GridSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    for name in spec.attacks:
+        attack_class(name)
+    for name, steps in spec.defenses.items():
+        try:
+            parse_policy(steps)
+        except Exception as exc:
+            raise ConfigError(f"{path}: defense {name!r}: {exc}") from exc
+    return spec
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One attack run of the grid."""
+
+    attack: str
+    victim: str
+    defense: str
+    budget: int
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.attack}__{self.victim}__{self.defense}__b{self.budget}__s{self.seed}"
+
+
+@dataclass(frozen=True)
+class DefenseCell:
+    """What one defense costs honest users of one victim."""
+
+    victim: str
+    defense: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.victim}__{self.defense}"
+
+
+def cells_of(spec: GridSpec) -> list[Cell]:
+    return [Cell(attack, victim, defense, budget, seed)
+            for attack in spec.attacks for victim in spec.victims for defense in spec.defenses
+            for budget in spec.budgets for seed in spec.seeds]
+
+
+def defense_cells_of(spec: GridSpec) -> list[DefenseCell]:
+    return [DefenseCell(victim, defense) for victim in spec.victims for defense in spec.defenses]
+
+
+def expected_calibration_error(probabilities: Any, labels: Any, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins (Guo et al., 2017)."""
+    import torch
+
+    confidence, predicted = probabilities.max(dim=1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    error = 0.0
+    for low, high in itertools.pairwise(edges.tolist()):
+        inside = (confidence > low) & (confidence <= high) if low > 0 else (confidence <= high)
+        if inside.any():
+            share = float(inside.float().mean())
+            error += share * abs(float(confidence[inside].mean()) - float(correct[inside].mean()))
+    return error
+
+
+class CellRunner:
+    """Runs cells against a victim service: its own (started here) for a grid in one process or a worker.
+
+    ``start()`` trains or reuses the victims and starts the service; ``stop()`` stops it.
+    """
+
+    def __init__(self, spec: GridSpec, work_dir: Path, cache_dir: Path, show_progress: bool = False) -> None:
+        self.spec = spec
+        self.work_dir = work_dir
+        self.cache_dir = cache_dir
+        self.show_progress = show_progress
+        self.service: ServiceProcess | None = None
+        self.admin_key = new_admin_key()
+
+    @property
+    def victim_key(self) -> str:
+        return self.spec.victim_settings().cache_key()
+
+    def start(self) -> CellRunner:
+        import torch
+
+        torch.set_num_threads(self.spec.threads)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        victims = prepare_victims(self.spec.victim_settings(), self.cache_dir, self.show_progress)
+        self.service = ServiceProcess(victims.models(), admin_key=self.admin_key,
+                                      log_path=self.work_dir / "service.log")
+        self.service.start()
+        return self
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
+
+    def _url(self) -> str:
+        if self.service is None:
+            raise ConfigError("the cell runner is not started")
+        return self.service.url
+
+    def run(self, cell: Cell) -> dict[str, Any]:
+        """Run one cell; a failed attack is a row with ``status`` failed (the grid goes on)."""
+        from attacker.evaluation import EvalConfig
+        from attacker.runner import RunSpec, run_attack
+        from experiments.demo import attack_overrides
+        from stealsim.training import seed_everything
+
+        url = self._url()
+        row: dict[str, Any] = {"cell": cell.id, **asdict(cell), "status": "failed"}
+        started = time.perf_counter()
+        try:
+            key = create_key(url, self.admin_key, cell.budget, name=f"grid/{cell.id}", models=[cell.victim],
+                             policy=self.spec.policy(cell.defense))
+            eval_key = create_key(url, self.admin_key, EVAL_BUDGET, name=f"grid/{cell.id}/eval",
+                                  models=[cell.victim], policy=[{"name": "probabilities"}])
+            run_dir = self.work_dir / "runs" / cell.id
+            if run_dir.exists():  # an unfinished earlier attempt: start the cell again
+                shutil.rmtree(run_dir)
+            # The attack builds its clones before run_attack seeds: seed here so a cell's result
+            # does not depend on what ran before it in this process (in-process = on a worker).
+            seed_everything(cell.seed)
+            metrics = run_attack(RunSpec(
+                attack=cell.attack, out=run_dir, budget=cell.budget, url=url, api_key=key, model=cell.victim,
+                eval_api_key=eval_key, eval_every=self.spec.eval_every, seed=cell.seed, device="cpu",
+                show_progress=self.show_progress, settings=attack_overrides(cell.attack, self.spec.attack_settings),
+                evaluation=EvalConfig(transfer_samples=self.spec.transfer_samples,
+                                      reference_epochs=self.spec.reference_epochs),
+            ))
+            row.update(status="done", queries=int(metrics["queries_used"]), accuracy=metrics["accuracy"],
+                       fidelity=metrics["fidelity"], transfer_success_rate=metrics["transfer_success_rate"],
+                       victim_accuracy=metrics["victim_accuracy"])
+        except Exception as exc:
+            logger.exception("cell %s failed", cell.id)
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        row["wall_seconds"] = time.perf_counter() - started
+        return row
+
+    def defense_cost(self, cell: DefenseCell) -> dict[str, Any]:
+        """Accuracy and ECE of the defended answers an honest user gets on the test set."""
+        import torch
+
+        from attacker.client import HttpVictim
+        from stealsim.data import load_dataset
+
+        url = self._url()
+        data = load_dataset(self.spec.dataset)
+        key = create_key(url, self.admin_key, len(data.y_test), name=f"grid/honest/{cell.id}",
+                         models=[cell.victim], policy=self.spec.policy(cell.defense))
+        with HttpVictim(url, key, cell.victim) as victim:
+            answers = victim.query(data.x_test)
+        if answers.dim() == 1:  # label-only: a one-hot answer, as confident as it gets
+            answers = torch.nn.functional.one_hot(answers, data.num_classes).float()
+        labels = answers.argmax(dim=1)
+        return {"cell": cell.id, "victim": cell.victim, "defense": cell.defense,
+                "accuracy": float((labels == data.y_test).float().mean()),
+                "ece": expected_calibration_error(answers, data.y_test), "test_images": len(data.y_test)}
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _append_csv(path: Path, columns: Sequence[str], row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in columns})
+        handle.flush()
+
+
+def _finished(path: Path) -> set[str]:
+    """Cells already in the CSV with status done (failed cells are run again)."""
+    return {row["cell"] for row in read_csv(path) if row.get("status", "done") == "done"}
+
+
+def _number(text: str | None) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def write_grid_report(out: Path) -> Path:
+    """``report.md`` with the tables and two plots: fidelity against budget per defense, and the trade-off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    results = [row for row in read_csv(out / "results.csv") if row["status"] == "done"]
+    costs = read_csv(out / "defenses.csv")
+    # mean fidelity over seeds, per (attack, victim, defense, budget)
+    groups: dict[tuple[str, str, str, int], list[float]] = {}
+    for row in results:
+        key = (row["attack"], row["victim"], row["defense"], int(row["budget"]))
+        groups.setdefault(key, []).append(_number(row["fidelity"]))
+    mean = {key: sum(values) / len(values) for key, values in groups.items()}
+    defenses = sorted({key[2] for key in mean})
+    lines = sorted({(key[0], key[1]) for key in mean})
+    plots = []
+    if defenses:
+        figure, axes = plt.subplots(1, len(defenses), figsize=(4.5 * len(defenses), 4), squeeze=False)
+        for axis, defense in zip(axes[0], defenses, strict=True):
+            for index, (attack, victim) in enumerate(lines):
+                points = sorted((budget, value) for (a, v, d, budget), value in mean.items()
+                                if (a, v, d) == (attack, victim, defense))
+                if points:
+                    axis.plot([p[0] for p in points], [p[1] for p in points], "-o" if victim == "normal" else "--s",
+                              color=f"C{index % 10}", label=f"{attack} / {victim}", ms=4)
+            axis.set_xscale("log")
+            axis.set_ylim(0, 1.02)
+            axis.set_title(f"defense: {defense}")
+            axis.set_xlabel("attack budget (queries)")
+            axis.grid(alpha=0.3)
+        axes[0][0].set_ylabel("fidelity (mean over seeds)")
+        axes[0][-1].legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "fidelity_vs_budget.png", dpi=110)
+        plt.close(figure)
+        plots.append("![fidelity against budget, one panel per defense](fidelity_vs_budget.png)")
+    if costs and mean:
+        top = max(key[3] for key in mean)
+        figure, axis = plt.subplots(figsize=(6.5, 4.5))
+        for index, (attack, victim) in enumerate(lines):
+            xs, ys, names = [], [], []
+            for cost in costs:
+                if cost["victim"] != victim:
+                    continue
+                value = mean.get((attack, victim, cost["defense"], top))
+                if value is not None:
+                    xs.append(_number(cost["accuracy"]))
+                    ys.append(value)
+                    names.append(cost["defense"])
+            axis.scatter(xs, ys, color=f"C{index % 10}", marker="o" if victim == "normal" else "s",
+                         label=f"{attack} / {victim}")
+            for x, y, name in zip(xs, ys, names, strict=True):
+                axis.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.set_xlabel("honest users' accuracy of the defended answers")
+        axis.set_ylabel(f"attacker's fidelity at budget {top:,}")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "tradeoff.png", dpi=110)
+        plt.close(figure)
+        plots.append("![what a defense costs honest users against the fidelity it leaves](tradeoff.png)")
+
+    def table(rows: Iterable[dict[str, str]], columns: Sequence[str]) -> str:
+        head = "| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns) + "\n"
+        body = "\n".join("| " + " | ".join(_short(row.get(c, "")) for c in columns) + " |" for row in rows)
+        return head + body + "\n"
+
+    text = f"""# Grid report
+
+{len(results)} finished cells (`results.csv`); defended answers' cost to honest
+users on the test set (`defenses.csv`): accuracy and ECE (15 bins; label-only
+answers count as one-hot, confidence 1).
+
+{chr(10).join(plots)}
+
+## What each defense costs honest users
+
+{table(costs, ("victim", "defense", "accuracy", "ece"))}
+## Cells
+
+{table(results, ("attack", "victim", "defense", "budget", "seed", "queries", "accuracy", "fidelity",
+                 "transfer_success_rate", "wall_seconds"))}"""
+    path = out / "report.md"
+    path.write_text(text)
+    return path
+
+
+def _short(value: str) -> str:
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if number.is_integer() and "." not in value:
+        return value
+    return f"{number:.3f}"
+
+
+# -- driving ---------------------------------------------------------------------------------
+
+
+def run_grid(
+    spec: GridSpec,
+    out: Path,
+    *,
+    cache_dir: Path = Path("runs/cache"),
+    redis_url: str | None = None,
+    queue: str = "stealsim-grid",
+    show_progress: bool = True,
+    announce: Callable[[str], None] | None = None,
+    poll_seconds: float = 0.5,
+) -> list[dict[str, str]]:
+    """Run every cell not yet in ``out/results.csv``; return all result rows."""
+    say = announce or (lambda text: logger.info("%s", text))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
+    results_path, costs_path = out / "results.csv", out / "defenses.csv"
+    todo = [cell for cell in cells_of(spec) if cell.id not in _finished(results_path)]
+    done_costs = {row["cell"] for row in read_csv(costs_path)}
+    todo_costs = [cell for cell in defense_cells_of(spec) if cell.id not in done_costs]
+    total = len(cells_of(spec))
+    say(f"grid: {total} cells, {total - len(todo)} already finished, {len(todo)} to run"
+        + (f" on Redis queue {queue!r}" if redis_url else " in this process"))
+    if todo or todo_costs:
+        if redis_url is None:
+            runner = CellRunner(spec, out, cache_dir, show_progress)
+            try:
+                runner.start()
+                for cost_cell in todo_costs:
+                    _append_csv(costs_path, DEFENSE_COLUMNS, runner.defense_cost(cost_cell))
+                for index, cell in enumerate(todo, start=1):
+                    say(f"[{index}/{len(todo)}] {cell.id}")
+                    _append_csv(results_path, RESULT_COLUMNS, runner.run(cell))
+            finally:
+                runner.stop()
+        else:
+            from experiments.grid_worker import run_on_queue
+
+            for kind, row in run_on_queue(spec, todo, todo_costs, redis_url, queue, poll_seconds):
+                if kind == "cost":
+                    _append_csv(costs_path, DEFENSE_COLUMNS, row)
+                else:
+                    say(f"finished {row['cell']} ({row['status']})")
+                    _append_csv(results_path, RESULT_COLUMNS, row)
+    write_grid_report(out)
+    return read_csv(results_path)

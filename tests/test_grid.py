@@ -1,0 +1,195 @@
+"""``stealsim grid``: a tiny grid in this process (with resume), and the same grid as rq jobs on a
+real Redis consumed by two ``stealsim grid-worker`` processes, which must produce the same cells."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+from redis_support import redis_url  # noqa: F401 - fixture
+
+from experiments.grid import cells_of, load_spec, run_grid
+
+SPEC = {
+    "dataset": "digits",
+    "victim_epochs": 2,
+    "nasty_epochs": 1,
+    "victims": ["normal"],
+    "attacks": ["random"],
+    "defenses": {"none": [], "top1": [{"name": "top_k", "k": 1}]},
+    "budgets": [300, 600],
+    "seeds": [0],
+    "attack_settings": {"student_width": 8, "batch_size": 100, "replay": 600},
+    "transfer_samples": 10,
+    "reference_epochs": 1,
+    "eval_every": 300,
+    "threads": 1,
+}
+
+
+def rows_of(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def grid_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The spec file and a victim cache shared by the tests of this module."""
+    base = tmp_path_factory.mktemp("grid")
+    spec = base / "grid.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    return spec, base / "cache"
+
+
+@pytest.fixture(scope="module")
+def in_process_grid(grid_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec, cache = grid_files
+    out = tmp_path_factory.mktemp("grid-local") / "out"
+    run_grid(load_spec(spec), out, cache_dir=cache, show_progress=False)
+    return out
+
+
+def test_grid_in_process_writes_cells_costs_and_report(in_process_grid: Path, grid_files: tuple[Path, Path]) -> None:
+    rows = rows_of(in_process_grid / "results.csv")
+    expected = {cell.id for cell in cells_of(load_spec(grid_files[0]))}
+    assert {row["cell"] for row in rows} == expected and len(rows) == 4
+    for row in rows:
+        assert row["status"] == "done", row
+        assert int(row["queries"]) == int(row["budget"])
+        assert 0.0 <= float(row["fidelity"]) <= 1.0
+    costs = {row["defense"]: row for row in rows_of(in_process_grid / "defenses.csv")}
+    assert set(costs) == {"none", "top1"}
+    # top-1 keeps every arg-max (honest accuracy unchanged) but answers with confidence 1,
+    # so its calibration error is exactly the error rate.
+    assert float(costs["top1"]["accuracy"]) == pytest.approx(float(costs["none"]["accuracy"]))
+    assert float(costs["top1"]["ece"]) == pytest.approx(1.0 - float(costs["top1"]["accuracy"]), abs=1e-6)
+    report = (in_process_grid / "report.md").read_text()
+    assert "| normal | top1 |" in report
+    assert (in_process_grid / "fidelity_vs_budget.png").stat().st_size > 1000
+    assert (in_process_grid / "tradeoff.png").stat().st_size > 1000
+
+
+def test_grid_resume_skips_finished_cells(in_process_grid: Path, grid_files: tuple[Path, Path],
+                                          tmp_path: Path) -> None:
+    spec, cache = grid_files
+    out = tmp_path / "resumed"
+    out.mkdir()
+    rows = rows_of(in_process_grid / "results.csv")
+    kept, dropped = rows[:3], rows[3]
+    # A grid stopped after three cells: their rows are in the CSV, the fourth is not.
+    with (out / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    (out / "defenses.csv").write_bytes((in_process_grid / "defenses.csv").read_bytes())
+    messages: list[str] = []
+    run_grid(load_spec(spec), out, cache_dir=cache, show_progress=False, announce=messages.append)
+    assert messages[0].startswith("grid: 4 cells, 3 already finished, 1 to run")
+    assert sorted(path.name for path in (out / "runs").iterdir()) == [dropped["cell"]]  # only that one ran
+    after = rows_of(out / "results.csv")
+    assert [row["cell"] for row in after] == [row["cell"] for row in kept] + [dropped["cell"]]
+    assert after[:3] == kept
+    assert after[3]["status"] == "done" and after[3]["queries"] == dropped["queries"]
+    # Everything finished: a third run runs nothing.
+    messages.clear()
+    run_grid(load_spec(spec), out, cache_dir=cache, show_progress=False, announce=messages.append)
+    assert messages[0].startswith("grid: 4 cells, 4 already finished, 0 to run")
+    assert len(rows_of(out / "results.csv")) == 4
+
+
+def _delete_queue_keys(url: str, queue: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"*{queue}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def queue(redis_url: str) -> Iterator[str]:  # noqa: F811 - the fixture above
+    name = "stealsim-test-grid-" + uuid.uuid4().hex[:10]
+    yield name
+    _delete_queue_keys(redis_url, name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_grid_on_redis_with_two_workers_matches_in_process(
+    in_process_grid: Path, grid_files: tuple[Path, Path], redis_url: str, queue: str, tmp_path: Path,  # noqa: F811
+) -> None:
+    from rq import Worker
+
+    spec, cache = grid_files
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers: list[subprocess.Popen[bytes]] = []
+    logs = []
+    try:
+        for index in range(2):
+            log = (tmp_path / f"worker{index}.log").open("wb")
+            logs.append(log)
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "stealsim", "grid-worker", "--redis-url", redis_url, "--queue", queue,
+                 "--work-dir", str(tmp_path / f"worker{index}"), "--cache-dir", str(cache),
+                 "--name", f"{queue}-w{index}"],
+                stdout=log, stderr=subprocess.STDOUT, env=environment,
+            ))
+        connection = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 120
+        wanted = {f"{queue}-w{index}" for index in range(2)}
+        while not wanted <= {worker.name for worker in Worker.all(connection=connection)}:
+            assert time.monotonic() < deadline, "grid workers did not register"
+            assert all(w.poll() is None for w in workers), [p.read_text() for p in tmp_path.glob("worker*.log")]
+            time.sleep(0.2)
+        connection.close()
+        out = tmp_path / "out"
+        result = subprocess.run(
+            [sys.executable, "-m", "stealsim", "grid", str(spec), "--out", str(out), "--redis-url", redis_url,
+             "--queue", queue, "--quiet"],
+            capture_output=True, text=True, timeout=500, env=environment,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        codes = []
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            try:
+                codes.append(worker.wait(timeout=60))
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                codes.append(worker.wait())
+        for log in logs:
+            log.close()
+    assert codes == [0, 0], [p.read_text() for p in tmp_path.glob("worker*.log")]
+    local = {row["cell"]: row for row in rows_of(in_process_grid / "results.csv")}
+    remote = {row["cell"]: row for row in rows_of(out / "results.csv")}
+    assert set(remote) == set(local)
+    for cell, row in remote.items():
+        assert row["status"] == "done", row
+        for column in ("attack", "victim", "defense", "budget", "seed", "queries"):
+            assert row[column] == local[cell][column]
+        for column in ("accuracy", "fidelity", "victim_accuracy"):
+            assert float(row[column]) == pytest.approx(float(local[cell][column]), abs=0.02), (cell, column)
+    local_costs = {row["cell"]: row for row in rows_of(in_process_grid / "defenses.csv")}
+    remote_costs = {row["cell"]: row for row in rows_of(out / "defenses.csv")}
+    assert set(remote_costs) == set(local_costs)
+    for cell, row in remote_costs.items():
+        assert float(row["accuracy"]) == pytest.approx(float(local_costs[cell]["accuracy"]))
+    # Both workers ran cells, each against its own service, now stopped.
+    ran = [sorted(p.name for p in (tmp_path / f"worker{i}" / "runs").glob("*")) if (tmp_path / f"worker{i}" / "runs").is_dir() else []
+           for i in range(2)]
+    assert sorted(ran[0] + ran[1]) == sorted(local)
+    for index in range(2):
+        assert "victim service stopped" in (tmp_path / f"worker{index}.log").read_text() or not ran[index]

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis_support import WorkerProcess, prefix, redis_url  # noqa: F401 - fixtures
+from server_support import ADMIN_KEY, ServerProcess
 
 from attacker.attacks import ATTACKS
 
@@ -147,3 +149,39 @@ def test_ctrl_c_leaves_no_process_and_a_partial_report(tmp_path: Path, victim_ca
     assert "| random | normal | 1,000 |" in report
     assert (out / "runs" / "random-normal" / "report.md").is_file()
     assert "victim service stopped" in (tmp_path / "demo.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compose_roles_without_docker(
+    tmp_path: Path, victim_cache: Path, redis_url: str, prefix: str,  # noqa: F811
+) -> None:
+    """What docker-compose runs, as processes here: ``demo --victims-only`` (models), ``serve`` with
+    the Redis backend (api), ``worker`` (inference), and ``demo --url`` (attacker)."""
+    models = tmp_path / "data"
+    prepared = subprocess.run(demo_command(models, victim_cache, "--victims-only"), capture_output=True,
+                              text=True, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr
+    checkpoints = {name: models / "victims" / name for name in ("normal", "nasty")}
+    assert all((path / "model.json").is_file() for path in checkpoints.values())
+    worker = WorkerProcess(redis_url, prefix, checkpoints, log_path=tmp_path / "worker.log")
+    server = None
+    try:
+        server = ServerProcess(checkpoints, args=["--redis-url", redis_url, "--redis-prefix", prefix,
+                                                  "--batching", "redis"], log_path=tmp_path / "api.log")
+        out = tmp_path / "reports"
+        attacker = subprocess.run(
+            demo_command(out, victim_cache, "--url", server.url, "--attack", "random"),
+            capture_output=True, text=True, timeout=300, env={**os.environ, "STEALSIM_ADMIN_KEY": ADMIN_KEY},
+        )
+        assert attacker.returncode == 0, attacker.stdout + attacker.stderr
+    finally:
+        if server is not None:
+            server.stop()
+        worker.stop()
+    summary = read_summary(out)
+    assert summary["mode"] == "external service" and summary["url"] == server.url
+    assert [(row["attack"], row["victim"], row["status"], row["queries"]) for row in summary["rows"]] == [
+        ("random", "normal", "done", QUICK_BUDGET), ("random", "nasty", "done", QUICK_BUDGET)]
+    assert all(row["server_count_matches"] for row in summary["rows"])
+    assert summary["victims"]["normal_test_accuracy"] > 0.8  # measured through the API

@@ -113,9 +113,16 @@ def prepare_victims(settings: VictimSettings, cache_dir: Path, show_progress: bo
         (staging / "victims.json").write_text(json.dumps(
             {"settings": asdict(settings), "architecture": architecture,
              "nasty": asdict(nasty_settings), "metrics": metrics}, indent=2) + "\n")
-        if directory.exists():  # an incomplete earlier attempt
-            shutil.rmtree(directory)
-        staging.rename(directory)  # atomic: a reader sees no victims or both
+        if directory.exists() and not _complete(directory):  # an incomplete earlier attempt
+            shutil.rmtree(directory, ignore_errors=True)
+        try:
+            staging.rename(directory)  # atomic: a reader sees no victims or both
+        except OSError:
+            if not _complete(directory):
+                raise
+            # Another process on this host (a second grid worker) finished first: use its victims.
+            shutil.rmtree(staging, ignore_errors=True)
+            return prepare_victims(settings, cache_dir, show_progress)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

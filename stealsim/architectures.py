@@ -218,9 +218,17 @@ class DCGANGenerator(nn.Module):
             nn.Conv2d(width, channels, 3, padding=1),
         )
 
-    def forward(self, z: Tensor) -> Tensor:
+    def preactivation(self, z: Tensor) -> Tensor:
+        """The output before the final sigmoid (``images = sigmoid(preactivation(z))``).
+
+        Attacks that perturb or re-normalise the generator's output work here, so
+        every image they make stays a valid image in [0, 1].
+        """
         out = self.project(z).view(z.shape[0], 2 * self.width, self.init_size, self.init_size)
-        return torch.sigmoid(self.body(out))
+        return self.body(out)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(self.preactivation(z))
 
     def sample_latent(self, count: int, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``count`` latent vectors on the generator's device."""

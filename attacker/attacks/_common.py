@@ -27,9 +27,7 @@ def generator_preactivation(generator: DCGANGenerator, z: Tensor) -> Tensor:
     DFME perturbs here (before the squashing non-linearity) so that every
     perturbed image stays a valid image in [0, 1].
     """
-    out = generator.project(z).view(z.shape[0], 2 * generator.width, generator.init_size, generator.init_size)
-    preactivation: Tensor = generator.body(out)
-    return preactivation
+    return generator.preactivation(z)
 
 
 @contextmanager

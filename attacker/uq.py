@@ -267,6 +267,18 @@ class UQModel(nn.Module):
         fresh_images, fresh_targets = images, targets
         if self.settings.replay > 0:
             images, targets = self._remember(images, targets)
+        fit = self._update(images, targets, unlabelled)
+        self._after_update(fresh_images, fresh_targets)
+        return fit
+
+    def train_replayed(self, count: int, unlabelled: Tensor | None = None) -> float:
+        """One more update on ``count`` answered images drawn from the replay memory (no query)."""
+        if self._memory is None or self._filled == 0:
+            return 0.0
+        index = torch.randint(0, self._filled, (min(count, self._filled),), device=self._memory[0].device)
+        return self._update(self._memory[0][index], self._memory[1][index], unlabelled)
+
+    def _update(self, images: Tensor, targets: Tensor, unlabelled: Tensor | None) -> float:
         for net in self.networks:
             net.train()
         fits = [student_loss(logits, targets, self.settings.soft_loss) for logits in self._fit_logits(images)]
@@ -279,7 +291,6 @@ class UQModel(nn.Module):
         for optimizer in self.optimizers:
             optimizer.step()
         self.updates += 1
-        self._after_update(fresh_images, fresh_targets)
         return float(torch.stack(fits).mean().detach())
 
     def _after_update(self, images: Tensor, targets: Tensor) -> None:

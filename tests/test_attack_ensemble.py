@@ -139,7 +139,7 @@ def test_ensemble_settings_are_checked() -> None:
 def test_diversity_term_runs_and_keeps_the_budget(source: str, digits_checkpoint: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     spec = tiny_spec("deep-ensemble", tmp_path / "run", 400, victim_checkpoint=digits_checkpoint,
-                     diversity_weight=0.5, source=source)
+                     diversity_weight=0.5, source=source, updates_per_batch=2)
     metrics = run_attack(spec)
     assert metrics["queries_used"] == 400
     assert metrics["member_variance"] >= 0.0 and "combined_fidelity" in metrics

@@ -121,11 +121,19 @@ def test_knockoff_over_http_within_budget(
     policy = [{"name": "label_only"}] if label_only else None
     key = new_key(client, budget=budget + DIGITS_TEST + 2 * TRANSFER, **({"policy": policy} if policy else {}))
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "stealsim", "attack", "knockoff", "--url", victim_server.url, "--api-key", key,
-               "--budget", str(budget), "--out", str(out), "--eval-every", "200", *TINY_FLAGS,
-               "--sampling", sampling, "--surrogate", "mnist5k", "--set", "updates_per_batch=2"]
-    result = run_cli(command)
-    assert result.returncode == 0, result.stderr
+    if label_only:  # through the command line (its flags), the others in this process
+        command = [sys.executable, "-m", "stealsim", "attack", "knockoff", "--url", victim_server.url,
+                   "--api-key", key, "--budget", str(budget), "--out", str(out), "--eval-every", "200", *TINY_FLAGS,
+                   "--sampling", sampling, "--surrogate", "mnist5k", "--set", "updates_per_batch=2"]
+        result = run_cli(command)
+        assert result.returncode == 0, result.stderr
+    else:
+        torch.set_num_threads(1)
+        run_attack(RunSpec(
+            attack="knockoff", out=out, budget=budget, url=victim_server.url, api_key=key, eval_every=200,
+            show_progress=False, settings={**TINY, "sampling": sampling, "surrogate": "mnist5k"},
+            evaluation=EvalConfig(transfer_samples=TRANSFER, reference_epochs=1),
+        ))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["queries_used"] == budget
     assert usage(victim_server, key)["used"] == budget + metrics["eval_queries"]

@@ -45,6 +45,8 @@ class EnsembleSettings(AttackSettings):
         surrogate_dir: ``--data-dir`` of an on-disk surrogate dataset.
         surrogate_split: ``train``, ``test`` or ``all`` of a surrogate dataset.
         student_steps: member updates (each on a fresh answered batch) per generator update.
+        updates_per_batch: member updates per answered batch: the first on it (plus replay), the
+            others on replayed answers only (more compute per query; 1: Dual Student's schedule).
         generator_lr, latent_dim, generator_width, balance_weight, generator_gain: as Dual Student's.
     """
 
@@ -61,6 +63,7 @@ class EnsembleSettings(AttackSettings):
     surrogate_dir: str | None = None
     surrogate_split: SurrogateSplit = "train"
     student_steps: int = 5
+    updates_per_batch: int = 1
     generator_lr: float = 1e-3
     latent_dim: int = 64
     generator_width: int = 16
@@ -185,6 +188,8 @@ class Ensemble(Attack):
             images = self._images(count)
             targets = victim_targets(victim.query(images.cpu()), self.hard_label).to(self.device)
             total += self.uq.train_step(images, targets, self._unlabelled(count))
+            for _ in range(self.s.updates_per_batch - 1):
+                self.uq.train_replayed(self.s.batch_size, self._unlabelled(count))
             steps += 1
         losses["student"] = total / max(1, steps)
         return losses

@@ -105,6 +105,7 @@ def prepare_victims(settings: VictimSettings, cache_dir: Path, show_progress: bo
                                             "cpu", show_progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".victims-{key}-", dir=cache_dir))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the victims from other users of the cache
     try:
         save_checkpoint(staging / "normal", normal, normal_meta)
         save_checkpoint(staging / "nasty", nasty, nasty_meta)

@@ -99,7 +99,9 @@ def test_grid_resume_skips_finished_cells(in_process_grid: Path, grid_files: tup
     after = rows_of(out / "results.csv")
     assert [row["cell"] for row in after] == [row["cell"] for row in kept] + [dropped["cell"]]
     assert after[:3] == kept
-    assert after[3]["status"] == "done" and after[3]["queries"] == dropped["queries"]
+    assert after[3]["status"] == "done"
+    assert {k: v for k, v in after[3].items() if k != "wall_seconds"} == {
+        k: v for k, v in dropped.items() if k != "wall_seconds"}
     # Everything finished: a third run runs nothing.
     messages.clear()
     run_grid(load_spec(spec), out, cache_dir=cache, show_progress=False, announce=messages.append)
@@ -178,10 +180,10 @@ def test_grid_on_redis_with_two_workers_matches_in_process(
     assert set(remote) == set(local)
     for cell, row in remote.items():
         assert row["status"] == "done", row
-        for column in ("attack", "victim", "defense", "budget", "seed", "queries"):
-            assert row[column] == local[cell][column]
-        for column in ("accuracy", "fidelity", "victim_accuracy"):
-            assert float(row[column]) == pytest.approx(float(local[cell][column]), abs=0.02), (cell, column)
+        # Same seed, same victims, same code: the very same numbers, wherever the cell ran.
+        for column in ("attack", "victim", "defense", "budget", "seed", "queries", "accuracy", "fidelity",
+                       "transfer_success_rate", "victim_accuracy"):
+            assert row[column] == local[cell][column], (cell, column)
     local_costs = {row["cell"]: row for row in rows_of(in_process_grid / "defenses.csv")}
     remote_costs = {row["cell"]: row for row in rows_of(out / "defenses.csv")}
     assert set(remote_costs) == set(local_costs)

@@ -31,6 +31,7 @@ from attacker.rundir import Ledger, RunDirectory
 from attacker.students import build_student
 from attacker.victims import BudgetedVictim, InProcessVictim, OutputKind, Victim
 from stealsim.errors import AttackError
+from stealsim.training import seed_everything
 
 __all__ = ["RunSpec", "infer_eval_dataset", "run_attack"]
 
@@ -189,6 +190,9 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
             len(dataset.y_test), transfer, transfer,
             "the attack key" if eval_on_attack_key else ("the evaluation key" if spec.url else "nobody (in-process)"),
         )
+        # Seed before the clones and generators are built, so that a run's result does
+        # not depend on what ran earlier in this process.
+        seed_everything(spec.seed)
         attack = build_attack(spec.attack, victim.info, device, **settings_dict)
         outcome = attack.run(
             victim,

@@ -304,7 +304,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def _run_one(config: DemoConfig, row: RunRow, url: str, admin_key: str) -> None:
     from attacker.evaluation import EvalConfig
     from attacker.runner import RunSpec, run_attack
-    from stealsim.training import seed_everything
 
     model = config.models[row.victim]
     budget = config.budgets.get(row.attack, config.budget)
@@ -313,7 +312,6 @@ def _run_one(config: DemoConfig, row: RunRow, url: str, admin_key: str) -> None:
     run_dir = config.out / "runs" / row.run_name
     if run_dir.exists():  # a fresh run each demo (keys are new too)
         shutil.rmtree(run_dir)
-    seed_everything(config.seed)  # the attack builds its clones before run_attack seeds
     metrics = run_attack(RunSpec(
         attack=row.attack, out=run_dir, budget=budget, url=url, api_key=key, model=model,
         eval_api_key=eval_key, eval_every=config.eval_every, seed=config.seed, device="cpu", show_progress=config.show_progress,

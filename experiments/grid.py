@@ -237,7 +237,6 @@ class CellRunner:
         from attacker.evaluation import EvalConfig
         from attacker.runner import RunSpec, run_attack
         from experiments.demo import attack_overrides
-        from stealsim.training import seed_everything
 
         url = self._url()
         row: dict[str, Any] = {"cell": cell.id, **asdict(cell), "status": "failed"}
@@ -250,9 +249,6 @@ class CellRunner:
             run_dir = self.work_dir / "runs" / cell.id
             if run_dir.exists():  # an unfinished earlier attempt: start the cell again
                 shutil.rmtree(run_dir)
-            # The attack builds its clones before run_attack seeds: seed here so a cell's result
-            # does not depend on what ran before it in this process (in-process = on a worker).
-            seed_everything(cell.seed)
             metrics = run_attack(RunSpec(
                 attack=cell.attack, out=run_dir, budget=cell.budget, url=url, api_key=key, model=cell.victim,
                 eval_api_key=eval_key, eval_every=self.spec.eval_every, seed=cell.seed, device="cpu",

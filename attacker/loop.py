@@ -31,7 +31,7 @@ from torch import nn
 
 from attacker.losses import SoftLoss
 from attacker.rundir import Ledger, RunDirectory
-from attacker.students import StudentSettings
+from attacker.students import Students, StudentSettings
 from attacker.victims import BudgetedVictim, Victim, VictimInfo
 from stealsim.errors import AttackError, BudgetExhaustedError
 from stealsim.progress import progress_bar
@@ -161,6 +161,12 @@ class Attack(ABC):
     def track(self, name: str, thing: Any) -> None:
         """Checkpoint ``thing`` (a module, an optimiser, or anything with ``state_dict``)."""
         self._tracked[name] = thing
+
+    def track_students(self, students: Students) -> None:
+        """Checkpoint ``students`` and each of their optimisers (``student_optimizer_<i>``)."""
+        self.track("students", students)
+        for index, optimizer in enumerate(students.optimizers):
+            self.track(f"student_optimizer_{index}", optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         return {name: thing.state_dict() for name, thing in self._tracked.items()}

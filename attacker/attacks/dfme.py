@@ -83,8 +83,7 @@ class DFME(Attack):
             info, settings.latent_dim, settings.generator_width, settings.generator_lr, device,
             settings.generator_gain,
         )
-        self.track("students", self.students)
-        self.track("student_optimizer_0", self.students.optimizers[0])
+        self.track_students(self.students)
         self.track("generator", self.gen.generator)
         self.track("generator_optimizer", self.gen.optimizer)
 

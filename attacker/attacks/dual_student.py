@@ -88,11 +88,9 @@ class DualStudent(Attack):
             info, settings.latent_dim, settings.generator_width, settings.generator_lr, device,
             settings.generator_gain,
         )
-        self.track("students", self.students)
+        self.track_students(self.students)
         self.track("generator", self.gen.generator)
         self.track("generator_optimizer", self.gen.optimizer)
-        for index, optimizer in enumerate(self.students.optimizers):
-            self.track(f"student_optimizer_{index}", optimizer)
 
     def step(self, victim: BudgetedVictim) -> dict[str, float]:
         self.students.schedule(self.progress)

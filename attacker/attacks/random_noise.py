@@ -54,8 +54,7 @@ class RandomNoise(Attack):
         assert isinstance(settings, RandomNoiseSettings)
         self.s: RandomNoiseSettings = settings
         self.students = Students(info, 1, settings.student_settings(), device)
-        self.track("students", self.students)
-        self.track("student_optimizer_0", self.students.optimizers[0])
+        self.track_students(self.students)
 
     def step(self, victim: BudgetedVictim) -> dict[str, float]:
         self.students.schedule(self.progress)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from server_support import free_port
+from server_support import LoggedProcess, free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -75,7 +75,7 @@ class RedisServer:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-class WorkerProcess:
+class WorkerProcess(LoggedProcess):
     """``stealsim worker`` in a subprocess, on CPU with one thread."""
 
     def __init__(
@@ -88,12 +88,7 @@ class WorkerProcess:
                    "--name", self.name, *args]
         for name, directory in models.items():
             command += ["--model", f"{name}={directory}"]
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        super().__init__(command, log_path, {**os.environ, "OMP_NUM_THREADS": "1"})
 
     def wait_seen(self, redis_url: str, prefix: str, model: str, timeout: float = 60.0) -> None:
         """Wait for this worker's first heartbeat."""
@@ -110,26 +105,10 @@ class WorkerProcess:
             client.close()
         raise RuntimeError(f"worker not seen within {timeout} s:\n{self.log()}")
 
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
         self._log.close()
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
 
 
 def delete_prefix(url: str, prefix: str) -> None:

@@ -36,7 +36,33 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class ServerProcess:
+class LoggedProcess:
+    """A subprocess whose output goes to ``log_path``; ``log()`` reads it, ``stop()`` ends it."""
+
+    def __init__(self, command: Sequence[str], log_path: Path, env: dict[str, str]) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(list(command), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL after 30 s; the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+class ServerProcess(LoggedProcess):
     """``stealsim serve`` in a subprocess; ``url`` once ready; ``stop()`` sends SIGTERM."""
 
     def __init__(
@@ -54,10 +80,7 @@ class ServerProcess:
         for name, directory in models.items():
             command += ["--model", f"{name}={directory}"]
         command += list(args)
-        environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=environment)
+        super().__init__(command, log_path, {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 90.0) -> None:
@@ -74,21 +97,6 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"server not ready within {timeout} s:\n{self.log()}")
 
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
 
 
 def admin() -> dict[str, str]:

@@ -52,6 +52,8 @@ def ensure_victim(dataset: str, root: Path) -> Path:
 
 def attack(name: str, out: Path, budget: int, args: argparse.Namespace, **spec: Any) -> dict[str, Any]:
     settings = dict(spec.pop("settings", {}))
+    if args.clone_arch:
+        settings["student_architecture"] = args.clone_arch
     metrics = run_attack(RunSpec(
         attack=name, out=out, budget=budget, seed=args.seed, show_progress=False,
         eval_every=max(1, budget // args.evaluations), settings=settings,
@@ -123,11 +125,14 @@ def main() -> None:
     parser.add_argument("--http-budget", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the benchmark's cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clone-arch", default=None, help="clone architecture (default: by input shape)")
     parser.add_argument("--evaluations", type=int, default=20, help="evaluations per run")
     parser.add_argument("--transfer-samples", type=int, default=500)
     parser.add_argument("--reference-epochs", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--skip", nargs="*", default=[], choices=["digits", "mnist", "mnist-hard", "http"])
+    parser.add_argument("--attacks", nargs="+", default=["dual-student", "dfme", "random"],
+                        choices=["dual-student", "dfme", "random"], help="attacks to run (digits has no DFME)")
     parser.add_argument("--quick", action="store_true", help="small budgets (a smoke run)")
     args = parser.parse_args()
     if args.quick:
@@ -146,7 +151,7 @@ def main() -> None:
         result["digits"] = {
             name: attack(name, fresh(args.out / f"digits-{name}"), args.digits_budget, args,
                          victim_checkpoint=digits)
-            for name in ("dual-student", "random")
+            for name in ("dual-student", "random") if name in args.attacks
         }
     if "mnist" not in args.skip or "mnist-hard" not in args.skip:
         mnist = ensure_victim("mnist5k", args.out)
@@ -157,7 +162,7 @@ def main() -> None:
         result[label] = {
             name: attack(name, fresh(args.out / f"{mode}-{name}"), args.mnist_budget, args,
                          victim_checkpoint=mnist, settings={"hard_label": hard})
-            for name in ("dual-student", "dfme", "random")
+            for name in ("dual-student", "dfme", "random") if name in args.attacks
         }
     if "http" not in args.skip:
         result["http_overhead"] = http_overhead(digits, args.http_budget, args, args.out)

@@ -72,6 +72,8 @@ def fresh(path: Path) -> Path:
 
 def run(attack: str, out: Path, budget: int, args: argparse.Namespace, kept: tuple[str, ...],
         **spec: Any) -> dict[str, Any]:
+    if args.clone_arch:
+        spec["settings"] = spec.get("settings", {}) | {"student_architecture": args.clone_arch}
     metrics = run_attack(RunSpec(
         attack=attack, out=fresh(out), budget=budget, seed=args.seed, show_progress=False,
         eval_every=max(1, budget // args.evaluations),
@@ -203,6 +205,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["uq", "knockoff"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clone-arch", default=None, help="members' and clone's architecture (default: by input)")
     parser.add_argument("--evaluations", type=int, default=10, help="evaluations per run")
     parser.add_argument("--transfer-samples", type=int, default=200)
     parser.add_argument("--reference-epochs", type=int, default=4)

@@ -27,7 +27,7 @@ from attacker.losses import (
 from attacker.report import compare_runs, queries_to_reach
 from attacker.rundir import Ledger, RunDirectory
 from attacker.runner import RunSpec, run_attack
-from attacker.students import build_student, cosine_factor
+from attacker.students import build_student, cosine_factor, default_clone_architecture
 from attacker.victims import BudgetedVictim, FunctionVictim, InProcessVictim, VictimInfo
 from stealsim.data import load_dataset
 from stealsim.errors import AttackError, BudgetExhaustedError
@@ -86,6 +86,15 @@ def test_cosine_schedule_endpoints() -> None:
     assert cosine_factor(0.0, 0.1) == pytest.approx(1.0)
     assert cosine_factor(1.0, 0.1) == pytest.approx(0.1)
     assert cosine_factor(0.5, 0.0) == pytest.approx(0.5)
+
+
+def test_default_clones_are_small_cnns_for_grayscale_and_resnets_for_colour() -> None:
+    assert default_clone_architecture(1, 8) == "small-cnn"
+    assert default_clone_architecture(1, 28) == "small-cnn"
+    assert default_clone_architecture(3, 32) == "resnet18"
+    student = build_student(VictimInfo((1, 28, 28), 10), make_settings("random").student_settings())
+    assert student(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert sum(p.numel() for p in student.parameters()) < 100_000  # small and fast on a CPU
 
 
 # -- the zeroth-order estimator ----------------------------------------------------------------

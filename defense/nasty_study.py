@@ -3,8 +3,9 @@
 For each seed: train a normal teacher, a Nasty Teacher against it (Ma et al.,
 ICLR 2021, eq. 3), a student by KD from each (Hinton et al., 2015) and the same
 student on labels alone. As in the paper, students distil at the temperature
-the teacher was made nasty at (``T = tau``) unless told otherwise. The table
-this writes is the one in the README.
+the teacher was made nasty at (``T = tau``) unless the dataset's defaults or
+the caller say otherwise (mnist5k: ``T = 2 tau``). The table this writes is the
+one in the README.
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ def nasty_study(
     omega: Annotated[float | None, typer.Option(help="Nasty Teacher KL weight.")] = None,
     alpha: float = 0.9,
     temperature: Annotated[
-        float | None, typer.Option(help="Students' KD temperature T (default: the Nasty tau).")
+        float | None, typer.Option(help="Students' KD temperature T (default: the dataset's, else the Nasty tau).")
     ] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     device: DeviceOption = "auto",
@@ -257,7 +257,7 @@ def nasty_study(
     channels, size, _ = data.input_shape
     architecture = arch or default_architecture(channels, size)
     config = DistillConfig(
-        alpha, settings.tau if temperature is None else temperature,
+        alpha, settings.student_temperature if temperature is None else temperature,
         TrainConfig(epochs=epochs, max_shift=augmentation_shift(size)),
     )
     results = run_nasty_study(

@@ -72,3 +72,5 @@ def test_warm_started_nasty_teacher_begins_from_the_adversary() -> None:
         train_nasty_teacher(data, "lenet5", TrainConfig(), adversary, meta, settings, show_progress=False)
     with pytest.raises(ConfigError, match="--tau must be > 0"):
         NastySettings(tau=0.0, omega=0.1)
+    with pytest.raises(ConfigError, match="KD temperature must be > 0"):
+        NastySettings(tau=4.0, omega=0.1, kd_temperature=0.0)

@@ -33,7 +33,7 @@ class DualStudentSettings(AttackSettings):
         generator_gain: images are ``sigmoid(gain * BN(a))`` (0: the plain ``sigmoid(a)``).
     """
 
-    student_steps: int = 2
+    student_steps: int = 3
     generator_lr: float = 1e-3
     latent_dim: int = 64
     generator_width: int = 16

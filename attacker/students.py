@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from attacker.losses import SoftLoss, student_loss
+from attacker.replay import ReplayMemory
 from attacker.victims import VictimInfo
 from stealsim.architectures import PixelClassifier, build_classifier
 
@@ -107,9 +108,7 @@ class Students(nn.Module):
             average.requires_grad_(False)
         self.optimizers = [self._optimizer(member) for member in self.members]
         self.updates = 0
-        self._memory: tuple[Tensor, Tensor] | None = None
-        self._filled = 0
-        self._cursor = 0
+        self.memory = ReplayMemory(settings.replay)
 
     def _optimizer(self, member: nn.Module) -> torch.optim.Optimizer:
         s = self.settings
@@ -125,34 +124,10 @@ class Students(nn.Module):
         for optimizer in self.optimizers:
             set_learning_rate(optimizer, self.settings.learning_rate, factor)
 
-    def _remember(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the fresh batch in the ring memory; return it joined with replayed answers."""
-        size = self.settings.replay
-        count = images.shape[0]
-        if self._memory is None or self._memory[1].shape[1:] != targets.shape[1:]:
-            self._memory = (
-                images.new_empty((size, *images.shape[1:])),
-                targets.new_empty((size, *targets.shape[1:])),
-            )
-            self._filled = self._cursor = 0
-        memory_images, memory_targets = self._memory
-        replayed = None
-        if self._filled > 0:
-            index = torch.randint(0, self._filled, (min(count, self._filled),), device=images.device)
-            replayed = (memory_images[index], memory_targets[index])
-        slots = (torch.arange(count, device=images.device) + self._cursor) % size
-        memory_images[slots] = images.detach()[-size:] if count > size else images.detach()
-        memory_targets[slots] = targets[-size:] if count > size else targets
-        self._cursor = (self._cursor + count) % size
-        self._filled = min(size, self._filled + count)
-        if replayed is None:
-            return images, targets
-        return torch.cat([images, replayed[0]]), torch.cat([targets, replayed[1]])
-
     def train_step(self, images: Tensor, targets: Tensor) -> float:
         """One optimiser step of every student on ``(images, targets)``; the mean loss."""
         if self.settings.replay > 0:
-            images, targets = self._remember(images, targets)
+            images, targets = self.memory.add_and_join(images, targets)
         total = 0.0
         for member, optimizer in zip(self.members, self.optimizers, strict=True):
             member.train()

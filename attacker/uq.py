@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from attacker.losses import SoftLoss, student_loss
+from attacker.replay import ReplayMemory
 from attacker.students import cosine_factor, default_clone_architecture, set_learning_rate
 from attacker.victims import VictimInfo
 from stealsim.architectures import PixelClassifier, build_classifier
@@ -208,9 +209,7 @@ class UQModel(nn.Module):
         self.optimizers = [torch.optim.Adam(n.parameters(), lr=settings.learning_rate) for n in self.networks]
         self.progress = 0.0
         self.updates = 0
-        self._memory: tuple[Tensor, Tensor] | None = None
-        self._filled = 0
-        self._cursor = 0
+        self.memory = ReplayMemory(settings.replay)
 
     def _network_count(self) -> int:
         return 1
@@ -235,28 +234,6 @@ class UQModel(nn.Module):
         """The logits fitted to the victim's answers: every trained network's."""
         return [net(pixels) for net in self.networks]
 
-    def _remember(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        size = self.settings.replay
-        count = images.shape[0]
-        if self._memory is None or self._memory[1].shape[1:] != targets.shape[1:]:
-            self._memory = (images.new_empty((size, *images.shape[1:])),
-                            targets.new_empty((size, *targets.shape[1:])))
-            self._filled = self._cursor = 0
-        memory_images, memory_targets = self._memory
-        replayed = None
-        if self._filled > 0:
-            index = torch.randint(0, self._filled, (min(count, self._filled),), device=images.device)
-            replayed = (memory_images[index], memory_targets[index])
-        keep = min(count, size)
-        slots = (torch.arange(keep, device=images.device) + self._cursor) % size
-        memory_images[slots] = images.detach()[-keep:]
-        memory_targets[slots] = targets[-keep:]
-        self._cursor = (self._cursor + keep) % size
-        self._filled = min(size, self._filled + keep)
-        if replayed is None:
-            return images, targets
-        return torch.cat([images, replayed[0]]), torch.cat([targets, replayed[1]])
-
     def train_step(self, images: Tensor, targets: Tensor, unlabelled: Tensor | None = None) -> float:
         """One update of every network on the victim's answers; returns the mean student loss.
 
@@ -266,17 +243,17 @@ class UQModel(nn.Module):
         """
         fresh_images, fresh_targets = images, targets
         if self.settings.replay > 0:
-            images, targets = self._remember(images, targets)
+            images, targets = self.memory.add_and_join(images, targets)
         fit = self._update(images, targets, unlabelled)
         self._after_update(fresh_images, fresh_targets)
         return fit
 
     def train_replayed(self, count: int, unlabelled: Tensor | None = None) -> float:
         """One more update on ``count`` answered images drawn from the replay memory (no query)."""
-        if self._memory is None or self._filled == 0:
+        if self.memory.filled == 0:
             return 0.0
-        index = torch.randint(0, self._filled, (min(count, self._filled),), device=self._memory[0].device)
-        return self._update(self._memory[0][index], self._memory[1][index], unlabelled)
+        images, targets = self.memory.sample(count)
+        return self._update(images, targets, unlabelled)
 
     def _update(self, images: Tensor, targets: Tensor, unlabelled: Tensor | None) -> float:
         for net in self.networks:

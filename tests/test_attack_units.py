@@ -24,6 +24,7 @@ from attacker.losses import (
     unit_directions,
     victim_targets,
 )
+from attacker.replay import ReplayMemory
 from attacker.report import compare_runs, queries_to_reach
 from attacker.rundir import Ledger, RunDirectory
 from attacker.runner import RunSpec, run_attack
@@ -95,6 +96,25 @@ def test_default_clones_are_small_cnns_for_grayscale_and_resnets_for_colour() ->
     student = build_student(VictimInfo((1, 28, 28), 10), make_settings("random").student_settings())
     assert student(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     assert sum(p.numel() for p in student.parameters()) < 100_000  # small and fast on a CPU
+
+
+def test_replay_memory_keeps_the_latest_answers_and_joins_replayed_ones() -> None:
+    memory = ReplayMemory(4)
+    images = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1)
+    joined, targets = memory.add_and_join(images[:3], torch.arange(3))
+    assert torch.equal(targets, torch.arange(3))  # nothing to replay yet
+    memory.add(images[3:], torch.arange(3, 6))  # wraps: the oldest two are overwritten
+    assert memory.filled == 4 and sorted(memory.state_dict()["targets"].tolist()) == [2, 3, 4, 5]
+    joined, targets = memory.add_and_join(images[:2], torch.tensor([0, 1]))
+    assert joined.shape[0] == 4 and set(targets[2:].tolist()) <= {2, 3, 4, 5}
+    # A batch larger than the memory keeps its last entries; new target shapes start afresh.
+    memory.add(torch.zeros(10, 1, 1, 1), torch.arange(10))
+    assert sorted(memory.state_dict()["targets"].tolist()) == [6, 7, 8, 9]
+    memory.add(torch.zeros(2, 1, 1, 1), torch.rand(2, 10))
+    assert memory.filled == 2 and memory.sample(5)[1].shape == (2, 10)
+    restored = ReplayMemory(4)
+    restored.load_state_dict(memory.state_dict())
+    assert restored.filled == 2 and torch.equal(restored.state_dict()["targets"], memory.state_dict()["targets"])
 
 
 # -- the zeroth-order estimator ----------------------------------------------------------------

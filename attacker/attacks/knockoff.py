@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -11,13 +11,14 @@ from torch.nn import functional as F
 
 from attacker.loop import Attack, AttackSettings
 from attacker.losses import LOG_EPSILON
+from attacker.replay import ReplayMemory
 from attacker.students import build_student, cosine_factor, set_learning_rate
 from attacker.surrogate import BanditSampler, RandomSampler, Reward, SurrogateSplit, load_surrogate
 from attacker.victims import BudgetedVictim, VictimInfo
 from stealsim.errors import AttackError
 from stealsim.losses import kd_loss
 
-__all__ = ["Knockoff", "KnockoffSettings", "TransferSet"]
+__all__ = ["Knockoff", "KnockoffSettings"]
 
 
 @dataclass(frozen=True)
@@ -58,46 +59,6 @@ class KnockoffSettings(AttackSettings):
             raise AttackError(f"invalid Knockoff settings: {self}")
 
 
-class TransferSet:
-    """The answered queries ``(x, V(x))`` the clone trains on (a ring of ``capacity``)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.images: Tensor | None = None
-        self.targets: Tensor | None = None
-        self.filled = 0
-        self.cursor = 0
-
-    def add(self, images: Tensor, targets: Tensor) -> None:
-        if self.images is None or self.targets is None:
-            self.images = images.new_empty((self.capacity, *images.shape[1:]))
-            self.targets = targets.new_empty((self.capacity, *targets.shape[1:]))
-        keep = min(len(images), self.capacity)
-        slots = (torch.arange(keep) + self.cursor) % self.capacity
-        self.images[slots] = images[-keep:]
-        self.targets[slots] = targets[-keep:]
-        self.cursor = (self.cursor + keep) % self.capacity
-        self.filled = min(self.capacity, self.filled + keep)
-
-    def sample(self, count: int) -> tuple[Tensor, Tensor]:
-        assert self.images is not None and self.targets is not None and self.filled > 0
-        index = torch.randint(0, self.filled, (min(count, self.filled),))
-        return self.images[index], self.targets[index]
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.images is None or self.targets is None:
-            return {"filled": 0, "cursor": 0}
-        return {"images": self.images[: self.filled].clone(), "targets": self.targets[: self.filled].clone(),
-                "filled": self.filled, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.images = self.targets = None
-        self.filled = self.cursor = 0
-        if int(state["filled"]) > 0:
-            self.add(state["images"], state["targets"])
-            self.cursor = int(state["cursor"])
-
-
 class Knockoff(Attack):
     """Knockoff Nets: query with the attacker's own images, train the clone on the answers by KD.
 
@@ -136,7 +97,7 @@ class Knockoff(Attack):
         self.pool = surrogate.images
         self.network = build_student(info, settings.student_settings()).to(device)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=settings.student_lr)
-        self.transfer = TransferSet(settings.replay)
+        self.transfer = ReplayMemory(settings.replay)
         self.sampler: RandomSampler | BanditSampler
         if settings.sampling == "adaptive":
             self.sampler = BanditSampler(surrogate.classes, info.num_classes, settings.bandit_lr, settings.reward)

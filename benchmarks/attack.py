@@ -21,18 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 from attacker.evaluation import EvalConfig
 from attacker.runner import RunSpec, run_attack
+from experiments.service import ServiceProcess, create_key, new_admin_key
 
 KEPT = (
     "queries_used", "fidelity", "accuracy", "victim_accuracy", "normalised_accuracy",
@@ -73,38 +72,14 @@ def fresh(path: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def http_overhead(victim: Path, budget: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """The same attack over HTTP and in process; the HTTP run's loop time over the local one's."""
-    port, admin = free_port(), "bench-admin"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "stealsim", "serve", "--model", f"victim={victim}", "--port", str(port),
-         "--admin-key", admin, "--device", "cpu", "--torch-threads", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    admin = new_admin_key()
+    with ServiceProcess({"victim": victim}, admin_key=admin, log_path=root / "http-service.log") as service:
         extra = 360 + 2 * args.transfer_samples + 1000
-        key = httpx.post(f"{url}/v1/admin/keys", headers={"X-API-Key": admin},
-                         json={"budget": budget + extra, "rate": "100000/second",
-                               "image_rate": "100000000/minute"}).json()["api_key"]
+        key = create_key(service.url, admin, budget + extra, name="http-overhead")
         over_http = attack("dual-student", fresh(root / "http-dual-student"), budget, args,
-                           url=url, api_key=key, model="victim")
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+                           url=service.url, api_key=key, model="victim")
     local = attack("dual-student", fresh(root / "local-dual-student"), budget, args, victim_checkpoint=victim)
     return {
         "budget": budget,

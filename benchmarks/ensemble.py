@@ -28,19 +28,18 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 from attacker.evaluation import EvalConfig
 from attacker.runner import RunSpec, run_attack
 from attacker.uq import UQ_KINDS
+from experiments.service import ServiceProcess, create_key, new_admin_key
 
 UQ_KEPT = (
     "queries_used", "fidelity", "accuracy", "victim_accuracy", "combined_fidelity", "member_fidelity_best",
@@ -104,47 +103,22 @@ def uq_study(dataset: str, victim: Path, args: argparse.Namespace) -> tuple[dict
     return results, curves
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def knockoff_study(dataset: str, normal: Path, nasty: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Knockoff over HTTP against ``victim`` and ``nasty`` served side by side."""
-    port, admin = free_port(), "bench-admin"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "stealsim", "serve", "--model", f"victim={normal}", "--model", f"nasty={nasty}",
-         "--port", str(port), "--admin-key", admin, "--device", "cpu", "--torch-threads", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    admin = new_admin_key()
     results: dict[str, Any] = {}
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    models = {"victim": normal, "nasty": nasty}
+    with ServiceProcess(models, admin_key=admin, log_path=args.out / f"knockoff-{dataset}-service.log") as service:
         for output in ("probabilities", "label"):
-            for model in ("victim", "nasty"):
-                body: dict[str, Any] = {"budget": args.knockoff_budget + 10_000, "rate": "100000/second",
-                                        "image_rate": "100000000/minute"}
-                if output == "label":
-                    body["policy"] = [{"name": "label_only"}]
-                key = httpx.post(f"{url}/v1/admin/keys", headers={"X-API-Key": admin}, json=body,
-                                 timeout=30).json()["api_key"]
+            for model in models:
                 label = f"{model}-{output}"
+                policy = [{"name": "label_only"}] if output == "label" else None
+                key = create_key(service.url, admin, args.knockoff_budget + 10_000, name=label, policy=policy)
                 results[label] = run(
                     "knockoff", args.out / f"knockoff-{dataset}-{label}", args.knockoff_budget, args,
-                    KNOCKOFF_KEPT, url=url, api_key=key, model=model,
+                    KNOCKOFF_KEPT, url=service.url, api_key=key, model=model,
                     settings={"temperature": KD_TEMPERATURE[dataset], "sampling": args.sampling},
                 )
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     for output in ("probabilities", "label"):
         normal_run, nasty_run = results[f"victim-{output}"], results[f"nasty-{output}"]
         results[f"nasty_minus_normal_{output}"] = {

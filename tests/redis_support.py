@@ -112,9 +112,14 @@ class WorkerProcess(LoggedProcess):
 
 
 def delete_prefix(url: str, prefix: str) -> None:
+    delete_matching(url, f"{prefix}:*")
+
+
+def delete_matching(url: str, pattern: str) -> None:
+    """Delete every key matching the glob ``pattern`` (a test's own keys)."""
     client = redis.Redis.from_url(url)
     try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        keys = list(client.scan_iter(match=pattern, count=1000))
         if keys:
             client.delete(*keys)
     finally:

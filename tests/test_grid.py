@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
-from redis_support import redis_url  # noqa: F401 - fixture
+from redis_support import delete_matching, redis_url  # noqa: F401 - fixture
 
 from experiments.grid import cells_of, load_spec, run_grid
 
@@ -109,21 +109,11 @@ def test_grid_resume_skips_finished_cells(in_process_grid: Path, grid_files: tup
     assert len(rows_of(out / "results.csv")) == 4
 
 
-def _delete_queue_keys(url: str, queue: str) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"*{queue}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
 @pytest.fixture
 def queue(redis_url: str) -> Iterator[str]:  # noqa: F811 - the fixture above
     name = "stealsim-test-grid-" + uuid.uuid4().hex[:10]
     yield name
-    _delete_queue_keys(redis_url, name)
+    delete_matching(redis_url, f"*{name}*")
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ __all__ = [
     "load_surrogate",
 ]
 
-SurrogateSplit = Literal["train", "test", "all"]
+SurrogateSplit = Literal["train", "validation", "test", "all"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".gif")
 
 
@@ -139,14 +139,13 @@ def load_surrogate(
         data = load_dataset(name, Path(data_dir) if data_dir is not None else None)
     except StealsimError as exc:
         raise AttackError(f"cannot load the surrogate dataset {name!r}: {exc}") from exc
-    if split == "train":
-        images, classes = data.x_train, data.y_train
-    elif split == "test":
-        images, classes = data.x_test, data.y_test
+    if split in ("train", "validation", "test"):
+        images, classes = data.split(split)
     elif split == "all":
-        images, classes = torch.cat([data.x_train, data.x_test]), torch.cat([data.y_train, data.y_test])
+        images = torch.cat([data.x_train, data.x_val, data.x_test])
+        classes = torch.cat([data.y_train, data.y_val, data.y_test])
     else:
-        raise AttackError(f"surrogate split must be train, test or all, got {split!r}")
+        raise AttackError(f"surrogate split must be train, validation, test or all, got {split!r}")
     return SurrogateImages(f"{name}:{split}", fit_images(images, input_shape), classes.long(), data.class_names)
 
 

@@ -1,8 +1,12 @@
 """Datasets by name: two built-ins that need no network, and on-disk loaders.
 
 Every dataset arrives as float32 pixels in [0, 1], shaped ``[N, C, H, W]``, with
-int64 labels. Built-ins get a fixed, seeded, stratified train/test split, so
-every run (victim, attacker, benchmark) sees the same test images::
+int64 labels, in three disjoint splits: ``train`` (victims and attackers train
+on it), ``validation`` (every choice of a setting reads it) and ``test``
+(reported numbers only). Built-ins get a fixed, seeded, stratified split (70 /
+10 / 20); a dataset with an official test split keeps it and carves validation
+from its training part (a tenth of it, stratified). So every run (victim,
+attacker, benchmark) sees the same test images::
 
     data = load_dataset("digits")
     data = load_dataset("mnist", data_dir=Path("~/data/mnist"))
@@ -34,8 +38,10 @@ from stealsim.errors import DatasetError
 __all__ = [
     "BUILTIN_DATASETS",
     "DATASETS",
+    "SPLITS",
     "SPLIT_SEED",
     "TEST_FRACTION",
+    "VALIDATION_FRACTION",
     "Dataset",
     "load_dataset",
 ]
@@ -45,6 +51,12 @@ SPLIT_SEED = 0
 
 TEST_FRACTION = 0.2
 """Share of a built-in dataset (or an .npz without a test split) held out for testing."""
+
+VALIDATION_FRACTION = 0.1
+"""Share of a built-in dataset held out for validation (taken from the training part;
+a dataset with an official test split gives this share of its training images)."""
+
+SPLITS = ("train", "validation", "test")
 
 DIGIT_NAMES = tuple(str(i) for i in range(10))
 FASHION_NAMES = (
@@ -59,14 +71,26 @@ CIFAR10_NAMES = (
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test splits of one labelled image dataset, pixels in [0, 1]."""
+    """Train, validation and test splits of one labelled image dataset, pixels in [0, 1]."""
 
     name: str
     x_train: Tensor
     y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
     x_test: Tensor
     y_test: Tensor
     class_names: tuple[str, ...]
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(images, labels)`` of split ``name``: ``train``, ``validation`` or ``test``."""
+        if name == "train":
+            return self.x_train, self.y_train
+        if name == "validation":
+            return self.x_val, self.y_val
+        if name == "test":
+            return self.x_test, self.y_test
+        raise DatasetError(f"unknown split {name!r}; choose one of {list(SPLITS)}")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -95,16 +119,48 @@ def _to_images(pixels: np.ndarray, *, scale: float, layout: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).clamp_(0.0, 1.0)
 
 
-def _split(name: str, images: Tensor, labels: Tensor, class_names: tuple[str, ...]) -> Dataset:
-    """Fixed, seeded, stratified train/test split of a dataset with no split of its own."""
+def _stratified(labels: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+    """Seeded, stratified ``(kept, held-out)`` sorted indices, ``fraction`` held out.
+
+    Falls back to an unstratified split when a class has too few images to stratify.
+    """
     from sklearn.model_selection import train_test_split
 
     indices = np.arange(len(labels))
-    train_idx, test_idx = train_test_split(
-        indices, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=labels.numpy()
+    try:
+        kept, held = train_test_split(
+            indices, test_size=fraction, random_state=SPLIT_SEED, stratify=labels.numpy()
+        )
+    except ValueError:
+        kept, held = train_test_split(indices, test_size=fraction, random_state=SPLIT_SEED)
+    return torch.from_numpy(np.sort(kept)), torch.from_numpy(np.sort(held))
+
+
+def _with_validation(
+    name: str, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor,
+    class_names: tuple[str, ...], fraction: float = VALIDATION_FRACTION,
+) -> Dataset:
+    """Carve a seeded, stratified validation split (``fraction`` of it) from the training part."""
+    if len(y_train) < 2:
+        raise DatasetError(f"dataset {name!r}: {len(y_train)} training images cannot be split")
+    train, validation = _stratified(y_train, fraction)
+    return Dataset(name, x_train[train], y_train[train], x_train[validation], y_train[validation],
+                   x_test, y_test, class_names)
+
+
+def _split(name: str, images: Tensor, labels: Tensor, class_names: tuple[str, ...]) -> Dataset:
+    """Fixed, seeded, stratified train / validation / test split of a dataset with no split of its own.
+
+    The test split is the same ``TEST_FRACTION`` as before validation existed;
+    validation is ``VALIDATION_FRACTION`` of the whole, taken from the rest.
+    """
+    if len(labels) < 3:
+        raise DatasetError(f"dataset {name!r}: {len(labels)} images cannot be split three ways")
+    rest, test = _stratified(labels, TEST_FRACTION)
+    return _with_validation(
+        name, images[rest], labels[rest], images[test], labels[test], class_names,
+        VALIDATION_FRACTION / (1.0 - TEST_FRACTION),
     )
-    train, test = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
-    return Dataset(name, images[train], labels[train], images[test], labels[test], class_names)
 
 
 def _labels(values: Any) -> Tensor:
@@ -182,7 +238,7 @@ def _load_idx_dataset(name: str, data_dir: Path, class_names: tuple[str, ...]) -
 
     x_train, y_train = pair("train")
     x_test, y_test = pair("t10k")
-    return Dataset(name, x_train, y_train, x_test, y_test, class_names)
+    return _with_validation(name, x_train, y_train, x_test, y_test, class_names)
 
 
 def load_mnist(data_dir: Path | None) -> Dataset:
@@ -250,7 +306,7 @@ def load_cifar10(data_dir: Path | None) -> Dataset:
     names = CIFAR10_NAMES
     if (root / "batches.meta").is_file():
         names = tuple(n.decode() for n in _unpickle(root / "batches.meta")["label_names"])
-    return Dataset(
+    return _with_validation(
         "cifar10",
         torch.cat([_cifar_images(b, root) for b in batches]),
         torch.cat([_labels(b["labels"]) for b in batches]),
@@ -267,7 +323,7 @@ def load_cifar100(data_dir: Path | None) -> Dataset:
     names: tuple[str, ...] = tuple(str(i) for i in range(100))
     if (root / "meta").is_file():
         names = tuple(n.decode() for n in _unpickle(root / "meta")["fine_label_names"])
-    return Dataset(
+    return _with_validation(
         "cifar100",
         _cifar_images(train, root),
         _labels(train["fine_labels"]),
@@ -299,7 +355,7 @@ def load_svhn(data_dir: Path | None) -> Dataset:
 
     x_train, y_train = split("train_32x32.mat")
     x_test, y_test = split("test_32x32.mat")
-    return Dataset("svhn", x_train, y_train, x_test, y_test, DIGIT_NAMES)
+    return _with_validation("svhn", x_train, y_train, x_test, y_test, DIGIT_NAMES)
 
 
 def _npz_images(array: np.ndarray, path: Path) -> Tensor:
@@ -351,7 +407,7 @@ def load_npz(data_dir: Path | None) -> Dataset:
             raise DatasetError(f"{path}: labels must lie in 0..{len(class_names) - 1}")
         if "x_test" in content.files and "y_test" in content.files:
             x_test, y_test = _npz_images(content["x_test"], path), _labels(content["y_test"])
-            return Dataset("npz", images, labels, x_test, y_test, class_names)
+            return _with_validation("npz", images, labels, x_test, y_test, class_names)
     return _split("npz", images, labels, class_names)
 
 

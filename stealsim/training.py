@@ -205,6 +205,7 @@ def train_classifier(
         dataset=dataset.name,
         metrics={
             "test_accuracy": accuracy(model, dataset.x_test, dataset.y_test, device),
+            "validation_accuracy": accuracy(model, dataset.x_val, dataset.y_val, device),
             "train_accuracy": accuracy(model, dataset.x_train, dataset.y_train, device),
             "final_loss": history[-1],
             "train_seconds": time.perf_counter() - started,

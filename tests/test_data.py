@@ -17,10 +17,41 @@ from stealsim.errors import DatasetError
 RNG = np.random.default_rng(0)
 
 
+def _rows(images: torch.Tensor) -> set[bytes]:
+    return {row.numpy().tobytes() for row in images.flatten(1)}
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist5k"])
+def test_builtin_splits_are_disjoint_deterministic_and_stratified(name: str) -> None:
+    first, second = load_dataset(name), load_dataset(name)
+    total = len(first.y_train) + len(first.y_val) + len(first.y_test)
+    # 70 / 10 / 20, each within one image per class of its share.
+    assert abs(len(first.y_val) - 0.1 * total) <= 10 and abs(len(first.y_test) - 0.2 * total) <= 10
+    for split in ("train", "validation", "test"):
+        mine, theirs = first.split(split), second.split(split)
+        assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+    # Disjoint: no image of one split is in another (both built-ins hold no duplicate images).
+    train, val, test = _rows(first.x_train), _rows(first.x_val), _rows(first.x_test)
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert len(train) + len(val) + len(test) == total
+    # Stratified: every class's share of each split is within 2 points of its share overall.
+    labels = torch.cat([first.y_train, first.y_val, first.y_test])
+    overall = torch.bincount(labels, minlength=10).float() / len(labels)
+    for split_labels in (first.y_train, first.y_val, first.y_test):
+        share = torch.bincount(split_labels, minlength=10).float() / len(split_labels)
+        assert float((share - overall).abs().max()) < 0.02
+
+
+def test_unknown_split_is_refused() -> None:
+    with pytest.raises(DatasetError, match="unknown split 'dev'"):
+        load_dataset("digits").split("dev")
+
+
 def test_digits_split_is_fixed_and_stratified() -> None:
     first, second = load_dataset("digits"), load_dataset("digits")
     assert first.x_train.shape[1:] == (1, 8, 8)
-    assert len(first.x_train) + len(first.x_test) == 1797
+    assert len(first.x_train) + len(first.x_val) + len(first.x_test) == 1797
+    assert len(first.x_test) == 360  # the test split predates validation and did not change
     assert torch.equal(first.y_test, second.y_test)
     assert torch.equal(first.x_test, second.x_test)
     assert float(first.x_train.min()) >= 0.0 and float(first.x_train.max()) <= 1.0
@@ -31,7 +62,7 @@ def test_digits_split_is_fixed_and_stratified() -> None:
 def test_mnist5k_is_28x28_in_unit_range() -> None:
     data = load_dataset("mnist5k")
     assert data.input_shape == (1, 28, 28)
-    assert len(data.x_train) == 4000 and len(data.x_test) == 1000
+    assert len(data.x_train) == 3500 and len(data.x_val) == 500 and len(data.x_test) == 1000
     assert float(data.x_train.max()) == 1.0 and float(data.x_train.min()) == 0.0
 
 
@@ -71,9 +102,11 @@ def _write_idx_set(directory: Path, compress: bool, train: int = 12, test: int =
 def test_idx_loader(tmp_path: Path, name: str, compress: bool) -> None:
     _write_idx_set(tmp_path, compress)
     data = load_dataset(name, tmp_path)
-    assert data.x_train.shape == (12, 1, 28, 28)
+    # The official test split is kept; validation is carved from the training images.
+    assert data.x_train.shape[1:] == (1, 28, 28) and len(data.x_train) + len(data.x_val) == 12
+    assert len(data.x_val) >= 1
     assert data.x_test.shape == (5, 1, 28, 28)
-    assert data.y_train.tolist() == [i % 10 for i in range(12)]
+    assert sorted(torch.cat([data.y_train, data.y_val]).tolist()) == sorted(i % 10 for i in range(12))
     assert data.x_train.dtype == torch.float32 and float(data.x_train.max()) <= 1.0
     assert data.num_classes == 10
 
@@ -110,18 +143,20 @@ def test_cifar10_loader(tmp_path: Path) -> None:
     (root / "test_batch").write_bytes(pickle.dumps(_cifar_batch(3, "labels")))
     (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
     data = load_dataset("cifar10", tmp_path)
-    assert data.x_train.shape == (8, 3, 32, 32) and data.x_test.shape == (3, 3, 32, 32)
+    assert len(data.x_train) + len(data.x_val) == 8 and data.x_test.shape == (3, 3, 32, 32)
     assert data.class_names[3] == "c3"
     # Channel-major CIFAR layout: the first 1024 bytes are the red plane.
     raw = pickle.loads((root / "data_batch_1").read_bytes())[b"data"]
-    assert torch.allclose(data.x_train[0, 0].flatten(), torch.from_numpy(raw[0, :1024] / 255.0).float())
+    red = torch.from_numpy(raw[0, :1024] / 255.0).float()
+    everything = torch.cat([data.x_train, data.x_val])
+    assert any(torch.allclose(image[0].flatten(), red) for image in everything)
 
 
 def test_cifar100_loader(tmp_path: Path) -> None:
     (tmp_path / "train").write_bytes(pickle.dumps(_cifar_batch(6, "fine_labels")))
     (tmp_path / "test").write_bytes(pickle.dumps(_cifar_batch(2, "fine_labels")))
     data = load_dataset("cifar100", tmp_path)
-    assert data.x_train.shape == (6, 3, 32, 32)
+    assert len(data.x_train) + len(data.x_val) == 6 and data.x_train.shape[1:] == (3, 32, 32)
     assert data.num_classes == 100
 
 
@@ -144,8 +179,8 @@ def test_svhn_loader_maps_label_ten_to_zero(tmp_path: Path) -> None:
         labels = np.array([[10], [1], [2], [3], [4]][:count], dtype=np.uint8)
         savemat(tmp_path / name, {"X": images, "y": labels})
     data = load_dataset("svhn", tmp_path)
-    assert data.x_train.shape == (5, 3, 32, 32)
-    assert data.y_train.tolist() == [0, 1, 2, 3, 4]
+    assert len(data.x_train) + len(data.x_val) == 5
+    assert sorted(torch.cat([data.y_train, data.y_val]).tolist()) == [0, 1, 2, 3, 4]
 
 
 def test_npz_loader_layouts_and_split(tmp_path: Path) -> None:
@@ -153,7 +188,7 @@ def test_npz_loader_layouts_and_split(tmp_path: Path) -> None:
     np.savez(tmp_path / "hw.npz", x=RNG.integers(0, 256, (50, 12, 12)).astype(np.uint8), y=labels)
     data = load_dataset("npz", tmp_path / "hw.npz")
     assert data.input_shape == (1, 12, 12)
-    assert len(data.x_train) == 40 and len(data.x_test) == 10
+    assert len(data.x_train) == 35 and len(data.x_val) == 5 and len(data.x_test) == 10
     assert data.num_classes == 5
 
     nhwc = RNG.random((6, 16, 16, 3)).astype(np.float32)
@@ -164,7 +199,8 @@ def test_npz_loader_layouts_and_split(tmp_path: Path) -> None:
     data = load_dataset("npz", directory)
     assert data.input_shape == (3, 16, 16)
     assert data.class_names == ("cat", "dog")
-    assert torch.allclose(data.x_train[1, 2], torch.from_numpy(nhwc[1, :, :, 2]))
+    everything = torch.cat([data.x_train, data.x_val])
+    assert any(torch.allclose(image[2], torch.from_numpy(nhwc[1, :, :, 2])) for image in everything)
 
 
 def test_npz_errors(tmp_path: Path) -> None:

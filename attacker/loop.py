@@ -55,6 +55,10 @@ class AttackSettings:
         ema_decay: moving average of the clones' weights (the average is evaluated).
         soft_loss: ``l1`` on recovered logits (the papers') or ``kl``.
         replay: size of the clones' replay memory of answered images (0: none).
+        updates_per_batch: training effort: clone updates per answered batch. The first
+            trains on the fresh batch joined with as many replayed answers, the others on
+            twice as many replayed answers alone (the fresh batch again when ``replay`` is 0).
+            Replayed answers are paid for already: more updates cost compute, not queries.
     """
 
     batch_size: int = 256
@@ -65,9 +69,11 @@ class AttackSettings:
     ema_decay: float = 0.995
     soft_loss: SoftLoss = "l1"
     replay: int = 20_000
+    updates_per_batch: int = 1
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.student_lr <= 0 or not 0 <= self.ema_decay < 1:
+        if (self.batch_size < 1 or self.student_lr <= 0 or not 0 <= self.ema_decay < 1
+                or self.updates_per_batch < 1 or self.replay < 0):
             raise AttackError(f"invalid attack settings: {self}")
 
     def student_settings(self) -> StudentSettings:
@@ -78,6 +84,7 @@ class AttackSettings:
             ema_decay=self.ema_decay,
             soft_loss=self.soft_loss,
             replay=self.replay,
+            updates_per_batch=self.updates_per_batch,
         )
 
 

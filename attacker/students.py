@@ -43,6 +43,9 @@ class StudentSettings:
         replay: answered images kept in a replay memory; each update also trains on
             as many of them (drawn at random) as it has fresh ones (0: no replay).
             Replay reuses answers already paid for: it costs compute, not queries.
+        updates_per_batch: updates per :meth:`Students.train_step`: the first on the
+            fresh batch (joined with replay), the others on ``2 * batch`` replayed
+            answers (on the fresh batch again without replay).
     """
 
     architecture: str | None = None
@@ -54,6 +57,7 @@ class StudentSettings:
     min_lr_fraction: float = 0.02
     soft_loss: SoftLoss = "l1"
     replay: int = 0
+    updates_per_batch: int = 1
 
 
 def cosine_factor(progress: float, floor: float) -> float:
@@ -125,9 +129,24 @@ class Students(nn.Module):
             set_learning_rate(optimizer, self.settings.learning_rate, factor)
 
     def train_step(self, images: Tensor, targets: Tensor) -> float:
-        """One optimiser step of every student on ``(images, targets)``; the mean loss."""
+        """``updates_per_batch`` optimiser steps of every student on a fresh answered batch.
+
+        The first step trains on ``(images, targets)`` joined with as many replayed
+        answers, the others on ``2 * len(images)`` replayed answers. Returns the
+        first step's mean loss (the one on the fresh batch).
+        """
+        fresh = len(images)
         if self.settings.replay > 0:
             images, targets = self.memory.add_and_join(images, targets)
+        first = self._update(images, targets)
+        for _ in range(self.settings.updates_per_batch - 1):
+            if self.settings.replay > 0:
+                images, targets = self.memory.sample(2 * fresh)
+            self._update(images, targets)
+        return first
+
+    def _update(self, images: Tensor, targets: Tensor) -> float:
+        """One optimiser step of every student on ``(images, targets)``; the mean loss."""
         total = 0.0
         for member, optimizer in zip(self.members, self.optimizers, strict=True):
             member.train()

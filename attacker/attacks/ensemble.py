@@ -45,8 +45,8 @@ class EnsembleSettings(AttackSettings):
         surrogate_dir: ``--data-dir`` of an on-disk surrogate dataset.
         surrogate_split: ``train``, ``test`` or ``all`` of a surrogate dataset.
         student_steps: member updates (each on a fresh answered batch) per generator update.
-        updates_per_batch: member updates per answered batch: the first on it (plus replay), the
-            others on replayed answers only (more compute per query; 1: Dual Student's schedule).
+        updates_per_batch: (shared with every attack) member updates per answered batch: the first
+            on it (plus replay), the others on replayed answers only (1: Dual Student's schedule).
         generator_lr, latent_dim, generator_width, balance_weight, generator_gain: as Dual Student's.
     """
 
@@ -63,7 +63,6 @@ class EnsembleSettings(AttackSettings):
     surrogate_dir: str | None = None
     surrogate_split: SurrogateSplit = "train"
     student_steps: int = 5
-    updates_per_batch: int = 1
     generator_lr: float = 1e-3
     latent_dim: int = 64
     generator_width: int = 16

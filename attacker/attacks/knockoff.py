@@ -33,7 +33,9 @@ class KnockoffSettings(AttackSettings):
         reward: the adaptive sampler's reward: ``certainty``, ``diversity``, ``loss`` or ``all``.
         bandit_lr: the bandit's step ``alpha``.
         temperature: KD temperature ``T`` on soft answers.
-        updates_per_batch: clone updates after each answered batch.
+        updates_per_batch: clone updates after each answered batch (the shared setting of
+            :class:`AttackSettings`; Knockoff trains only on its transfer set, so every update
+            draws ``train_batch`` images from it).
         train_batch: images per clone update, drawn from the transfer set.
 
     ``replay`` (from :class:`AttackSettings`) is the transfer set's capacity.

@@ -65,6 +65,9 @@ def test_nasty_study_writes_a_table(tmp_path: Path) -> None:
         "teacher", "nasty_teacher", "student_from_teacher", "student_from_nasty", "baseline_student"
     }
     assert "| mean |" in (out / "table.md").read_text()
+    # Settings are chosen on validation: every network is scored there too.
+    assert set(summary["validation_mean"]) == set(summary["mean"])
+    assert "Validation split" in (out / "table.md").read_text()
     load_checkpoint(out / "seed0" / "nasty")
 
 

@@ -1,21 +1,52 @@
-"""Reports of attack runs: one run's report.md and plot, and a comparison of several runs."""
+"""Reports of attack runs: one run's report.md and plot, and comparisons of several runs.
+
+Runs that differ only by their seed form a *group* (:func:`seed_group_key`); a
+comparison aggregates each group over its seeds: per metric the mean, the
+sample standard deviation (n - 1) and the minimum, and the number of seeds::
+
+    runs = read_runs([Path("runs/ds-s0"), Path("runs/ds-s1"), Path("runs/random-s0")])
+    groups = group_runs(runs)                 # or group_runs(runs, labels=[...])
+    print(seed_table(groups))                 # "mean ± std (min)" cells, an n column
+    plot_groups(groups, Path("cmp.png"), "attacks")   # mean curves with a ±1 std band
+
+Every aggregated table shows the random-noise baseline (``random``, run with
+the same victim, budget and evaluation set) beside each attack.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stealsim.errors import AttackError
 
 __all__ = [
+    "BASELINE_ATTACK",
     "COMPARED_METRICS",
+    "CURVE_METRICS",
+    "SEED_METRICS",
+    "Curve",
+    "Run",
+    "RunGroup",
+    "Spread",
+    "aggregate_runs",
     "compare_runs",
+    "format_spread",
+    "group_runs",
     "load_run",
+    "mean_curve",
+    "plot_groups",
     "plot_runs",
     "queries_to_reach",
+    "read_runs",
+    "seed_group_key",
+    "seed_table",
+    "spread",
     "write_run_report",
 ]
 
@@ -32,6 +63,20 @@ COMPARED_METRICS = (
     "queries_per_second",
     "wall_seconds",
 )
+SEED_METRICS = (
+    "fidelity",
+    "accuracy",
+    "transfer_success_rate",
+    "queries_to_90_fidelity",
+    "queries_used",
+    "eval_queries",
+    "wall_seconds",
+)
+"""The metrics of an aggregated table (one "mean ± std (min)" cell each)."""
+CURVE_METRICS = ("fidelity", "accuracy")
+"""The metrics drawn against queries, one panel each."""
+BASELINE_ATTACK = "random"
+BAND = "±1 std over seeds"
 
 
 def queries_to_reach(history: Sequence[dict[str, Any]], fidelity: float) -> int | None:
@@ -48,66 +93,444 @@ def _format(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "—"
+        if value.is_integer() and abs(value) >= 10:
+            return f"{int(value):,}"
         return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
 
 
-def plot_runs(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, title: str) -> None:
-    """Fidelity (solid) and accuracy (dashed) against queries, one colour per run."""
+# -- runs and groups ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run directory, read back."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed")
+
+
+def load_run(path: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """``(config, metrics, history)`` of a finished run directory."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        metrics = json.loads((path / "metrics.json").read_text())
+        history_path = path / "metrics.jsonl"
+        lines = history_path.read_text().splitlines() if history_path.is_file() else []
+        history = [json.loads(line) for line in lines if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AttackError(f"{path} is not a finished attack run: {exc}") from exc
+    return config, metrics, history
+
+
+def read_runs(paths: Sequence[Path]) -> list[Run]:
+    if not paths:
+        raise AttackError("give at least one run directory")
+    return [Run(path, *load_run(path)) for path in paths]
+
+
+def _victim_id(config: Mapping[str, Any]) -> str:
+    """The victim without the service's address: ``http model NAME`` or the checkpoint path."""
+    victim = str(config.get("victim"))
+    if config.get("victim_kind") == "http":
+        return "http model " + victim.rsplit(" model ", 1)[-1]
+    return victim
+
+
+def seed_group_key(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What must be equal for two runs to be seeds of one experiment.
+
+    The attack, the victim (for HTTP runs its model name, not the service's
+    address, which changes between services), the victim's public metadata, the
+    budget, the evaluation dataset, every attack setting and every evaluation
+    setting. Left out: ``seed``, ``device``, ``eval_every`` (where the curve is
+    sampled, not what is trained) and how the victim was reached. Runs against two
+    services that serve different models under one name therefore share a key;
+    separate them with labels (:func:`group_runs`).
+    """
+    info = dict(config.get("victim_info") or {})
+    info.pop("max_images_per_request", None)
+    key: dict[str, Any] = {
+        "attack": config.get("attack"),
+        "victim": _victim_id(config),
+        "victim_info": info,
+        "budget": config.get("budget"),
+        "eval_dataset": config.get("eval_dataset"),
+    }
+    for name, value in sorted((config.get("settings") or {}).items()):
+        key[f"settings.{name}"] = value
+    for name, value in sorted((config.get("evaluation") or {}).items()):
+        key[f"evaluation.{name}"] = value
+    return key
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class RunGroup:
+    """Runs of one experiment over seeds (or of one user-given label)."""
+
+    label: str
+    runs: list[Run]
+
+    @property
+    def attack(self) -> str:
+        attacks = {str(run.config.get("attack")) for run in self.runs}
+        return attacks.pop() if len(attacks) == 1 else "mixed"
+
+    @property
+    def seeds(self) -> list[Any]:
+        return [run.seed for run in self.runs]
+
+    def values(self, metric: str) -> list[Any]:
+        return [run.metrics.get(metric) for run in self.runs]
+
+
+_CONTEXT_FIELDS = ("victim", "victim_info", "budget", "eval_dataset")
+
+
+def _short_value(value: Any) -> str:
+    text = value if isinstance(value, str) else _canonical(value)
+    return text if len(text) <= 40 else "…" + text[-39:]
+
+
+def group_runs(runs: Sequence[Run], labels: Sequence[str] | None = None) -> list[RunGroup]:
+    """Runs grouped over seeds, in the order of their first run.
+
+    Without ``labels``, by :func:`seed_group_key`; a group is named by its attack
+    and whatever tells it apart from the other groups (settings that differ from
+    another group of the same attack; victim, budget or evaluation set that differ
+    at all). With ``labels`` (one per run), runs of one label form one group,
+    whatever their configs.
+    """
+    if labels is not None:
+        if len(labels) != len(runs):
+            raise AttackError(f"give one label per run: {len(labels)} labels for {len(runs)} runs")
+        named: dict[str, list[Run]] = {}
+        for run, label in zip(runs, labels, strict=True):
+            named.setdefault(label, []).append(run)
+        return [RunGroup(label, members) for label, members in named.items()]
+    keyed: dict[str, tuple[dict[str, Any], list[Run]]] = {}
+    for run in runs:
+        key = seed_group_key(run.config)
+        keyed.setdefault(_canonical(key), (key, []))[1].append(run)
+    keys = [key for key, _ in keyed.values()]
+    groups = []
+    for key, members in keyed.values():
+        shown = []
+        for field, value in key.items():
+            if field == "attack":
+                continue
+            if field in _CONTEXT_FIELDS:
+                others = keys
+            else:  # settings differ between attacks anyway: compare with the same attack
+                others = [other for other in keys if other["attack"] == key["attack"]]
+            if any(_canonical(other.get(field)) != _canonical(value) for other in others):
+                name = field.split(".", 1)[1] if field.startswith("settings.") else field
+                shown.append(f"{name}={_short_value(value)}")
+        label = str(key["attack"]) + (f" ({', '.join(shown)})" if shown else "")
+        groups.append(RunGroup(label, members))
+    return groups
+
+
+# -- aggregation ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One metric over the seeds of a group."""
+
+    n: int
+    """Runs with a value."""
+    of: int
+    """Runs in the group."""
+    mean: float
+    std: float
+    """Sample standard deviation (n - 1); NaN for a single value."""
+    min: float
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def spread(values: Sequence[Any]) -> Spread | None:
+    """Mean, sample std and min of the numbers in ``values`` (None, NaN and non-numbers skipped).
+
+    None when no value is a number.
+    """
+    numbers = [number for number in map(_number, values) if number is not None]
+    if not numbers:
+        return None
+    std = statistics.stdev(numbers) if len(numbers) > 1 else math.nan
+    return Spread(n=len(numbers), of=len(values), mean=statistics.fmean(numbers), std=std, min=min(numbers))
+
+
+def format_spread(value: Spread | None) -> str:
+    """``mean ± std (min)``; a single value alone; ``[k/n]`` when only k of n runs have one."""
+    if value is None:
+        return "—"
+    if value.n == 1:
+        text = _format(value.mean)
+    else:
+        std = "0" if value.std == 0 else _format(value.std)
+        text = f"{_format(value.mean)} ± {std} ({_format(value.min)})"
+    return text + (f" [{value.n}/{value.of}]" if value.n < value.of else "")
+
+
+def _context(group: RunGroup) -> str:
+    key = seed_group_key(group.runs[0].config)
+    return _canonical({field: key[field] for field in _CONTEXT_FIELDS}
+                      | {"hard_label": key.get("settings.hard_label")})
+
+
+def _baselines(groups: Sequence[RunGroup]) -> dict[int, RunGroup | None]:
+    """For each group (by position), the first random-noise group with the same victim, budget and evaluation set."""
+    found: dict[int, RunGroup | None] = {}
+    for index, group in enumerate(groups):
+        found[index] = next((other for other in groups if other.attack == BASELINE_ATTACK
+                             and _context(other) == _context(group)), None)
+    return found
+
+
+def seed_table(groups: Sequence[RunGroup], metrics: Sequence[str] = SEED_METRICS) -> str:
+    """A markdown table of the groups: ``mean ± std (min)`` per metric, the seeds, the baseline.
+
+    The last column is the group's mean fidelity minus that of the random-noise
+    baseline with the same victim, budget and evaluation set. Notes below the
+    table say what the cells mean, which groups have a single seed or no
+    baseline, and which runs report an evaluation error.
+    """
+    baselines = _baselines(groups)
+    header = ("| group | attack | n | seeds | " + " | ".join(metrics)
+              + f" | fidelity − {BASELINE_ATTACK} |")
+    lines = [header, "| --- " * (len(metrics) + 5) + "|"]
+    for index, group in enumerate(groups):
+        count = len(group.runs)
+        cells = " | ".join(format_spread(spread(group.values(name))) for name in metrics)
+        baseline = baselines[index]
+        if baseline is group:
+            versus = "baseline"
+        elif baseline is None:
+            versus = "no baseline"
+        else:
+            ours, theirs = spread(group.values("fidelity")), spread(baseline.values("fidelity"))
+            versus = f"{ours.mean - theirs.mean:+.4f}" if ours and theirs else "—"
+        seeds = ", ".join(str(seed) for seed in group.seeds)
+        lines.append(f"| {group.label} | {group.attack} | {'1 seed' if count == 1 else count} | {seeds} "
+                     f"| {cells} | {versus} |")
+    notes = [
+        "",
+        f"Cells: mean ± sample std (n − 1) (min) over the seeds of a group; n: runs in the group; "
+        f"[k/n]: only k runs have the value; fidelity − {BASELINE_ATTACK}: difference of the mean fidelities "
+        f"from the random-noise baseline with the same victim, budget and evaluation set.",
+    ]
+    single = [group.label for group in groups if len(group.runs) == 1]
+    if single:
+        notes.append(f"1 seed (no spread): {', '.join(single)}.")
+    repeated = [group.label for group in groups if len(set(map(str, group.seeds))) < len(group.runs)]
+    if repeated:
+        notes.append(f"Seeds repeat within: {', '.join(repeated)} (n counts runs, not distinct seeds).")
+    if any(baselines[index] is None for index in range(len(groups))):
+        notes.append(f"No baseline: run `stealsim attack {BASELINE_ATTACK}` with the same victim, budget "
+                     "and evaluation set beside those groups.")
+    for group in groups:
+        for run in group.runs:
+            if run.metrics.get("evaluation_error"):
+                notes.append(f"{run.path.name}: evaluation error: {run.metrics['evaluation_error']}.")
+    return "\n".join(lines) + "\n" + "\n".join(notes) + "\n"
+
+
+# -- curves -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One metric against queries, the mean over a group's runs with a ±1 std band."""
+
+    queries: list[float]
+    mean: list[float]
+    std: list[float]
+    """Sample std per point (0 for a single run)."""
+    runs: int
+    interpolated: bool
+    """True when the runs were evaluated at different queries and are interpolated
+    (linearly) onto the union of their query counts where all of them overlap."""
+
+
+def _points(history: Sequence[dict[str, Any]], metric: str) -> list[tuple[float, float]]:
+    points = []
+    for line in history:
+        value = _number(line.get(metric))
+        if value is not None and "queries" in line:
+            points.append((float(line["queries"]), value))
+    return sorted(points)
+
+
+def mean_curve(histories: Sequence[Sequence[dict[str, Any]]], metric: str = "fidelity") -> Curve | None:
+    """The mean of ``metric`` over the histories at common query counts (None: no common point).
+
+    Histories evaluated at the same queries are averaged there; otherwise each is
+    interpolated onto the union of the query counts inside the range they all
+    cover (no extrapolation). Histories without a point of ``metric`` are left out.
+    """
+    import numpy as np
+
+    series = [points for points in (_points(history, metric) for history in histories) if points]
+    if not series:
+        return None
+    grids = [[query for query, _ in points] for points in series]
+    interpolated = any(grid != grids[0] for grid in grids)
+    if interpolated:
+        low, high = max(grid[0] for grid in grids), min(grid[-1] for grid in grids)
+        queries = sorted({query for grid in grids for query in grid if low <= query <= high})
+        if not queries:
+            return None
+        values = np.array([np.interp(queries, [q for q, _ in points], [v for _, v in points])
+                           for points in series])
+    else:
+        queries = grids[0]
+        values = np.array([[value for _, value in points] for points in series])
+    std = values.std(axis=0, ddof=1) if len(series) > 1 else np.zeros(len(queries))
+    return Curve(queries=list(map(float, queries)), mean=values.mean(axis=0).tolist(), std=std.tolist(),
+                 runs=len(series), interpolated=interpolated)
+
+
+def plot_groups(
+    groups: Sequence[RunGroup] | Sequence[tuple[str, Sequence[Sequence[dict[str, Any]]]]],
+    path: Path,
+    title: str,
+    metrics: Sequence[str] = CURVE_METRICS,
+) -> list[str]:
+    """One panel per metric against queries: each group's mean over seeds with a ±1 std band.
+
+    ``groups`` are :class:`RunGroup` or ``(label, histories)`` pairs. The legend
+    sits outside the panels. Writes nothing when no group has an evaluated point.
+    Returns notes on what was drawn (empty list: nothing was written).
+    """
+    named: list[tuple[str, Sequence[Sequence[dict[str, Any]]]]] = [
+        (group.label, [run.history for run in group.runs]) if isinstance(group, RunGroup) else group
+        for group in groups
+    ]
+    curves = {metric: [(label, mean_curve(histories, metric)) for label, histories in named]
+              for metric in metrics}
+    if not any(curve is not None for drawn in curves.values() for _, curve in drawn):
+        path.unlink(missing_ok=True)  # never leave a plot of an earlier, longer history
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for index, (label, history) in enumerate(runs):
-        points = [line for line in history if "fidelity" in line]
-        if not points:
-            continue
-        colour = f"C{index % 10}"
-        queries = [line["queries"] for line in points]
-        axis.plot(queries, [line["fidelity"] for line in points], "-o", ms=3, color=colour,
-                  label=f"{label} fidelity")
-        axis.plot(queries, [line["accuracy"] for line in points], "--", color=colour,
-                  label=f"{label} accuracy")
-    axis.set_xlabel("attack queries (images)")
-    axis.set_ylabel("fidelity / accuracy on the test set")
-    axis.set_ylim(0, 1.02)
-    axis.grid(alpha=0.3)
-    axis.set_title(title)
-    axis.legend(fontsize=8)
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics) + 2.4, 4), squeeze=False)
+    handles: dict[str, Any] = {}
+    interpolated: set[str] = set()
+    for axis, metric in zip(axes[0], metrics, strict=True):
+        for index, (label, curve) in enumerate(curves[metric]):
+            if curve is None:
+                continue
+            colour = f"C{index % 10}"
+            name = f"{label} ({curve.runs} seed{'s' if curve.runs > 1 else ''})"
+            (line,) = axis.plot(curve.queries, curve.mean, "-o", ms=3, color=colour)
+            if curve.runs > 1:
+                axis.fill_between(curve.queries, [m - s for m, s in zip(curve.mean, curve.std, strict=True)],
+                                  [m + s for m, s in zip(curve.mean, curve.std, strict=True)],
+                                  color=colour, alpha=0.2, linewidth=0)
+            handles.setdefault(name, line)
+            if curve.interpolated:
+                interpolated.add(label)
+        axis.set_xlabel("attack queries (images)")
+        axis.set_ylabel(f"{metric} on the test set")
+        axis.set_ylim(0, 1.02)
+        axis.grid(alpha=0.3)
+        axis.set_title(metric)
+    caption = f"mean over seeds, band {BAND}"
+    if interpolated:
+        caption += "; interpolated onto common queries: " + ", ".join(sorted(interpolated))
+    figure.suptitle(f"{title}\n{caption}", fontsize=9)
+    figure.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                  fontsize=8, frameon=False)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
+    notes = [f"{path}: {', '.join(metrics)} against queries, {caption}"]
+    return notes
+
+
+def plot_runs(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, title: str) -> bool:
+    """One curve per run (no aggregation), a panel per metric; False (nothing written) without any point."""
+    return bool(plot_groups([(label, [history]) for label, history in runs], path, title))
+
+
+# -- reports ------------------------------------------------------------------------------
+
+
+def _evaluation_cost(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+    """What evaluating the run cost, from the metrics (``planned_eval_queries`` and
+    ``evaluation_error`` only when the run recorded them)."""
+    spent = metrics.get("eval_queries")
+    text = (f"Evaluation queries are counted apart from the attack budget: {_format(spent)} spent"
+            if spent is not None else "The run did not record its evaluation queries")
+    if metrics.get("planned_eval_queries") is not None:
+        text += f" of {_format(metrics['planned_eval_queries'])} planned"
+    if config.get("victim_kind") == "http":
+        text += (", charged to the evaluation key" if config.get("separate_evaluation_key")
+                 else ", charged to the attack's key (the server counts them too)")
+    else:
+        text += " (in-process victim: nobody is charged)"
+    text += "."
+    if metrics.get("evaluation_error"):
+        text += (f"\n\n**Evaluation error:** {metrics['evaluation_error']}. Metrics it did not "
+                 "measure are missing below.")
+    return text
 
 
 def write_run_report(
     path: Path, config: dict[str, Any], metrics: dict[str, Any], history: list[dict[str, Any]]
 ) -> None:
-    """Write ``report.md`` and ``progress.png`` of the run in ``path``."""
-    plot_runs([(str(config.get("attack", "attack")), history)], path / "progress.png",
-              f"{config.get('attack')} against {config.get('victim')}")
+    """Write ``report.md`` and ``progress.png`` of the run in ``path``.
+
+    Without an evaluated point there is no plot; ``report.md`` says so.
+    """
+    title = f"{config.get('attack')} against {config.get('victim')}"
+    if plot_runs([(str(config.get("attack", "attack")), history)], path / "progress.png", title):
+        figure = "![fidelity and accuracy against queries](progress.png)"
+    else:
+        figure = ("No plot: the run has no evaluated point (no line of `metrics.jsonl` holds a "
+                  "fidelity), so there is nothing to draw.")
     rows = "\n".join(
         f"| {name} | {_format(metrics.get(name))} |"
-        for name in (*COMPARED_METRICS, "eval_queries", "stop_reason", "server_queries",
-                     "server_count_matches", "lost_queries", "transfer_epsilon")
+        for name in (*COMPARED_METRICS, "eval_queries", "planned_eval_queries", "evaluation_error",
+                     "stop_reason", "server_queries", "server_count_matches", "lost_queries",
+                     "transfer_epsilon")
         if name in metrics
     )
     settings = "\n".join(f"| {k} | {_format(v)} |" for k, v in sorted(config.get("settings", {}).items()))
     evaluations = "\n".join(
-        f"| {_format(line['queries'])} | {_format(line.get('fidelity'))} | {_format(line.get('accuracy'))} "
+        f"| {_format(line.get('queries'))} | {_format(line.get('fidelity'))} | {_format(line.get('accuracy'))} "
         f"| {_format(line.get('attack_seconds'))} |"
         for line in history
-    )
-    text = f"""# {config.get('attack')} against {config.get('victim')}
+    ) or "| — | — | — | — |"
+    text = f"""# {title}
 
-Budget {_format(config.get('budget'))} queries, seed {config.get('seed')}, evaluated on
-`{config.get('eval_dataset')}` (test split). Evaluation queries are counted apart
-from the attack budget ({_format(metrics.get('eval_queries'))} in this run).
+Budget {_format(config.get('budget'))} queries, seed {config.get('seed')} (a single seed:
+compare seeds with `stealsim report RUN...`), evaluated on `{config.get('eval_dataset')}`
+(test split). {_evaluation_cost(config, metrics)}
 
-![fidelity and accuracy against queries](progress.png)
+{figure}
 
 ## Final metrics
 
@@ -130,28 +553,32 @@ from the attack budget ({_format(metrics.get('eval_queries'))} in this run).
     (path / "report.md").write_text(text)
 
 
-def load_run(path: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """``(config, metrics, history)`` of a finished run directory."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-        metrics = json.loads((path / "metrics.json").read_text())
-        history = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AttackError(f"{path} is not a finished attack run: {exc}") from exc
-    return config, metrics, history
-
-
 def compare_runs(paths: Sequence[Path], plot_path: Path | None = None) -> str:
-    """A markdown table comparing runs (and, with ``plot_path``, one plot of all of them)."""
-    if not paths:
-        raise AttackError("give at least one run directory")
-    loaded = [(path, *load_run(path)) for path in paths]
-    header = "| run | attack | " + " | ".join(COMPARED_METRICS) + " |"
-    rule = "| --- " * (len(COMPARED_METRICS) + 2) + "|"
+    """A markdown table of runs, one row each (and, with ``plot_path``, one curve per run)."""
+    runs = read_runs(paths)
+    header = "| run | attack | seed | " + " | ".join(COMPARED_METRICS) + " |"
+    rule = "| --- " * (len(COMPARED_METRICS) + 3) + "|"
     lines = [header, rule]
-    for path, config, metrics, _ in loaded:
-        cells = " | ".join(_format(metrics.get(name)) for name in COMPARED_METRICS)
-        lines.append(f"| {path.name} | {config.get('attack')} | {cells} |")
+    for run in runs:
+        cells = " | ".join(_format(run.metrics.get(name)) for name in COMPARED_METRICS)
+        lines.append(f"| {run.path.name} | {run.config.get('attack')} | {run.seed} | {cells} |")
+    text = "\n".join(lines) + "\n"
+    if plot_path is not None and not plot_runs([(run.path.name, run.history) for run in runs],
+                                               plot_path, "attack runs"):
+        text += f"\nNo plot written to {plot_path}: no run has an evaluated point.\n"
+    return text
+
+
+def aggregate_runs(
+    paths: Sequence[Path], plot_path: Path | None = None, labels: Sequence[str] | None = None,
+    metrics: Sequence[str] = SEED_METRICS,
+) -> str:
+    """Runs grouped over seeds (:func:`group_runs`) in one table (:func:`seed_table`); with
+    ``plot_path``, their mean curves with a band (:func:`plot_groups`)."""
+    groups = group_runs(read_runs(paths), labels)
+    text = seed_table(groups, metrics)
     if plot_path is not None:
-        plot_runs([(path.name, history) for path, _, _, history in loaded], plot_path, "attack runs")
-    return "\n".join(lines) + "\n"
+        notes = plot_groups(groups, plot_path, "attack runs")
+        text += ("\nPlot: " + "; ".join(notes) + "\n" if notes
+                 else f"\nNo plot written to {plot_path}: no run has an evaluated point.\n")
+    return text

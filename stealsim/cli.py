@@ -443,12 +443,24 @@ def attack(
 @reports_errors
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories written by `stealsim attack`.")],
-    plot: Annotated[Path | None, typer.Option(help="Also write one plot of every run here (PNG).")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        help="Also draw fidelity and accuracy against queries here (PNG): a panel per metric, "
+             "each group's mean over seeds with a ±1 std band.")] = None,
+    per_run: Annotated[bool, typer.Option(
+        "--per-run", help="One row (and curve) per run instead of aggregating over seeds.")] = False,
+    label: Annotated[list[str] | None, typer.Option(
+        help="Group by these labels instead of by config: one per RUN, in order (repeat the option).")] = None,
 ) -> None:
-    """Compare attack runs in one table (markdown) and, with --plot, one figure."""
-    from attacker.report import compare_runs
+    """Compare attack runs in one markdown table: runs that differ only by seed are one group
+    (mean ± std (min) per metric, n seeds, the random baseline beside each attack)."""
+    from attacker.report import aggregate_runs, compare_runs
 
-    typer.echo(compare_runs(runs, plot), nl=False)
+    if per_run:
+        if label:
+            raise ConfigError("--label groups runs; it has no meaning with --per-run")
+        typer.echo(compare_runs(runs, plot), nl=False)
+    else:
+        typer.echo(aggregate_runs(runs, plot, labels=label or None), nl=False)
 
 
 @app.command()

@@ -1,0 +1,156 @@
+"""Reports over seeds: aggregation on fixed numbers, grouping by seed, mean curves, no empty plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from attacker.report import (
+    aggregate_runs,
+    compare_runs,
+    format_spread,
+    group_runs,
+    mean_curve,
+    plot_groups,
+    read_runs,
+    seed_table,
+    spread,
+    write_run_report,
+)
+
+
+def fake_run(root: Path, name: str, *, attack: str = "dual-student", seed: int = 0, budget: int = 1000,
+             fidelity: float = 0.5, settings: dict[str, Any] | None = None, port: int = 8000,
+             history: list[dict[str, Any]] | None = None, **metrics: Any) -> Path:
+    """A run directory as attacker/runner.py writes it (HTTP victim, model ``normal``)."""
+    path = root / name
+    path.mkdir(parents=True)
+    config = {
+        "attack": attack, "budget": budget, "seed": seed, "victim": f"http://127.0.0.1:{port} model normal",
+        "victim_kind": "http", "eval_dataset": "digits", "eval_every": 500, "device": "cpu",
+        "separate_evaluation_key": True,
+        "victim_info": {"input_shape": [1, 8, 8], "num_classes": 10, "output_kind": "probabilities",
+                        "max_images_per_request": 1024, "name": "normal"},
+        "settings": {"batch_size": 100, "student_lr": 0.002, **(settings or {})},
+        "evaluation": {"transfer_samples": 20},
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "metrics.json").write_text(json.dumps({"fidelity": fidelity, "accuracy": fidelity - 0.1,
+                                                    "queries_used": budget, "eval_queries": 360, **metrics}))
+    if history is None:
+        history = [{"queries": 500, "fidelity": fidelity / 2, "accuracy": 0.2},
+                   {"queries": budget, "fidelity": fidelity, "accuracy": fidelity - 0.1}]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in history))
+    return path
+
+
+def test_spread_on_fixed_numbers() -> None:
+    value = spread([0.8, 0.9, 1.0])
+    assert value is not None
+    assert value.mean == pytest.approx(0.9) and value.std == pytest.approx(0.1) and value.min == 0.8
+    assert (value.n, value.of) == (3, 3)
+    assert format_spread(value) == "0.9000 ± 0.1000 (0.8000)"
+    two = spread([2.0, 4.0, None])  # sample std (n - 1): sqrt(2); None skipped but counted
+    assert two is not None and two.std == pytest.approx(math.sqrt(2)) and (two.n, two.of) == (2, 3)
+    assert format_spread(two).endswith("[2/3]")
+    one = spread([0.5])
+    assert one is not None and math.isnan(one.std) and format_spread(one) == "0.5000"
+    assert spread([None, float("nan")]) is None and format_spread(None) == "—"
+
+
+def test_runs_that_differ_only_by_seed_are_one_group(tmp_path: Path) -> None:
+    paths = [
+        # the service's port changes between runs: still the same victim
+        fake_run(tmp_path, "ds-s0", seed=0, fidelity=0.8, port=8001),
+        fake_run(tmp_path, "ds-s1", seed=1, fidelity=0.9, port=8002),
+        fake_run(tmp_path, "ds-s2", seed=2, fidelity=1.0),
+        fake_run(tmp_path, "ds-lr-s0", seed=0, fidelity=0.7, settings={"student_lr": 0.001}),
+        fake_run(tmp_path, "random-s0", attack="random", seed=0, fidelity=0.6, settings={"steps_per_call": 5}),
+        fake_run(tmp_path, "random-s1", attack="random", seed=1, fidelity=0.7, settings={"steps_per_call": 5}),
+        fake_run(tmp_path, "ds-big", seed=0, budget=2000, fidelity=0.95),
+    ]
+    groups = group_runs(read_runs(paths))
+    assert [[run.path.name for run in group.runs] for group in groups] == [
+        ["ds-s0", "ds-s1", "ds-s2"], ["ds-lr-s0"], ["random-s0", "random-s1"], ["ds-big"]]
+    assert [group.label for group in groups] == [
+        "dual-student (budget=1000, student_lr=0.002)", "dual-student (budget=1000, student_lr=0.001)",
+        "random (budget=1000)", "dual-student (budget=2000, student_lr=0.002)"]
+    table = seed_table(groups, ("fidelity",))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    first = rows["dual-student (budget=1000, student_lr=0.002)"]
+    assert "| 3 | 0, 1, 2 | 0.9000 ± 0.1000 (0.8000) | +0.2500 |" in first  # random's mean is 0.65
+    assert "| 1 seed | 0 | 0.7000 | +0.0500 |" in rows["dual-student (budget=1000, student_lr=0.001)"]
+    assert "0.6500 ± 0.0707 (0.6000) | baseline |" in rows["random (budget=1000)"]
+    assert "no baseline" in rows["dual-student (budget=2000, student_lr=0.002)"]  # no random at 2000
+    assert "1 seed (no spread)" in table and "No baseline" in table
+
+
+def test_labels_override_the_grouping(tmp_path: Path) -> None:
+    paths = [fake_run(tmp_path, "a", fidelity=0.2), fake_run(tmp_path, "b", fidelity=0.4, budget=5),
+             fake_run(tmp_path, "c", fidelity=0.9)]
+    groups = group_runs(read_runs(paths), labels=["x", "x", "y"])
+    assert [(group.label, len(group.runs)) for group in groups] == [("x", 2), ("y", 1)]
+    with pytest.raises(Exception, match="one label per run"):
+        group_runs(read_runs(paths), labels=["x"])
+    assert "Seeds repeat within: x" in seed_table(groups)  # both "x" runs have seed 0
+
+
+def test_mean_curve_same_queries_and_interpolated() -> None:
+    same = mean_curve([[{"queries": 10, "fidelity": 0.2}, {"queries": 20, "fidelity": 0.4}],
+                       [{"queries": 10, "fidelity": 0.4}, {"queries": 20, "fidelity": 0.8}]])
+    assert same is not None and not same.interpolated and same.runs == 2
+    assert same.queries == [10, 20] and same.mean == pytest.approx([0.3, 0.6])
+    assert same.std == pytest.approx([math.sqrt(0.02), math.sqrt(0.08)])
+    shifted = mean_curve([[{"queries": 0, "fidelity": 0.0}, {"queries": 100, "fidelity": 1.0}],
+                          [{"queries": 50, "fidelity": 0.5}, {"queries": 150, "fidelity": 0.5}]])
+    assert shifted is not None and shifted.interpolated
+    assert shifted.queries == [50, 100]  # only where both runs have a value, no extrapolation
+    assert shifted.mean == pytest.approx([0.5, 0.75])
+    assert mean_curve([[{"queries": 10, "accuracy": 0.3}]], "fidelity") is None
+
+
+def test_no_empty_plot_is_ever_written(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "never-evaluated", history=[], planned_eval_queries=2000,
+                   evaluation_error="HTTP 429 on the evaluation key")
+    (run / "progress.png").write_bytes(b"stale")
+    config, metrics = (json.loads((run / name).read_text()) for name in ("config.json", "metrics.json"))
+    write_run_report(run, config, metrics, [])
+    assert not (run / "progress.png").exists()
+    report = (run / "report.md").read_text()
+    assert "No plot: the run has no evaluated point" in report
+    assert "360 spent of 2,000 planned, charged to the evaluation key" in report
+    assert "HTTP 429 on the evaluation key" in report
+    assert plot_groups([("nothing", [[{"queries": 5}]])], tmp_path / "empty.png", "t") == []
+    assert not (tmp_path / "empty.png").exists()
+    assert "No plot written" in aggregate_runs([run], tmp_path / "agg.png")
+    assert not (tmp_path / "agg.png").exists()
+    assert "evaluation error: HTTP 429" in aggregate_runs([run])
+
+
+def test_reports_with_points_write_plots(tmp_path: Path) -> None:
+    paths = [fake_run(tmp_path, f"s{seed}", seed=seed, fidelity=0.5 + seed / 10) for seed in range(3)]
+    config, metrics = (json.loads((paths[0] / name).read_text()) for name in ("config.json", "metrics.json"))
+    history = [json.loads(line) for line in (paths[0] / "metrics.jsonl").read_text().splitlines()]
+    write_run_report(paths[0], config, metrics, history)
+    assert (paths[0] / "progress.png").stat().st_size > 1000
+    assert "![fidelity and accuracy" in (paths[0] / "report.md").read_text()
+    text = aggregate_runs(paths, tmp_path / "mean.png")
+    assert "band ±1 std over seeds" in text and (tmp_path / "mean.png").stat().st_size > 1000
+    per_run = compare_runs(paths, tmp_path / "each.png")
+    assert per_run.count("\n") == 5 and (tmp_path / "each.png").stat().st_size > 1000
+
+
+def test_cli_report_aggregates_by_default(tmp_path: Path) -> None:
+    paths = [str(fake_run(tmp_path, f"s{seed}", seed=seed, fidelity=0.8 + seed / 10)) for seed in range(2)]
+    command = [sys.executable, "-m", "stealsim", "report", *paths]
+    aggregated = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert aggregated.returncode == 0, aggregated.stderr
+    assert "| dual-student | dual-student | 2 | 0, 1 | 0.8500 ± 0.0707 (0.8000) |" in aggregated.stdout
+    each = subprocess.run([*command, "--per-run"], capture_output=True, text=True, timeout=120)
+    assert each.returncode == 0 and "| s1 | dual-student | 1 |" in each.stdout

@@ -318,87 +318,158 @@ def _number(text: str | None) -> float:
         return math.nan
 
 
+_SEED_COLUMNS = ("fidelity", "accuracy", "transfer_success_rate")
+"""The metrics of the grid report's table over seeds."""
+_BASELINE = "random"
+
+SeedKey = tuple[str, str, str, int]
+"""``(attack, victim, defense, budget)``: the cells that differ only by seed."""
+
+
+def _seed_groups(results: Iterable[dict[str, str]]) -> dict[SeedKey, list[dict[str, str]]]:
+    """Finished rows by (attack, victim, defense, budget); a cell counts once (its last line)."""
+    latest = {row["cell"]: row for row in results}
+    groups: dict[SeedKey, list[dict[str, str]]] = {}
+    for row in latest.values():
+        groups.setdefault((row["attack"], row["victim"], row["defense"], int(row["budget"])), []).append(row)
+    return dict(sorted(groups.items()))
+
+
+def _seed_table(groups: dict[SeedKey, list[dict[str, str]]]) -> str:
+    """Markdown: ``mean ± std (min)`` per metric over each cell's seeds, n, and the random baseline."""
+    from attacker.report import format_spread, spread
+
+    def mean_fidelity(rows: list[dict[str, str]]) -> float | None:
+        value = spread([_number(row["fidelity"]) for row in rows])
+        return None if value is None else value.mean
+
+    columns = ("attack", "victim", "defense", "budget", "n", "seeds", *_SEED_COLUMNS, f"fidelity − {_BASELINE}")
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for (attack, victim, defense, budget), rows in groups.items():
+        cells = [format_spread(spread([_number(row.get(name)) for row in rows])) for name in _SEED_COLUMNS]
+        baseline = groups.get((_BASELINE, victim, defense, budget))
+        ours, theirs = mean_fidelity(rows), mean_fidelity(baseline) if baseline else None
+        if attack == _BASELINE:
+            versus = "baseline"
+        elif ours is None or theirs is None:
+            versus = "no baseline"
+        else:
+            versus = f"{ours - theirs:+.3f}"
+        seeds = ", ".join(row["seed"] for row in sorted(rows, key=lambda row: int(row["seed"])))
+        count = "1 seed" if len(rows) == 1 else str(len(rows))
+        lines.append("| " + " | ".join([attack, victim, defense, f"{budget:,}", count, seeds, *cells, versus]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_grid_report(out: Path) -> Path:
-    """``report.md`` with the tables and two plots: fidelity against budget per defense, and the trade-off."""
+    """``report.md`` with the tables and two plots: fidelity against budget per defense, and the trade-off.
+
+    Cells that differ only by seed are aggregated: mean ± sample std (min) and n
+    in the table, the mean with a ±1 std band in the plots.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    from attacker.report import spread
+
     results = [row for row in read_csv(out / "results.csv") if row["status"] == "done"]
     costs = read_csv(out / "defenses.csv")
-    # mean fidelity over seeds, per (attack, victim, defense, budget)
-    groups: dict[tuple[str, str, str, int], list[float]] = {}
-    for row in results:
-        key = (row["attack"], row["victim"], row["defense"], int(row["budget"]))
-        groups.setdefault(key, []).append(_number(row["fidelity"]))
-    mean = {key: sum(values) / len(values) for key, values in groups.items()}
-    defenses = sorted({key[2] for key in mean})
-    lines = sorted({(key[0], key[1]) for key in mean})
+    groups = _seed_groups(results)
+    fidelity = {key: spread([_number(row["fidelity"]) for row in rows]) for key, rows in groups.items()}
+    defenses = sorted({key[2] for key in groups})
+    lines = sorted({(key[0], key[1]) for key in groups})
     plots = []
-    if defenses:
-        figure, axes = plt.subplots(1, len(defenses), figsize=(4.5 * len(defenses), 4), squeeze=False)
+    if any(value is not None for value in fidelity.values()):
+        figure, axes = plt.subplots(1, len(defenses), figsize=(4.5 * len(defenses) + 2, 4), squeeze=False)
+        handles: dict[str, Any] = {}
         for axis, defense in zip(axes[0], defenses, strict=True):
             for index, (attack, victim) in enumerate(lines):
-                points = sorted((budget, value) for (a, v, d, budget), value in mean.items()
-                                if (a, v, d) == (attack, victim, defense))
-                if points:
-                    axis.plot([p[0] for p in points], [p[1] for p in points], "-o" if victim == "normal" else "--s",
-                              color=f"C{index % 10}", label=f"{attack} / {victim}", ms=4)
+                points = sorted((budget, value) for (a, v, d, budget), value in fidelity.items()
+                                if (a, v, d) == (attack, victim, defense) and value is not None)
+                if not points:
+                    continue
+                colour = f"C{index % 10}"
+                budgets = [budget for budget, _ in points]
+                means = [value.mean for _, value in points]
+                (line,) = axis.plot(budgets, means, "-o" if victim == "normal" else "--s", color=colour, ms=4)
+                spreads = [(value.mean - value.std, value.mean + value.std) if value.n > 1 else
+                           (value.mean, value.mean) for _, value in points]
+                axis.fill_between(budgets, [low for low, _ in spreads], [high for _, high in spreads],
+                                  color=colour, alpha=0.2, linewidth=0)
+                seeds = max(value.n for _, value in points)
+                handles.setdefault(f"{attack} / {victim} ({seeds} seed{'s' if seeds > 1 else ''})", line)
             axis.set_xscale("log")
             axis.set_ylim(0, 1.02)
             axis.set_title(f"defense: {defense}")
             axis.set_xlabel("attack budget (queries)")
             axis.grid(alpha=0.3)
-        axes[0][0].set_ylabel("fidelity (mean over seeds)")
-        axes[0][-1].legend(fontsize=7)
+        axes[0][0].set_ylabel("fidelity: mean over seeds, band ±1 std")
+        figure.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                      fontsize=7, frameon=False)
         figure.tight_layout()
-        figure.savefig(out / "fidelity_vs_budget.png", dpi=110)
+        figure.savefig(out / "fidelity_vs_budget.png", dpi=110, bbox_inches="tight")
         plt.close(figure)
-        plots.append("![fidelity against budget, one panel per defense](fidelity_vs_budget.png)")
-    if costs and mean:
-        top = max(key[3] for key in mean)
+        plots.append("![fidelity against budget, one panel per defense: mean over seeds, band ±1 std]"
+                     "(fidelity_vs_budget.png)")
+    if costs and any(value is not None for value in fidelity.values()):
+        top = max(key[3] for key, value in fidelity.items() if value is not None)
         figure, axis = plt.subplots(figsize=(6.5, 4.5))
         for index, (attack, victim) in enumerate(lines):
-            xs, ys, names = [], [], []
+            xs, ys, errors, names = [], [], [], []
             for cost in costs:
                 if cost["victim"] != victim:
                     continue
-                value = mean.get((attack, victim, cost["defense"], top))
+                value = fidelity.get((attack, victim, cost["defense"], top))
                 if value is not None:
                     xs.append(_number(cost["accuracy"]))
-                    ys.append(value)
+                    ys.append(value.mean)
+                    errors.append(value.std if value.n > 1 else 0.0)
                     names.append(cost["defense"])
-            axis.scatter(xs, ys, color=f"C{index % 10}", marker="o" if victim == "normal" else "s",
-                         label=f"{attack} / {victim}")
+            if not xs:
+                continue
+            axis.errorbar(xs, ys, yerr=errors, fmt="o" if victim == "normal" else "s", color=f"C{index % 10}",
+                          capsize=3, label=f"{attack} / {victim}")
             for x, y, name in zip(xs, ys, names, strict=True):
                 axis.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         axis.set_xlabel("honest users' accuracy of the defended answers")
-        axis.set_ylabel(f"attacker's fidelity at budget {top:,}")
+        axis.set_ylabel(f"attacker's fidelity at budget {top:,}\n(mean over seeds, bar ±1 std)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
         figure.tight_layout()
-        figure.savefig(out / "tradeoff.png", dpi=110)
+        figure.savefig(out / "tradeoff.png", dpi=110, bbox_inches="tight")
         plt.close(figure)
         plots.append("![what a defense costs honest users against the fidelity it leaves](tradeoff.png)")
+    if not plots:
+        plots.append("No plots: no finished cell has a fidelity yet.")
 
     def table(rows: Iterable[dict[str, str]], columns: Sequence[str]) -> str:
         head = "| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns) + "\n"
         body = "\n".join("| " + " | ".join(_short(row.get(c, "")) for c in columns) + " |" for row in rows)
         return head + body + "\n"
 
+    single = sum(1 for rows in groups.values() if len(rows) == 1)
     text = f"""# Grid report
 
-{len(results)} finished cells (`results.csv`); defended answers' cost to honest
-users on the test set (`defenses.csv`): accuracy and ECE (15 bins; label-only
-answers count as one-hot, confidence 1).
+{len(results)} finished cells (`results.csv`) in {len(groups)} groups of seeds
+({single} with a single seed); defended answers' cost to honest users on the
+test set (`defenses.csv`): accuracy and ECE (15 bins; label-only answers count
+as one-hot, confidence 1).
 
 {chr(10).join(plots)}
 
+## Over seeds
+
+Each row: the cells that differ only by seed. Cells: mean ± sample std (n − 1)
+(min) over the seeds; `fidelity − {_BASELINE}`: mean fidelity minus that of the
+random-noise baseline with the same victim, defense and budget.
+
+{_seed_table(groups)}
 ## What each defense costs honest users
 
 {table(costs, ("victim", "defense", "accuracy", "ece"))}
-## Cells
+## Cells (one line per seed)
 
 {table(results, ("attack", "victim", "defense", "budget", "seed", "queries", "accuracy", "fidelity",
                  "transfer_success_rate", "wall_seconds"))}"""

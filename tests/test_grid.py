@@ -18,7 +18,7 @@ import redis
 import yaml
 from redis_support import delete_matching, redis_url  # noqa: F401 - fixture
 
-from experiments.grid import cells_of, load_spec, run_grid
+from experiments.grid import RESULT_COLUMNS, cells_of, load_spec, run_grid, write_grid_report
 
 SPEC = {
     "dataset": "digits",
@@ -75,8 +75,51 @@ def test_grid_in_process_writes_cells_costs_and_report(in_process_grid: Path, gr
     assert float(costs["top1"]["ece"]) == pytest.approx(1.0 - float(costs["top1"]["accuracy"]), abs=1e-6)
     report = (in_process_grid / "report.md").read_text()
     assert "| normal | top1 |" in report
+    assert "| random | normal | none | 300 | 1 seed | 0 |" in report  # one seed per cell in this grid
     assert (in_process_grid / "fidelity_vs_budget.png").stat().st_size > 1000
     assert (in_process_grid / "tradeoff.png").stat().st_size > 1000
+
+
+def write_results(out: Path, rows: list[dict[str, object]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(RESULT_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            cell = f"{row['attack']}__normal__none__b{row['budget']}__s{row['seed']}"
+            writer.writerow({"cell": cell, "victim": "normal", "defense": "none", "status": "done",
+                             "queries": row["budget"], "accuracy": 0.5, "transfer_success_rate": 0.1,
+                             "victim_accuracy": 0.9, "wall_seconds": 1.0, **row})
+
+
+def test_grid_report_aggregates_the_seeds_of_each_cell(tmp_path: Path) -> None:
+    rows: list[dict[str, object]] = [
+        {"attack": "dual-student", "budget": 300, "seed": seed, "fidelity": fidelity}
+        for seed, fidelity in ((0, 0.8), (1, 0.9), (2, 1.0))
+    ] + [
+        {"attack": "random", "budget": 300, "seed": seed, "fidelity": fidelity}
+        for seed, fidelity in ((0, 0.6), (1, 0.7))
+    ] + [{"attack": "dual-student", "budget": 600, "seed": 0, "fidelity": 0.95}]
+    # a failed attempt does not count; a cell written twice counts once (its last line)
+    rows.insert(0, {"attack": "random", "budget": 300, "seed": 0, "fidelity": "", "status": "failed"})
+    rows.insert(0, {"attack": "dual-student", "budget": 300, "seed": 0, "fidelity": 0.1})
+    write_results(tmp_path, rows)
+    report = write_grid_report(tmp_path).read_text()
+    assert ("| dual-student | normal | none | 300 | 3 | 0, 1, 2 | 0.9000 ± 0.1000 (0.8000) "
+            "| 0.5000 ± 0 (0.5000) | 0.1000 ± 0 (0.1000) | +0.250 |") in report
+    assert "| random | normal | none | 300 | 2 | 0, 1 | 0.6500 ± 0.0707 (0.6000) |" in report
+    assert "| baseline |" in report
+    assert "| dual-student | normal | none | 600 | 1 seed | 0 | 0.9500 |" in report
+    assert "no baseline |" in report  # no random cell at budget 600
+    assert "in 3 groups of seeds" in report and "(1 with a single seed)" in report
+    assert (tmp_path / "fidelity_vs_budget.png").stat().st_size > 1000
+
+
+def test_grid_report_without_finished_cells_writes_no_plot(tmp_path: Path) -> None:
+    write_results(tmp_path, [{"attack": "random", "budget": 300, "seed": 0, "status": "failed", "fidelity": ""}])
+    report = write_grid_report(tmp_path).read_text()
+    assert "No plots: no finished cell has a fidelity yet." in report
+    assert not (tmp_path / "fidelity_vs_budget.png").exists() and not (tmp_path / "tradeoff.png").exists()
 
 
 def test_grid_resume_skips_finished_cells(in_process_grid: Path, grid_files: tuple[Path, Path],

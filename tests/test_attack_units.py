@@ -414,8 +414,11 @@ def test_report_command_compares_runs(digits_checkpoint: Path, tmp_path: Path) -
     assert "queries_used=300" in result.output
     result = runner.invoke(app, ["report", str(out), "--plot", str(tmp_path / "cmp.png")])
     assert result.exit_code == 0, result.output
-    assert "| run | attack |" in result.output and "| run | random |" in result.output
+    assert "| group | attack | n |" in result.output and "| random | random | 1 seed | 0 |" in result.output
     assert (tmp_path / "cmp.png").is_file()
+    result = runner.invoke(app, ["report", str(out), "--per-run"])
+    assert result.exit_code == 0, result.output
+    assert "| run | attack |" in result.output and "| run | random | 0 |" in result.output
     bad = runner.invoke(app, ["attack", "nope", "--victim-checkpoint", str(digits_checkpoint),
                               "--budget", "10", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown attack" in bad.output

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from attacker.attacks import ATTACKS, build_attack, make_settings
-from attacker.evaluation import EvalConfig, Evaluator, default_epsilon, pgd_linf
+from attacker.evaluation import EvalConfig, Evaluator, default_epsilon, default_epsilons, pgd_linf
 from attacker.loop import LoopConfig
 from attacker.losses import (
     class_balance_loss,
@@ -254,7 +254,8 @@ def test_the_loop_learns_something(local_victim: InProcessVictim, tmp_path: Path
                           reference_factory=lambda: build_student(local_victim.info, attack.settings.student_settings()))
     outcome = attack.run(local_victim, LoopConfig(budget=20_000, show_progress=False), RunDirectory(tmp_path), evaluator)
     assert outcome.metrics["fidelity"] > 0.3  # chance is ~0.1
-    assert metered.used == len(data.y_test) + 2 * 50  # test set once, clone PGD, reference PGD
+    # test set once, then clone and reference PGD: 50 images x 3 epsilons x (untargeted, targeted)
+    assert metered.used == len(data.y_test) + 2 * 50 * 3 * 2
 
 
 # -- resume ---------------------------------------------------------------------------------------
@@ -332,9 +333,11 @@ def test_pgd_stays_in_the_ball_and_fools_its_own_model(local_victim: InProcessVi
         clean = (model(images).argmax(1) == labels).float().mean()
         attacked = (model(adversarial).argmax(1) == labels).float().mean()
     assert attacked < clean - 0.3
-    assert default_epsilon((1, 28, 28)) == 0.3
+    assert default_epsilons((1, 28, 28)) == (0.125, 0.15, 0.175)
+    assert default_epsilons((1, 8, 8)) == (0.125, 0.175, 0.225)
+    assert default_epsilon((1, 28, 28)) == 0.15  # the middle one: transfer_success_rate's
     assert default_epsilon((3, 32, 32)) == pytest.approx(8 / 255)
-    assert default_epsilon((1, 8, 8)) == 0.2
+    assert default_epsilon((1, 8, 8)) == 0.175
 
 
 def test_evaluator_metrics_and_costs(local_victim: InProcessVictim, tmp_path: Path) -> None:
@@ -352,14 +355,29 @@ def test_evaluator_metrics_and_costs(local_victim: InProcessVictim, tmp_path: Pa
     assert metrics["normalised_accuracy"] == pytest.approx(1.0)
     assert metered.used == len(data.y_test)
     final = evaluator.evaluate(victim_model, final=True)
-    assert metered.used == len(data.y_test) + 40 + 40
-    assert 0 <= final["reference_transfer_success_rate"] <= 1
-    assert final["transfer_success_rate"] > 0.5  # white-box PGD on the victim itself
-    evaluator.evaluate(victim_model, final=True)  # reference cached: only the clone's 40 more
-    assert metered.used == len(data.y_test) + 40 * 3
-    again = Evaluator(data, BudgetedVictim(local_victim, None), EvalConfig(), cache_dir=tmp_path)
+    per_transfer = 40 * 3 * 2  # 40 images x 3 epsilons x (untargeted, targeted)
+    assert metered.used == len(data.y_test) + 2 * per_transfer
+    for eps in (0.125, 0.175, 0.225):
+        for kind in ("transfer_untargeted", "transfer_targeted", "reference_transfer_untargeted",
+                     "reference_transfer_targeted"):
+            assert 0 <= final[f"{kind}@{eps}"] <= 1
+        # white-box PGD on the victim itself; targeted is the harder goal
+        assert final[f"transfer_untargeted@{eps}"] >= final[f"transfer_targeted@{eps}"]
+    assert final["transfer_untargeted@0.225"] > 0.5
+    assert final["transfer_success_rate"] == final["transfer_untargeted@0.175"]
+    assert final["reference_transfer_success_rate"] == final["reference_transfer_untargeted@0.175"]
+    assert final["transfer_epsilon"] == 0.175
+    evaluator.evaluate(victim_model, final=True)  # reference cached: only the clone's examples again
+    assert metered.used == len(data.y_test) + 3 * per_transfer
+    again = Evaluator(data, BudgetedVictim(local_victim, None), EvalConfig(transfer_samples=40, reference_epochs=1),
+                      cache_dir=tmp_path)
     again.victim_labels()
-    assert again.victim.used == 0  # cached in the run directory
+    assert again.victim.used == 0  # cached in the run directory, per split
+    assert again.planned_queries(1) == per_transfer  # split and reference cached: the clone's examples only
+    validation = Evaluator(data, BudgetedVictim(local_victim, None), EvalConfig(split="validation"), cache_dir=tmp_path)
+    validation.victim_labels()
+    assert validation.victim.used == len(data.y_val)  # another split: never the test split's answers
+    assert (tmp_path / "victim_validation_labels.pt").is_file() and (tmp_path / "victim_test_labels.pt").is_file()
 
 
 def test_run_directory_report_and_comparison(digits_checkpoint: Path, tmp_path: Path) -> None:

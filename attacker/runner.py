@@ -10,21 +10,32 @@ baseline, a checkpoint loaded in this process (``victim_checkpoint``).
 
 Evaluation queries (see :mod:`attacker.evaluation`) are counted apart from the
 attack budget. Over HTTP they are charged to ``eval_api_key`` when given, else
-to the attack's own key, whose budget must then cover both (the run logs the
-evaluation cost at its start and reports it in ``eval_queries``).
+to the attack's own key, whose budget must then cover both.
+
+Before the first query and before anything is written (the run directory is
+not even created), the run is planned: the attack budget left and the
+evaluation queries it will spend (:meth:`~attacker.evaluation.Evaluator.plan`,
+an upper bound). Over HTTP the keys' remaining budgets (``GET /v1/usage``, free)
+must cover the plan, or the run is refused with an :class:`AttackError` naming
+the numbers and the ways out. ``metrics.json`` records ``planned_eval_queries``
+next to the actual ``eval_queries``; if the final evaluation still fails (a key
+drained by someone else mid-run), the run writes what it has with
+``evaluation_error``, and ``stealsim attack`` exits 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from attacker.attacks import attack_class, build_attack, make_settings
 from attacker.client import HttpVictim
-from attacker.evaluation import EvalConfig, Evaluator
+from attacker.evaluation import EvalConfig, EvalPlan, Evaluator
 from attacker.loop import LoopConfig
 from attacker.report import queries_to_reach, write_run_report
 from attacker.rundir import Ledger, RunDirectory
@@ -33,7 +44,7 @@ from attacker.victims import BudgetedVictim, InProcessVictim, OutputKind, Victim
 from stealsim.errors import AttackError
 from stealsim.training import seed_everything
 
-__all__ = ["RunSpec", "infer_eval_dataset", "run_attack"]
+__all__ = ["RunSpec", "infer_eval_dataset", "run_attack", "transfer_evaluations"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +133,88 @@ def _reconcile(victim: Victim, ledger: Ledger, resume: bool) -> None:
         logger.warning("the server counts %d fewer queries than this run (refunds?)", expected - used)
 
 
-def _stored_config(spec: RunSpec, victim: Victim, eval_dataset: str, settings: dict[str, Any]) -> dict[str, Any]:
+def transfer_evaluations(config: LoopConfig, spent: int, every_eval: bool) -> int:
+    """Evaluations with transfer still ahead of a run that has spent ``spent`` attack queries.
+
+    The final one; with ``transfer_every_eval`` also every intermediate one: the
+    loop evaluates when a step reaches a multiple of the interval while budget
+    remains, so at most one per multiple in ``(spent, budget)`` (fewer when a step
+    spans several multiples).
+    """
+    if not every_eval:
+        return 1
+    interval = config.evaluation_interval
+    return 1 + max(0, (config.budget - 1) // interval - spent // interval)
+
+
+def _largest_fitting_budget(available: int, spent: int, cost: Callable[[int], int]) -> int:
+    """A budget ``b > spent`` as large as possible with ``(b - spent) + cost(b) <= available``; 0 if none.
+
+    ``cost`` (the evaluation plan) is constant in ``b`` unless transfer runs at every
+    evaluation, when it grows by steps; each try lowers ``b`` by what it overshot.
+    """
+    budget = spent + available
+    while budget > spent:
+        excess = (budget - spent) + cost(budget) - available
+        if excess <= 0:
+            return budget
+        budget -= excess
+    return 0
+
+
+def _remaining(victim: HttpVictim) -> int | None:
+    """The key's remaining images (``None``: unlimited)."""
+    remaining = victim.usage().get("remaining")
+    return None if remaining is None else int(remaining)
+
+
+def _check_keys(
+    spec: RunSpec,
+    victim: Victim,
+    eval_victim: Victim,
+    eval_on_attack_key: bool,
+    spent: int,
+    plan_for: Callable[[int], EvalPlan],
+) -> None:
+    """Refuse a run its keys cannot pay for: before any query, nothing charged, nothing written."""
+    if not isinstance(victim, HttpVictim):
+        return
+    plan = plan_for(spec.budget)
+    attack_left = spec.budget - spent
+    # Flags are written as they are typed (no thousands separators), so they can be pasted.
+    what = f"--budget {spec.budget}" if not spec.resume else f"the {attack_left:,} attack queries this run has left"
+    remaining = _remaining(victim)
+    if eval_on_attack_key:
+        needed = attack_left + plan.total
+        if remaining is not None and remaining < needed:
+            fit = _largest_fitting_budget(remaining, spent, lambda budget: plan_for(budget).total)
+            if spec.resume:
+                way = "top the key up, or resume with --eval-api-key KEY (a separate key for evaluation)"
+            elif fit >= 1:
+                way = (f"pass --eval-api-key KEY (a separate key for evaluation), or a smaller budget: "
+                       f"--budget {fit} is the largest that fits")
+            else:
+                way = "pass --eval-api-key KEY (a separate key for evaluation): the evaluation alone does not fit"
+            raise AttackError(
+                f"the attack key has {remaining:,} images left, but this run needs {needed:,}: {what} "
+                f"plus {plan.describe()}, charged to the same key; {way}"
+            )
+        return
+    if remaining is not None and remaining < attack_left:
+        way = ("top the key up" if spec.resume or remaining < 1
+               else f"pass --budget {remaining} (what the key has left) or top the key up")
+        raise AttackError(f"the attack key has {remaining:,} images left, fewer than {what}; {way}")
+    assert isinstance(eval_victim, HttpVictim)
+    eval_remaining = _remaining(eval_victim)
+    if eval_remaining is not None and eval_remaining < plan.total:
+        raise AttackError(
+            f"the evaluation key has {eval_remaining:,} images left, but this run needs {plan.describe()}; "
+            "top the evaluation key up or use another, or evaluate less (--transfer-samples, --transfer-epsilons)"
+        )
+
+
+def _stored_config(spec: RunSpec, victim: Victim, eval_dataset: str, settings: dict[str, Any],
+                   evaluator: Evaluator) -> dict[str, Any]:
     return {
         "attack": spec.attack,
         "budget": spec.budget,
@@ -130,32 +222,55 @@ def _stored_config(spec: RunSpec, victim: Victim, eval_dataset: str, settings: d
         "victim_kind": "http" if spec.url else "in-process",
         "victim_info": asdict(victim.info),
         "eval_dataset": eval_dataset,
+        "eval_split": evaluator.split,
         "eval_every": spec.eval_every,
         "separate_evaluation_key": bool(spec.eval_api_key),
         "seed": spec.seed,
         "device": spec.device,
         "settings": settings,
         "evaluation": asdict(spec.evaluation),
+        "transfer_epsilons": list(evaluator.epsilons),
     }
 
 
+def _stored_evaluation(stored: dict[str, Any], given: EvalConfig) -> EvalConfig:
+    """A resumed run keeps the evaluation settings it started with (split, epsilons, samples, ...)."""
+    fields = stored.get("evaluation")
+    if not isinstance(fields, dict):
+        return given
+    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    values = {key: value for key, value in fields.items() if key in known}
+    if values.get("transfer_epsilons") is not None:
+        values["transfer_epsilons"] = tuple(float(eps) for eps in values["transfer_epsilons"])
+    return EvalConfig(**values)
+
+
 def run_attack(spec: RunSpec) -> dict[str, Any]:
-    """Run (or resume) one attack; write the run directory; return the final metrics."""
+    """Run (or resume) one attack; write the run directory; return the final metrics.
+
+    Raises :class:`AttackError` before any query and any write when the keys
+    cannot cover the plan (see the module docstring). A failed final evaluation
+    does not raise: the metrics carry ``evaluation_error``.
+    """
     from stealsim.data import load_dataset
     from stealsim.training import resolve_device
 
     attack_class(spec.attack)  # fail on a bad name before any side effect
     run_dir = RunDirectory(spec.out)
-    run_dir.prepare(spec.resume)
+    if spec.resume or spec.out.exists():
+        run_dir.prepare(spec.resume)  # checks only: on an existing path it creates nothing
     started = time.perf_counter()
     settings_overrides = dict(spec.settings)
+    ledger = Ledger()
     if spec.resume:
         stored = run_dir.read_json("config.json")
         if stored.get("attack") != spec.attack:
             raise AttackError(f"{spec.out} holds a {stored.get('attack')} run, not {spec.attack}")
         settings_overrides = dict(stored.get("settings", {}))
-        spec = RunSpec(**{**spec.__dict__, "budget": int(stored["budget"]), "seed": int(stored["seed"]),
-                          "eval_every": int(stored.get("eval_every", 0))})
+        spec = replace(spec, budget=int(stored["budget"]), seed=int(stored["seed"]),
+                       eval_every=int(stored.get("eval_every", 0)),
+                       evaluation=_stored_evaluation(stored, spec.evaluation))
+        ledger = run_dir.read_ledger()
     victim, eval_victim, eval_on_attack_key = _open_victims(spec)
     try:
         eval_name = spec.eval_dataset or infer_eval_dataset(victim.info.input_shape)
@@ -163,12 +278,10 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
         device = resolve_device(spec.device)
         settings = make_settings(spec.attack, **settings_overrides)
         settings_dict = {k: v for k, v in asdict(settings).items()}
-        if not spec.resume:
-            run_dir.write_json("config.json", _stored_config(spec, victim, eval_name, settings_dict))
-        ledger = run_dir.read_ledger() if spec.resume else Ledger(eval_on_attack_key=eval_on_attack_key)
+        loop_config = LoopConfig(budget=spec.budget, eval_every=spec.eval_every, seed=spec.seed,
+                                 show_progress=spec.show_progress)
         ledger.eval_on_attack_key = eval_on_attack_key
-        _reconcile(victim, ledger, spec.resume)
-        run_dir.write_ledger(ledger)
+        _reconcile(victim, ledger, spec.resume)  # in memory only, until the checks pass
 
         def eval_charged(used: int) -> None:
             ledger.eval_queries = used
@@ -180,24 +293,37 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
             metered_eval,
             spec.evaluation,
             reference_factory=lambda: build_student(victim.info, settings.student_settings()),
-            cache_dir=spec.out,
+            cache_dir=spec.out if spec.out.is_dir() else None,
             device=device,
         )
-        transfer = min(spec.evaluation.transfer_samples, len(dataset.y_test))
-        logger.info(
-            "evaluation costs %d queries for the test set (once) + %d per transfer evaluation "
-            "+ %d once for the reference model, charged to %s",
-            len(dataset.y_test), transfer, transfer,
-            "the attack key" if eval_on_attack_key else ("the evaluation key" if spec.url else "nobody (in-process)"),
-        )
+        spent = ledger.attack_queries
+
+        def plan_for(budget: int) -> EvalPlan:
+            config = replace(loop_config, budget=budget)
+            return evaluator.plan(transfer_evaluations(config, spent, spec.evaluation.transfer_every_eval))
+
+        plan = plan_for(spec.budget)
+        _check_keys(spec, victim, eval_victim, eval_on_attack_key, spent, plan_for)
         # Seed before the clones and generators are built, so that a run's result does
         # not depend on what ran earlier in this process.
         seed_everything(spec.seed)
         attack = build_attack(spec.attack, victim.info, device, **settings_dict)
+
+        # Every check passed: from here on the run writes.
+        run_dir.prepare(spec.resume)
+        evaluator.cache_dir = spec.out
+        if not spec.resume:
+            run_dir.write_json("config.json", _stored_config(spec, victim, eval_name, settings_dict, evaluator))
+        run_dir.write_ledger(ledger)
+        planned_eval_queries = ledger.eval_queries + plan.total
+        logger.info(
+            "evaluation on the %s split of %s (epsilons %s) plans %s, charged to %s",
+            evaluator.split, eval_name, ", ".join(f"{eps:g}" for eps in evaluator.epsilons), plan.describe(),
+            "the attack key" if eval_on_attack_key else ("the evaluation key" if spec.url else "nobody (in-process)"),
+        )
         outcome = attack.run(
             victim,
-            LoopConfig(budget=spec.budget, eval_every=spec.eval_every, seed=spec.seed,
-                       show_progress=spec.show_progress),
+            loop_config,
             run_dir,
             evaluator,
             resume=spec.resume,
@@ -208,6 +334,9 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
             spec.resume and (spec.out / "metrics.json").is_file()) else 0.0
         metrics.update(
             eval_queries=ledger.eval_queries,
+            planned_eval_queries=planned_eval_queries,
+            eval_split=evaluator.split,
+            transfer_epsilons=list(evaluator.epsilons),
             lost_queries=ledger.lost_queries,
             queries_to_90_fidelity=queries_to_reach(outcome.history, 0.90),
             queries_to_95_fidelity=queries_to_reach(outcome.history, 0.95),
@@ -225,6 +354,9 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
             )
         run_dir.write_json("metrics.json", metrics)
         write_run_report(spec.out, run_dir.read_json("config.json"), metrics, outcome.history)
+        if metrics.get("evaluation_error"):
+            logger.error("the final evaluation failed (metrics.json has what the run measured): %s",
+                         metrics["evaluation_error"])
         return metrics
     finally:
         for one in {id(victim): victim, id(eval_victim): eval_victim}.values():

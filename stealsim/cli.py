@@ -381,8 +381,16 @@ def attack(
     setting: Annotated[
         list[str] | None, typer.Option("--set", help="KEY=VALUE attack setting (JSON value), repeatable.")
     ] = None,
-    transfer_epsilon: Annotated[float | None, typer.Option(help="L-inf PGD budget (default by input).")] = None,
-    transfer_samples: Annotated[int, typer.Option(min=1, help="Test images attacked by PGD.")] = 500,
+    eval_split: Annotated[
+        str, typer.Option(help="Split evaluated: test (report) or validation (choosing settings).")
+    ] = "test",
+    transfer_epsilons: Annotated[
+        str | None, typer.Option(help="L-inf PGD budgets of the transfer sweep, e.g. 0.05,0.1,0.15 (default by input).")
+    ] = None,
+    transfer_epsilon: Annotated[
+        float | None, typer.Option(help="One L-inf PGD budget (a sweep of one; see --transfer-epsilons).")
+    ] = None,
+    transfer_samples: Annotated[int, typer.Option(min=1, help="Images of the split attacked by PGD.")] = 500,
     reference_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the transfer reference model.")] = 15,
     threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads for training.")] = None,
     device: DeviceOption = "cpu",
@@ -401,7 +409,12 @@ def attack(
     surrogate_split: Annotated[str | None, typer.Option(help="train, test or all of the surrogate dataset.")] = None,
     sampling: Annotated[str | None, typer.Option(help="knockoff: random or adaptive (bandit over classes).")] = None,
 ) -> None:
-    """Steal a victim model within a query budget; write a run directory with metrics and a report."""
+    """Steal a victim model within a query budget; write a run directory with metrics and a report.
+
+    Over HTTP the run is refused (exit 2, nothing charged or written) when the keys
+    cannot cover --budget plus the planned evaluation; a final evaluation that still
+    fails leaves the run directory written and exits 1.
+    """
     import torch
 
     from attacker.evaluation import EvalConfig
@@ -419,6 +432,18 @@ def attack(
             overrides[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key.replace("-", "_")] = value
+    if eval_split not in ("test", "validation"):
+        raise ConfigError(f"--eval-split {eval_split!r}: choose test or validation")
+    if transfer_epsilons is not None and transfer_epsilon is not None:
+        raise ConfigError("give --transfer-epsilons or --transfer-epsilon, not both")
+    epsilons: tuple[float, ...] | None = None
+    if transfer_epsilons is not None:
+        try:
+            epsilons = tuple(float(text) for text in transfer_epsilons.split(",") if text.strip())
+        except ValueError as exc:
+            raise ConfigError(
+                f"--transfer-epsilons {transfer_epsilons!r}: expected numbers separated by commas, e.g. 0.05,0.1,0.15"
+            ) from exc
     if threads is not None:
         torch.set_num_threads(threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -430,13 +455,19 @@ def attack(
             eval_dataset=eval_dataset, eval_api_key=eval_api_key, eval_every=eval_every,
             seed=seed, device=device, resume=resume, show_progress=not quiet,
             settings=overrides,
-            evaluation=EvalConfig(transfer_epsilon=transfer_epsilon, transfer_samples=transfer_samples,
+            evaluation=EvalConfig(split="validation" if eval_split == "validation" else "test",
+                                  transfer_epsilons=epsilons,
+                                  transfer_epsilon=transfer_epsilon, transfer_samples=transfer_samples,
                                   reference_epochs=reference_epochs),
         )
     )
     shown = ("queries_used", "fidelity", "accuracy", "victim_accuracy", "transfer_success_rate",
-             "eval_queries", "stop_reason")
+             "eval_queries", "planned_eval_queries", "stop_reason")
     typer.echo(f"{out}: " + " ".join(f"{k}={metrics.get(k)}" for k in shown))
+    if metrics.get("evaluation_error"):
+        typer.echo(f"error: final evaluation failed: {metrics['evaluation_error']} "
+                   f"(the run directory {out} holds what was measured)", err=True)
+        raise typer.Exit(code=1)
 
 
 @app.command()

@@ -5,6 +5,7 @@ server is a tiny local HTTP server that answers 503, which the real one does not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -29,6 +30,8 @@ from stealsim.errors import BudgetExhaustedError, VictimAPIError
 
 DIGITS_TEST = 360  # images in the digits test split: the evaluation's one-off cost
 TRANSFER = 20
+EPSILONS = 3  # the default transfer sweep, each untargeted and targeted
+EVAL_COST = DIGITS_TEST + 2 * TRANSFER * EPSILONS * 2  # the split, the clone's and the reference's PGD
 TINY_FLAGS = ["--set", "student_width=8", "--batch-size", "64", "--transfer-samples", str(TRANSFER),
               "--reference-epochs", "1", "--threads", "1", "--quiet"]
 GENERATOR_FLAGS = ["--set", "generator_width=8", "--set", "latent_dim=16"]
@@ -210,13 +213,13 @@ def test_every_attack_within_its_budget_over_http(
     name: str, victim_server: ServerProcess, client: httpx.Client, tmp_path: Path
 ) -> None:
     budget = 1200
-    key = new_key(client, budget=budget + DIGITS_TEST + 2 * TRANSFER)
+    key = new_key(client, budget=budget + EVAL_COST)
     out = tmp_path / name
     result = run_cli(attack_command(name, victim_server, key, out, budget, "--eval-every", "500"))
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["queries_used"] == budget
-    assert metrics["eval_queries"] == DIGITS_TEST + 2 * TRANSFER
+    assert metrics["eval_queries"] == metrics["planned_eval_queries"] == EVAL_COST
     server_used = usage(victim_server, key)["used"]
     assert server_used == metrics["queries_used"] + metrics["eval_queries"]
     assert metrics["server_count_matches"] is True
@@ -235,25 +238,114 @@ def test_label_only_victim_and_separate_evaluation_key(
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert usage(victim_server, key)["used"] == metrics["queries_used"] == 800
-    assert usage(victim_server, eval_key)["used"] == metrics["eval_queries"] == DIGITS_TEST + 2 * TRANSFER
+    assert usage(victim_server, eval_key)["used"] == metrics["eval_queries"] == EVAL_COST
     assert json.loads((out / "config.json").read_text())["victim_info"]["output_kind"] == "label"
 
 
-def test_server_budget_exhausted_stops_cleanly(victim_server: ServerProcess, client: httpx.Client, tmp_path: Path) -> None:
-    key = new_key(client, budget=700)  # the server's budget is below --budget
-    eval_key = new_key(client, budget=1000)
+# -- evaluation accounting: refused before any query, never lost at the end ----------------------
+
+
+def test_a_key_that_cannot_cover_budget_and_evaluation_is_refused(
+    victim_server: ServerProcess, client: httpx.Client, tmp_path: Path
+) -> None:
+    budget = 1000
+    key = new_key(client, budget=budget + EVAL_COST - 1)  # one image short
     out = tmp_path / "run"
-    result = run_cli(attack_command("random", victim_server, key, out, 5000, "--eval-api-key", eval_key))
-    assert result.returncode == 0, result.stderr
+    refused = run_cli(attack_command("random", victim_server, key, out, budget))
+    assert refused.returncode == 2, refused.stderr
+    message = " ".join(refused.stderr.split())
+    assert "error: the attack key has 1,599 images left, but this run needs 1,600" in message
+    assert f"up to {EVAL_COST} evaluation queries" in message
+    assert "--eval-api-key KEY" in message and "--budget 999 is the largest that fits" in message
+    assert usage(victim_server, key)["used"] == 0  # nothing charged
+    assert not out.exists()  # nothing written, not even the directory
+
+    # The suggested budget fits exactly: the key ends spent to its last image.
+    fits = run_cli(attack_command("random", victim_server, key, out, budget - 1))
+    assert fits.returncode == 0, fits.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_queries"] == metrics["planned_eval_queries"] == EVAL_COST
+    assert usage(victim_server, key)["remaining"] == 0 and "fidelity" in metrics
+
+    # The other way out: evaluation on a key of its own.
+    key = new_key(client, budget=budget)
+    eval_key = new_key(client, budget=EVAL_COST)
+    separate = run_cli(attack_command("random", victim_server, key, tmp_path / "separate", budget,
+                                      "--eval-api-key", eval_key))
+    assert separate.returncode == 0, separate.stderr
+    assert usage(victim_server, key)["used"] == budget
+    assert usage(victim_server, eval_key)["used"] == EVAL_COST
+
+
+def test_a_budget_beyond_the_keys_remaining_is_refused(
+    victim_server: ServerProcess, client: httpx.Client, tmp_path: Path
+) -> None:
+    key = new_key(client, budget=700)
+    eval_key = new_key(client, budget=EVAL_COST)
+    out = tmp_path / "run"
+    out.mkdir()
+    refused = run_cli(attack_command("random", victim_server, key, out, 5000, "--eval-api-key", eval_key))
+    assert refused.returncode == 2, refused.stderr
+    message = " ".join(refused.stderr.split())
+    assert "the attack key has 700 images left, fewer than --budget 5000" in message
+    assert "--budget 700" in message
+    small_eval_key = new_key(client, budget=EVAL_COST - 1)
+    refused_eval = run_cli(attack_command("random", victim_server, key, out, 700, "--eval-api-key", small_eval_key))
+    assert refused_eval.returncode == 2, refused_eval.stderr
+    assert f"the evaluation key has {EVAL_COST - 1} images left" in " ".join(refused_eval.stderr.split())
+    for one in (key, eval_key, small_eval_key):
+        assert usage(victim_server, one)["used"] == 0
+    assert list(out.iterdir()) == []
+
+
+def drain(server: ServerProcess, key: str) -> None:
+    """Someone else spends what is left on ``key`` (racing the run for it)."""
+    with HttpVictim(server.url, key, "victim") as other:
+        while (left := int(other.usage()["remaining"])) > 0:
+            with contextlib.suppress(BudgetExhaustedError):  # the run took some in between: ask again
+                other.query(torch.rand(min(left, 512), 1, 8, 8))
+
+
+@pytest.mark.parametrize("separate_eval_key", [True, False], ids=["eval-key", "attack-key"])
+def test_a_key_drained_mid_run_stops_cleanly_and_keeps_what_it_has(
+    separate_eval_key: bool, victim_server: ServerProcess, client: httpx.Client, tmp_path: Path
+) -> None:
+    budget = 2000
+    # Four requests a second keep the run going (32 requests of 64) while the key is drained.
+    key = new_key(client, budget=budget if separate_eval_key else budget + EVAL_COST, rate="4/second")
+    extra = ["--eval-api-key", new_key(client, budget=EVAL_COST)] if separate_eval_key else []
+    out = tmp_path / "run"
+    process = subprocess.Popen(attack_command("random", victim_server, key, out, budget, *extra),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if json.loads((out / "ledger.json").read_text())["attack_queries"] > 0:
+                break
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before the key could be drained"
+    drain(victim_server, key)
+    _, stderr = process.communicate(timeout=240)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stop_reason"] == "server_budget_exhausted"
-    assert metrics["queries_used"] == usage(victim_server, key)["used"] <= 700
-    assert "fidelity" in metrics and (out / "report.md").is_file()
+    assert metrics["queries_used"] < budget and usage(victim_server, key)["remaining"] == 0
+    assert (out / "report.md").is_file()
+    if separate_eval_key:
+        assert process.returncode == 0, stderr
+        assert "fidelity" in metrics and "evaluation_error" not in metrics
+        assert metrics["eval_queries"] == metrics["planned_eval_queries"] == EVAL_COST
+    else:  # the final evaluation had nothing left to spend: written, reported, exit 1
+        assert process.returncode == 1, stderr
+        assert "error: final evaluation failed:" in stderr
+        assert "fidelity" not in metrics and "does not fit the remaining budget" in metrics["evaluation_error"]
+        assert "Evaluation error" in (out / "report.md").read_text()
 
 
 def test_resume_after_a_kill_over_http(victim_server: ServerProcess, client: httpx.Client, tmp_path: Path) -> None:
     budget = 12_000
-    key = new_key(client, budget=budget + DIGITS_TEST + 2 * TRANSFER)
+    key = new_key(client, budget=budget + EVAL_COST)  # the resumed run plans only what remains
     out = tmp_path / "run"
     command = attack_command("dual-student", victim_server, key, out, budget, "--eval-every", "1000")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

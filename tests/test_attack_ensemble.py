@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 from server_support import ServerProcess, new_key
-from test_attack_http import DIGITS_TEST, TINY_FLAGS, run_cli, usage
+from test_attack_http import DIGITS_TEST, EVAL_COST, TINY_FLAGS, run_cli, usage
 
 from attacker.attacks import build_attack
 from attacker.evaluation import EvalConfig
@@ -154,7 +154,7 @@ def test_every_uq_kind_over_http_within_budget(
 ) -> None:
     torch.set_num_threads(1)
     budget = 400
-    key = new_key(client, budget=budget + DIGITS_TEST + 2 * TRANSFER)
+    key = new_key(client, budget=budget + EVAL_COST)
     out = tmp_path / kind
     metrics = run_attack(tiny_spec(kind, out, budget, url=victim_server.url, api_key=key, swag_start=0.3))
     assert metrics["queries_used"] == budget
@@ -174,7 +174,7 @@ def test_every_uq_kind_over_http_within_budget(
 
 def test_ensemble_cli_flags(victim_server: ServerProcess, client: httpx.Client, tmp_path: Path) -> None:
     budget = 300
-    key = new_key(client, budget=budget + DIGITS_TEST + 2 * TRANSFER)
+    key = new_key(client, budget=budget + EVAL_COST)
     out = tmp_path / "cli"
     command = [sys.executable, "-m", "stealsim", "attack", "ensemble", "--url", victim_server.url,
                "--api-key", key, "--budget", str(budget), "--out", str(out), *TINY_FLAGS,

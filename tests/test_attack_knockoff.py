@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from server_support import ServerProcess, new_key
-from test_attack_http import DIGITS_TEST, TINY_FLAGS, run_cli, usage
+from test_attack_http import DIGITS_TEST, EVAL_COST, TINY_FLAGS, run_cli, usage
 
 from attacker.attacks import build_attack
 from attacker.evaluation import EvalConfig
@@ -119,7 +119,7 @@ def test_knockoff_over_http_within_budget(
 ) -> None:
     budget = 400
     policy = [{"name": "label_only"}] if label_only else None
-    key = new_key(client, budget=budget + DIGITS_TEST + 2 * TRANSFER, **({"policy": policy} if policy else {}))
+    key = new_key(client, budget=budget + EVAL_COST, **({"policy": policy} if policy else {}))
     out = tmp_path / "run"
     if label_only:  # through the command line (its flags), the others in this process
         command = [sys.executable, "-m", "stealsim", "attack", "knockoff", "--url", victim_server.url,

@@ -201,5 +201,4 @@ class Ensemble(Attack):
 
         if not isinstance(evaluator, Evaluator):
             return {}
-        data = evaluator.dataset
-        return member_diagnostics(self.uq.members(), data.x_test, data.y_test, evaluator.victim_labels())
+        return member_diagnostics(self.uq.members(), evaluator.images, evaluator.labels, evaluator.victim_labels())

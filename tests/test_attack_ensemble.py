@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 from server_support import ServerProcess, new_key
-from test_attack_http import DIGITS_TEST, EVAL_COST, TINY_FLAGS, run_cli, usage
+from test_attack_http import EVAL_COST, TINY_FLAGS, run_cli, usage
 
 from attacker.attacks import build_attack
 from attacker.evaluation import EvalConfig

@@ -65,7 +65,8 @@ def run_nasty_study(
     validation: list[SeedResult] = []
     for seed in seeds:
         train = TrainConfig(**(asdict(distill.train) | {"seed": seed}))
-        kd = DistillConfig(distill.alpha, distill.temperature, train)
+        student_train = settings.student_config(train)
+        kd = DistillConfig(distill.alpha, distill.temperature, student_train)
         teacher, teacher_meta = train_classifier(
             dataset, architecture, train, device, description=f"seed {seed} teacher",
             show_progress=show_progress,
@@ -76,7 +77,7 @@ def run_nasty_study(
         from_teacher = distill_student(teacher, dataset, student_architecture, kd, device, show_progress)
         from_nasty = distill_student(nasty, dataset, student_architecture, kd, device, show_progress)
         baseline, _ = train_classifier(
-            dataset, student_architecture, train, device, description=f"seed {seed} baseline",
+            dataset, student_architecture, student_train, device, description=f"seed {seed} baseline",
             show_progress=show_progress,
         )
         save_checkpoint(out / f"seed{seed}" / "teacher", teacher, teacher_meta)
@@ -100,6 +101,7 @@ def run_nasty_study(
         "nasty": asdict(settings),
         "kd": {"alpha": distill.alpha, "temperature": distill.temperature},
         "training": asdict(distill.train),
+        "student_training": asdict(settings.student_config(distill.train)),
         "seeds": [asdict(r) for r in results],
         "mean": summarise(results),
         "validation_seeds": [asdict(r) for r in validation],

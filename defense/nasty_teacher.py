@@ -51,6 +51,9 @@ class NastySettings:
         kd_temperature: the temperature students distil at in the Nasty Teacher
             study (``None``: ``tau``, as in the paper). Part of the evaluation
             protocol the defaults were chosen under, not of the teacher's training.
+        student_epochs: epochs of the study's students, KD and labels-only (``None``: those
+            of the training config). Also part of the study's protocol: KD needs more epochs
+            than labels alone before it helps (``benchmarks/kd_sweep.py``).
     """
 
     tau: float
@@ -59,17 +62,24 @@ class NastySettings:
     epochs: int | None = None
     learning_rate: float | None = None
     kd_temperature: float | None = None
+    student_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.tau <= 0 or self.omega < 0:
             raise ConfigError(f"--tau must be > 0 and --omega >= 0, got tau={self.tau} omega={self.omega}")
         if self.kd_temperature is not None and self.kd_temperature <= 0:
             raise ConfigError(f"the KD temperature must be > 0, got {self.kd_temperature}")
+        if self.student_epochs is not None and self.student_epochs < 1:
+            raise ConfigError(f"the students' epochs must be >= 1, got {self.student_epochs}")
 
     @property
     def student_temperature(self) -> float:
         """The KD temperature of the study's students: ``kd_temperature``, else ``tau``."""
         return self.tau if self.kd_temperature is None else self.kd_temperature
+
+    def student_config(self, config: TrainConfig) -> TrainConfig:
+        """``config`` with the study students' epochs where they are set."""
+        return config if self.student_epochs is None else replace(config, epochs=self.student_epochs)
 
     def training_config(self, config: TrainConfig) -> TrainConfig:
         """``config`` with this setting's epochs and learning rate where they are set."""

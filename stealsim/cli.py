@@ -236,7 +236,10 @@ def nasty_study(
     temperature: Annotated[
         float | None, typer.Option(help="Students' KD temperature T (default: the dataset's, else the Nasty tau).")
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    epochs: Annotated[int, typer.Option(min=1, help="Teachers' epochs (and students', unless set apart).")] = 30,
+    student_epochs: Annotated[
+        int | None, typer.Option(min=1, help="Students' epochs, KD and labels-only (default: the dataset's, else --epochs).")
+    ] = None,
     device: DeviceOption = "auto",
     data_dir: DataDirOption = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
@@ -254,6 +257,8 @@ def nasty_study(
     torch_device = resolve_device(device)
     data = load_dataset(dataset, data_dir)
     settings = settings_for(data.name, tau, omega)
+    if student_epochs is not None:
+        settings = replace(settings, student_epochs=student_epochs)
     channels, size, _ = data.input_shape
     architecture = arch or default_architecture(channels, size)
     config = DistillConfig(

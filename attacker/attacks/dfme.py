@@ -34,6 +34,9 @@ class DFMESettings(AttackSettings):
         latent_dim: size of the generator's noise vector.
         generator_width: channels of the generator's first map.
         generator_gain: images are ``sigmoid(gain * BN(a))`` (0: the plain ``sigmoid(a)``).
+        updates_per_batch: 2 by default (the shared setting): chosen on the digits validation
+            split at 150,000 queries, fidelity 0.906 / 0.867 with 1 update, 0.928 / 0.928 with 2
+            (seeds 0 / 1). 1 is the paper's.
     """
 
     student_steps: int = 5
@@ -43,6 +46,7 @@ class DFMESettings(AttackSettings):
     latent_dim: int = 64
     generator_width: int = 16
     generator_gain: float = 3.0
+    updates_per_batch: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -33,7 +33,7 @@ from attacker.losses import SoftLoss
 from attacker.rundir import Ledger, RunDirectory
 from attacker.students import Students, StudentSettings
 from attacker.victims import BudgetedVictim, Victim, VictimInfo
-from stealsim.errors import AttackError, BudgetExhaustedError
+from stealsim.errors import AttackError, BudgetExhaustedError, VictimAPIError
 from stealsim.progress import progress_bar
 from stealsim.training import seed_everything
 
@@ -299,8 +299,9 @@ class Attack(ABC):
             try:
                 line.update(evaluator.evaluate(self.clone(), final))
                 line.update(self.diagnostics(evaluator))
-            except BudgetExhaustedError as exc:
-                # The evaluation key ran dry: keep the run (and its checkpoint), report why.
+            except VictimAPIError as exc:
+                # The evaluation key ran dry or the victim failed: keep the run (and its checkpoint),
+                # report why (a final evaluation that failed makes the run exit non-zero).
                 logger.warning("evaluation skipped: %s", exc)
                 line["evaluation_error"] = str(exc)
         line["eval_queries"] = ledger.eval_queries

@@ -236,8 +236,8 @@ def _write_outputs(config: DemoConfig, rows: Sequence[RunRow], meta: dict[str, A
         runs = [(row.attack, _history(out / "runs" / row.run_name)) for row in rows if row.victim == victim]
         if any(history for _, history in runs):
             name = f"fidelity_{victim}.png"
-            plot_runs(runs, out / name, f"attacks against the {victim} victim")
-            plots[victim] = name
+            if plot_runs(runs, out / name, f"attacks against the {victim} victim"):
+                plots[victim] = name
     summary = {"status": status, **meta, "rows": [asdict(row) for row in rows], "plots": plots}
     summary_path = out / "summary.json"
     temporary = summary_path.with_suffix(".json.tmp")

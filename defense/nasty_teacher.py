@@ -94,12 +94,14 @@ PAPER_SETTINGS = NastySettings(tau=4.0, omega=0.04)
 """The paper's CIFAR-10 setting (Ma et al., Sec. 4.1), trained from scratch."""
 
 NASTY_DEFAULTS: dict[str, NastySettings] = {
-    "digits": NastySettings(tau=4.0, omega=0.07),
+    # digits: omega is the largest of 0.07 / 0.08 / 0.09 / 0.1 / 0.15 whose Nasty Teacher stays
+    # within 1.5 points of the normal one on the validation split (3 seeds, KD T 8, 60 epochs).
+    "digits": NastySettings(tau=4.0, omega=0.08, kd_temperature=8.0, student_epochs=60),
     "mnist5k": NastySettings(
         tau=20.0, omega=0.01, warm_start=True, epochs=15, learning_rate=1e-3, kd_temperature=40.0
     ),
 }
-"""Per-dataset defaults, chosen by the seed sweeps recorded in the README."""
+"""Per-dataset defaults, chosen on the validation split by the seed sweeps in docs/nasty-teacher.md."""
 
 
 def nasty_teacher_loss(

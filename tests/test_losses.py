@@ -68,7 +68,8 @@ def test_nasty_settings_have_dataset_defaults_and_overrides() -> None:
     assert settings_for("cifar10").tau == 4.0 and settings_for("cifar10").omega == 0.04
     assert settings_for("digits", omega=0.5).omega == 0.5
     # Students distil at tau unless the dataset's protocol says otherwise; a new tau drops it.
-    assert settings_for("digits").student_temperature == settings_for("digits").tau
+    assert settings_for("cifar10").student_temperature == settings_for("cifar10").tau
+    assert settings_for("digits", tau=6.0).student_temperature == 6.0
     mnist = settings_for("mnist5k")
     assert mnist.student_temperature == 2 * mnist.tau
     assert settings_for("mnist5k", tau=8.0).student_temperature == 8.0

@@ -8,7 +8,8 @@ Student's lead over each other attack (mean ± std of the per-seed differences).
 Every baseline runs at its own defaults (random noise and Knockoff trained as
 well as their answers allow: ``updates_per_batch``). Settings are chosen with
 ``--split validation``; reported numbers use the test split (the default).
-Then the HTTP overhead: Dual Student on ``digits`` at ``--http-budget`` against
+Transfer success per attack at each epsilon of the evaluator's sweep, untargeted
+and targeted, beside the independently trained reference. Then the HTTP overhead: Dual Student on ``digits`` at ``--http-budget`` against
 a real ``stealsim serve`` and against the same checkpoint in process (same
 seed); the ratio of the attack loops' wall times.
 
@@ -18,6 +19,7 @@ possible (``--quick``). The run directories stay under ``--out``;
 
     .venv/bin/python benchmarks/attack.py --threads 1 --seeds 0,1,2 --out runs/bench
     .venv/bin/python benchmarks/attack.py --quick
+    .venv/bin/python benchmarks/attack.py --render saved.json   # the tables of an earlier run
 """
 
 from __future__ import annotations
@@ -116,6 +118,36 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def transfer_markdown(result: dict[str, Any]) -> str:
+    """Transfer success per attack at each epsilon of the sweep: clone mean ± std, untargeted and
+    targeted, beside the independently trained reference (the same for every attack of a block)."""
+    lines: list[str] = []
+    for content in result.values():
+        if not isinstance(content, dict) or "attacks" not in content:
+            continue
+        first = next(iter(content["attacks"].values()))
+        epsilons = sorted({key.split("@", 1)[1] for key in first if key.startswith("transfer_untargeted@")},
+                          key=float)
+        if not epsilons:
+            continue
+        header = " | ".join(f"untargeted @{e} | targeted @{e}" for e in epsilons)
+        lines += ["", f"Transfer, {content['dataset']}, {content['labels']} labels (mean ± std over seeds):", "",
+                  f"| model | {header} |", "| --- |" + " ---: |" * (2 * len(epsilons))]
+
+        def cells(row: dict[str, Any], prefix: str) -> str:
+            out = []
+            for e in epsilons:
+                for kind in ("untargeted", "targeted"):
+                    value = row.get(f"{prefix}transfer_{kind}@{e}")
+                    out.append(f"{value['mean']:.3f} ± {value['std']:.3f}" if isinstance(value, dict) else "")
+            return " | ".join(out)
+
+        for name, row in content["attacks"].items():
+            lines.append(f"| {name} clone | {cells(row, '')} |")
+        lines.append(f"| reference (no queries) | {cells(first, 'reference_')} |")
+    return "\n".join(lines)
+
+
 def fresh(path: Path) -> Path:
     if path.exists():
         import shutil
@@ -182,7 +214,13 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="ATTACK.KEY=JSON setting override, e.g. random.updates_per_batch=8 (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small budgets, one seed (a smoke run)")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="print the tables of a JSON document this benchmark wrote, run nothing")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        print(markdown(saved) + "\n" + transfer_markdown(saved))
+        return
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.overrides = parse_overrides(args.overrides)
     if args.quick:
@@ -217,7 +255,7 @@ def main() -> None:
     if not args.skip_http:
         result["http_overhead"] = http_overhead(ensure_victim("digits", args.out), args.http_budget, args, args.out)
     result["benchmark_seconds"] = time.perf_counter() - started
-    print(markdown(result), file=sys.stderr)
+    print(markdown(result) + "\n" + transfer_markdown(result), file=sys.stderr)
     print(json.dumps(result, indent=2))
 
 

@@ -22,9 +22,9 @@ class RandomNoiseSettings(AttackSettings):
     steps_per_call: answered batches per loop step (amortises the loop's bookkeeping).
     updates_per_batch: 4 by default (the shared setting, 1 elsewhere): a baseline trained as
         well as its answers allow. Chosen on the digits validation split at 150,000 queries
-        (fidelity 0.706 / 0.828 / 0.867 / 0.861 at 1 / 2 / 4 / 8 updates, seed 0); 4 updates
-        spend twice the student compute per query that Dual Student spends (two students,
-        one update each).
+        (fidelity 0.706 / 0.828 / 0.867 / 0.861 at 1 / 2 / 4 / 8 updates, seed 0, width 16); 4
+        updates are as many student updates per answered batch as Dual Student's (two
+        students, 2 updates each).
     student_width: 32 by default (16 for every other attack): a wider clone is a stronger
         baseline. Chosen on the digits validation split at 150,000 queries with 4 updates:
         fidelity 0.867 / 0.789 (seeds 0 / 1) at width 16, 0.950 / 0.883 / 0.889 (seeds

@@ -51,6 +51,8 @@ class NastySettings:
         kd_temperature: the temperature students distil at in the Nasty Teacher
             study (``None``: ``tau``, as in the paper). Part of the evaluation
             protocol the defaults were chosen under, not of the teacher's training.
+        kd_alpha: weight of the KD term of the study's students (``None``: 0.9, Ma et al.'s
+            CIFAR-10 value). Protocol, as ``kd_temperature``.
         student_epochs: epochs of the study's students, KD and labels-only (``None``: those
             of the training config). Also part of the study's protocol: KD needs more epochs
             than labels alone before it helps (``benchmarks/kd_sweep.py``).
@@ -62,6 +64,7 @@ class NastySettings:
     epochs: int | None = None
     learning_rate: float | None = None
     kd_temperature: float | None = None
+    kd_alpha: float | None = None
     student_epochs: int | None = None
 
     def __post_init__(self) -> None:
@@ -69,6 +72,8 @@ class NastySettings:
             raise ConfigError(f"--tau must be > 0 and --omega >= 0, got tau={self.tau} omega={self.omega}")
         if self.kd_temperature is not None and self.kd_temperature <= 0:
             raise ConfigError(f"the KD temperature must be > 0, got {self.kd_temperature}")
+        if self.kd_alpha is not None and not 0 <= self.kd_alpha <= 1:
+            raise ConfigError(f"the KD weight alpha must be in [0, 1], got {self.kd_alpha}")
         if self.student_epochs is not None and self.student_epochs < 1:
             raise ConfigError(f"the students' epochs must be >= 1, got {self.student_epochs}")
 
@@ -76,6 +81,11 @@ class NastySettings:
     def student_temperature(self) -> float:
         """The KD temperature of the study's students: ``kd_temperature``, else ``tau``."""
         return self.tau if self.kd_temperature is None else self.kd_temperature
+
+    @property
+    def student_alpha(self) -> float:
+        """The KD weight of the study's students: ``kd_alpha``, else 0.9."""
+        return 0.9 if self.kd_alpha is None else self.kd_alpha
 
     def student_config(self, config: TrainConfig) -> TrainConfig:
         """``config`` with the study students' epochs where they are set."""

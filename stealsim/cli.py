@@ -232,7 +232,9 @@ def nasty_study(
     student: Annotated[str | None, typer.Option(help="Student architecture.")] = None,
     tau: Annotated[float | None, typer.Option(help="Nasty Teacher temperature.")] = None,
     omega: Annotated[float | None, typer.Option(help="Nasty Teacher KL weight.")] = None,
-    alpha: float = 0.9,
+    alpha: Annotated[
+        float | None, typer.Option(help="Students' KD weight (default: the dataset's, else 0.9).")
+    ] = None,
     temperature: Annotated[
         float | None, typer.Option(help="Students' KD temperature T (default: the dataset's, else the Nasty tau).")
     ] = None,
@@ -262,7 +264,8 @@ def nasty_study(
     channels, size, _ = data.input_shape
     architecture = arch or default_architecture(channels, size)
     config = DistillConfig(
-        alpha, settings.student_temperature if temperature is None else temperature,
+        settings.student_alpha if alpha is None else alpha,
+        settings.student_temperature if temperature is None else temperature,
         TrainConfig(epochs=epochs, max_shift=augmentation_shift(size)),
     )
     results = run_nasty_study(

@@ -57,12 +57,13 @@ def test_distill_reports_teacher_student_and_baseline(victim: Path, tmp_path: Pa
 def test_nasty_study_writes_a_table(tmp_path: Path) -> None:
     out = tmp_path / "study"
     result = run_cli("nasty-study", "--dataset", "digits", "--out", str(out), "--seeds", "0",
-                     "--epochs", "1", "--student-epochs", "2", "--quiet")
+                     "--epochs", "1", "--student-epochs", "2", "--alpha", "0.5", "--quiet")
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "results.json").read_text())
     # Teachers train for --epochs, the students (KD and labels-only) for --student-epochs.
     assert summary["training"]["epochs"] == 1
     assert summary["student_training"]["epochs"] == 2
+    assert summary["kd"]["alpha"] == 0.5
     assert [row["seed"] for row in summary["seeds"]] == [0]
     assert set(summary["mean"]) == {
         "teacher", "nasty_teacher", "student_from_teacher", "student_from_nasty", "baseline_student"

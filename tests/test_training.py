@@ -74,6 +74,9 @@ def test_warm_started_nasty_teacher_begins_from_the_adversary() -> None:
         NastySettings(tau=0.0, omega=0.1)
     with pytest.raises(ConfigError, match="KD temperature must be > 0"):
         NastySettings(tau=4.0, omega=0.1, kd_temperature=0.0)
+    with pytest.raises(ConfigError, match="KD weight alpha must be in"):
+        NastySettings(tau=4.0, omega=0.1, kd_alpha=1.5)
+    assert NastySettings(tau=4.0, omega=0.1).student_alpha == 0.9
     with pytest.raises(ConfigError, match="students' epochs must be >= 1"):
         NastySettings(tau=4.0, omega=0.1, student_epochs=0)
     assert NastySettings(tau=4.0, omega=0.1, student_epochs=7).student_config(TrainConfig(epochs=3)).epochs == 7

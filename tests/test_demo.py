@@ -56,6 +56,10 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def read_summary(out: Path) -> dict[str, Any]:
     return dict(json.loads((out / "summary.json").read_text()))
 
@@ -113,6 +117,9 @@ def test_ctrl_c_leaves_no_process_and_a_partial_report(tmp_path: Path, victim_ca
     process = subprocess.Popen(
         demo_command(out, victim_cache, "--attack", "random", "--attack", "dfme=2000000"),
         stdout=log, stderr=subprocess.STDOUT,
+        # As in a terminal: a test runner started in the background (`cmd &` in a script) has
+        # SIGINT ignored, which its children inherit, and Python then installs no Ctrl-C handler.
+        preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 400

@@ -9,8 +9,9 @@ Every baseline runs at its own defaults (random noise and Knockoff trained as
 well as their answers allow: ``updates_per_batch``). Settings are chosen with
 ``--split validation``; reported numbers use the test split (the default).
 Transfer success per attack at each epsilon of the evaluator's sweep, untargeted
-and targeted, beside the independently trained reference. Then the HTTP overhead: Dual Student on ``digits`` at ``--http-budget`` against
-a real ``stealsim serve`` and against the same checkpoint in process (same
+and targeted, beside the independently trained reference. Then the HTTP
+overhead: Dual Student on ``digits`` at ``--http-budget`` against a real
+``stealsim serve`` and against the same checkpoint in process (same
 seed); the ratio of the attack loops' wall times.
 
 Every figure comes from a run made here; budgets are flags so a quick run is
@@ -148,6 +149,11 @@ def transfer_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def tables(result: dict[str, Any]) -> str:
+    """The fidelity table, then the transfer tables."""
+    return markdown(result) + "\n" + transfer_markdown(result)
+
+
 def fresh(path: Path) -> Path:
     if path.exists():
         import shutil
@@ -219,7 +225,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         saved = json.loads(args.render.read_text())
-        print(markdown(saved) + "\n" + transfer_markdown(saved))
+        print(tables(saved))
         return
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.overrides = parse_overrides(args.overrides)
@@ -255,7 +261,7 @@ def main() -> None:
     if not args.skip_http:
         result["http_overhead"] = http_overhead(ensure_victim("digits", args.out), args.http_budget, args, args.out)
     result["benchmark_seconds"] = time.perf_counter() - started
-    print(markdown(result) + "\n" + transfer_markdown(result), file=sys.stderr)
+    print(tables(result), file=sys.stderr)
     print(json.dumps(result, indent=2))
 
 

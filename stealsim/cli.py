@@ -258,14 +258,12 @@ def nasty_study(
     seed_list = _parse_seeds(seeds)
     torch_device = resolve_device(device)
     data = load_dataset(dataset, data_dir)
-    settings = settings_for(data.name, tau, omega)
-    if student_epochs is not None:
-        settings = replace(settings, student_epochs=student_epochs)
+    protocol = {"kd_alpha": alpha, "kd_temperature": temperature, "student_epochs": student_epochs}
+    settings = replace(settings_for(data.name, tau, omega), **{k: v for k, v in protocol.items() if v is not None})
     channels, size, _ = data.input_shape
     architecture = arch or default_architecture(channels, size)
     config = DistillConfig(
-        settings.student_alpha if alpha is None else alpha,
-        settings.student_temperature if temperature is None else temperature,
+        settings.student_alpha, settings.student_temperature,
         TrainConfig(epochs=epochs, max_shift=augmentation_shift(size)),
     )
     results = run_nasty_study(

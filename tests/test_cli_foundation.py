@@ -86,6 +86,7 @@ def test_nasty_study_writes_a_table(tmp_path: Path) -> None:
         (["train", "--dataset", "digits", "--device", "tpu"], "unknown device"),
         (["distill", "--teacher", "/nonexistent", "--dataset", "digits"], "no checkpoint directory"),
         (["nasty-study", "--dataset", "digits", "--seeds", "a,b"], "--seeds must be"),
+        (["nasty-study", "--dataset", "digits", "--alpha", "1.5"], "KD weight alpha must be in [0, 1]"),
     ],
 )
 def test_bad_input_exits_non_zero_with_a_message_and_writes_nothing(

@@ -2,7 +2,8 @@
 
 :class:`ServiceProcess` runs ``python -m stealsim serve`` exactly as a user
 would, on a free port, and stops it explicitly (SIGTERM, then SIGKILL after a
-grace period)::
+grace period); the child is also tied to this process (:mod:`stealsim.processes`),
+so a SIGKILLed demo or grid leaves no service behind::
 
     with ServiceProcess({"normal": Path("ckpt/normal")}, admin_key="k", log_path=Path("service.log")) as service:
         key = create_key(service.url, "k", budget=1000, name="random/normal")
@@ -26,6 +27,7 @@ from typing import Any
 import httpx
 
 from stealsim.errors import ConfigError, StealsimError
+from stealsim.processes import child_environment
 
 __all__ = ["ServiceError", "ServiceProcess", "create_key", "free_port", "new_admin_key", "wait_ready"]
 
@@ -113,8 +115,8 @@ class ServiceProcess:
         for name, directory in self.models.items():
             command += ["--model", f"{name}={directory}"]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        environment = {**os.environ, "STEALSIM_ADMIN_KEY": self.admin_key,
-                       "OMP_NUM_THREADS": str(self.torch_threads)}
+        environment = child_environment({**os.environ, "STEALSIM_ADMIN_KEY": self.admin_key,
+                                         "OMP_NUM_THREADS": str(self.torch_threads)})
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=environment)

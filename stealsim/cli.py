@@ -28,6 +28,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: it wraps long option names and descriptions at the terminal's
+    # width instead of cutting them with an ellipsis at 80 columns, as rich's tables do.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -274,16 +278,36 @@ def nasty_study(
     typer.echo(markdown_table(results))
 
 
+def _interrupted_message(out: Path, budget: int, resumed: bool) -> str:
+    """Where an interrupted attack stopped, read back from its run directory, and how to go on."""
+    from attacker.rundir import RunDirectory
+
+    run_dir = RunDirectory(out)
+    if not (out / "config.json").is_file():
+        return "interrupted before the run started: nothing was written"
+    try:
+        used = run_dir.read_ledger().attack_queries
+        history = run_dir.read_history()
+    except (StealsimError, ValueError, TypeError):
+        return f"interrupted; rerun the same command with --resume to continue the run in {out}"
+    checkpoint = "no checkpoint yet (training restarts, the query count does not)"
+    if (out / "checkpoint.pt").is_file() and history:
+        checkpoint = f"training resumes from its checkpoint at {int(history[-1]['queries']):,} queries"
+    again = "the same command" if resumed else "the same command with --resume"
+    return (f"interrupted at {used:,} of {budget:,} queries; {checkpoint}. "
+            f"Rerun {again} to continue the run in {out}.")
+
+
 @app.command()
 @reports_errors
 def serve(
     model: Annotated[
         list[str] | None,
-        typer.Option("--model", help="NAME=DIR: serve the checkpoint DIR as NAME (repeatable)."),
+        typer.Option("--model", metavar="NAME=DIR", help="NAME=DIR: serve the checkpoint DIR as NAME (repeatable)."),
     ] = None,
     policy: Annotated[
         list[str] | None,
-        typer.Option("--policy", help='NAME=JSON: output policy of model NAME, e.g. victim=\'[{"name": "top_k", "k": 3}]\'.'),
+        typer.Option("--policy", metavar="NAME=JSON", help='NAME=JSON: output policy of model NAME, e.g. victim=\'[{"name": "top_k", "k": 3}]\'.'),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML settings file (flags and STEALSIM_* env win).")] = None,
     host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
@@ -332,7 +356,7 @@ def serve(
 @reports_errors
 def worker(
     redis_url: Annotated[str, typer.Option(help="Redis the API enqueues to (redis://HOST:6379).")],
-    model: Annotated[list[str], typer.Option("--model", help="NAME=DIR: serve requests for NAME (repeatable).")],
+    model: Annotated[list[str], typer.Option("--model", metavar="NAME=DIR", help="NAME=DIR: serve requests for NAME (repeatable).")],
     redis_prefix: Annotated[str, typer.Option(help="Namespace of the Redis keys (as the API's).")] = "stealsim",
     device: DeviceOption = "auto",
     max_batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
@@ -385,7 +409,7 @@ def attack(
     hard_label: Annotated[bool, typer.Option(help="Train on the victim's arg-max only.")] = False,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per victim request.")] = None,
     setting: Annotated[
-        list[str] | None, typer.Option("--set", help="KEY=VALUE attack setting (JSON value), repeatable.")
+        list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="KEY=VALUE attack setting (JSON value), repeatable.")
     ] = None,
     eval_split: Annotated[
         str, typer.Option(help="Split evaluated: test (report) or validation (choosing settings).")
@@ -404,7 +428,7 @@ def attack(
     uq: Annotated[str | None, typer.Option(help="ensemble: deep-ensemble, mc-dropout, snapshot, swag or laplace.")] = None,
     members: Annotated[int | None, typer.Option(min=1, help="ensemble: number of members.")] = None,
     member_arch: Annotated[
-        list[str] | None, typer.Option("--member-arch", help="ensemble: members' architectures (repeatable, cycled).")
+        list[str] | None, typer.Option("--member-arch", metavar="ARCH", help="ensemble: members' architectures (repeatable, cycled).")
     ] = None,
     diversity: Annotated[float | None, typer.Option(min=0.0, help="ensemble: weight of the diversity term.")] = None,
     source: Annotated[str | None, typer.Option(help="ensemble: queries from the generator or surrogate data.")] = None,
@@ -453,20 +477,24 @@ def attack(
     if threads is not None:
         torch.set_num_threads(threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    metrics = run_attack(
-        RunSpec(
-            attack=name, out=out, budget=budget, url=url, api_key=api_key, model=model,
-            victim_checkpoint=victim_checkpoint,
-            victim_output="label" if label_only else "probabilities",
-            eval_dataset=eval_dataset, eval_api_key=eval_api_key, eval_every=eval_every,
-            seed=seed, device=device, resume=resume, show_progress=not quiet,
-            settings=overrides,
-            evaluation=EvalConfig(split="validation" if eval_split == "validation" else "test",
-                                  transfer_epsilons=epsilons,
-                                  transfer_epsilon=transfer_epsilon, transfer_samples=transfer_samples,
-                                  reference_epochs=reference_epochs),
+    try:
+        metrics = run_attack(
+            RunSpec(
+                attack=name, out=out, budget=budget, url=url, api_key=api_key, model=model,
+                victim_checkpoint=victim_checkpoint,
+                victim_output="label" if label_only else "probabilities",
+                eval_dataset=eval_dataset, eval_api_key=eval_api_key, eval_every=eval_every,
+                seed=seed, device=device, resume=resume, show_progress=not quiet,
+                settings=overrides,
+                evaluation=EvalConfig(split="validation" if eval_split == "validation" else "test",
+                                      transfer_epsilons=epsilons,
+                                      transfer_epsilon=transfer_epsilon, transfer_samples=transfer_samples,
+                                      reference_epochs=reference_epochs),
+            )
         )
-    )
+    except KeyboardInterrupt:
+        typer.echo(_interrupted_message(out, budget, resume), err=True)
+        raise typer.Exit(code=130) from None
     shown = ("queries_used", "fidelity", "accuracy", "victim_accuracy", "transfer_success_rate",
              "eval_queries", "planned_eval_queries", "stop_reason")
     typer.echo(f"{out}: " + " ".join(f"{k}={metrics.get(k)}" for k in shown))
@@ -486,7 +514,7 @@ def report(
     per_run: Annotated[bool, typer.Option(
         "--per-run", help="One row (and curve) per run instead of aggregating over seeds.")] = False,
     label: Annotated[list[str] | None, typer.Option(
-        help="Group by these labels instead of by config: one per RUN, in order (repeat the option).")] = None,
+        metavar="LABEL", help="Group by these labels instead of by config: one per RUN, in order (repeat the option).")] = None,
 ) -> None:
     """Compare attack runs in one markdown table: runs that differ only by seed are one group
     (mean ± std (min) per metric, n seeds, the random baseline beside each attack)."""
@@ -508,7 +536,7 @@ def demo(
     cache_dir: Annotated[Path, typer.Option(help="Cache of trained victims, keyed by their settings.")] = Path("runs/cache"),
     attack: Annotated[
         list[str] | None,
-        typer.Option("--attack", help="NAME or NAME=BUDGET: attack to run (repeatable; default: every registered attack)."),
+        typer.Option("--attack", metavar="NAME[=BUDGET]", help="NAME or NAME=BUDGET: attack to run (repeatable; default: every registered attack)."),
     ] = None,
     budget: Annotated[int | None, typer.Option(min=1, help="Attack queries per run [default: 20000; --quick 1000].")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Victim training epochs [default: 30; --quick 4].")] = None,
@@ -581,7 +609,7 @@ def grid(
 @reports_errors
 def grid_worker(
     redis_url: Annotated[str, typer.Option(help="Redis holding the grid's queue (redis://HOST:6379).")],
-    queue: Annotated[list[str] | None, typer.Option("--queue", help="rq queue to consume (repeatable).")] = None,
+    queue: Annotated[list[str] | None, typer.Option("--queue", metavar="NAME", help="rq queue to consume (repeatable).")] = None,
     work_dir: Annotated[Path, typer.Option(help="Directory of this worker's runs and service log.")] = Path("runs/grid-worker"),
     cache_dir: Annotated[Path, typer.Option(help="Cache of trained victims on this host.")] = Path("runs/cache"),
     burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
@@ -595,7 +623,16 @@ def grid_worker(
 
 
 def main() -> None:
-    """Entry point of the ``stealsim`` console script."""
+    """Entry point of the ``stealsim`` console script.
+
+    Before any command: Ctrl-C raises KeyboardInterrupt whatever the launcher left
+    (SIGINT ignored under ``nohup`` or ``&``), and a child of another stealsim
+    process ends when that parent does (see :mod:`stealsim.processes`).
+    """
+    from stealsim.processes import die_with_parent, restore_interrupts
+
+    restore_interrupts()
+    die_with_parent()
     app(prog_name="stealsim")
 
 

@@ -24,6 +24,7 @@ import torch
 
 from stealsim.checkpoint import save_checkpoint
 from stealsim.data import load_dataset
+from stealsim.processes import child_environment
 from stealsim.training import TrainConfig, train_classifier
 
 ADMIN_KEY = "test-admin-key"
@@ -42,7 +43,9 @@ class LoggedProcess:
     def __init__(self, command: Sequence[str], log_path: Path, env: dict[str, str]) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.process = subprocess.Popen(list(command), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        # Tied to this process: a killed pytest leaves no server or worker behind.
+        self.process = subprocess.Popen(list(command), stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=child_environment(env))
 
     def log(self) -> str:
         if not self._log.closed:

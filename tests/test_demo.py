@@ -56,8 +56,16 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def wait_gone(pids: set[int], timeout: float = 30.0) -> list[int]:
+    """The pids still alive after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (left := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
 
 
 def read_summary(out: Path) -> dict[str, Any]:
@@ -117,9 +125,9 @@ def test_ctrl_c_leaves_no_process_and_a_partial_report(tmp_path: Path, victim_ca
     process = subprocess.Popen(
         demo_command(out, victim_cache, "--attack", "random", "--attack", "dfme=2000000"),
         stdout=log, stderr=subprocess.STDOUT,
-        # As in a terminal: a test runner started in the background (`cmd &` in a script) has
-        # SIGINT ignored, which its children inherit, and Python then installs no Ctrl-C handler.
-        preexec_fn=_default_sigint,
+        # The worst launcher: SIGINT inherited ignored (`cmd &` in a script, nohup), under which
+        # Python installs no Ctrl-C handler. The CLI restores it, so Ctrl-C still works.
+        preexec_fn=_ignore_sigint,
     )
     try:
         deadline = time.monotonic() + 400
@@ -156,6 +164,37 @@ def test_ctrl_c_leaves_no_process_and_a_partial_report(tmp_path: Path, victim_ca
     assert "| random | normal | 1,000 |" in report
     assert (out / "runs" / "random-normal" / "report.md").is_file()
     assert "victim service stopped" in (tmp_path / "demo.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_sigkilled_demo_leaves_no_process(tmp_path: Path, victim_cache: Path) -> None:
+    out = tmp_path / "demo"
+    log_path = tmp_path / "demo.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(demo_command(out, victim_cache, "--attack", "dfme=2000000"),
+                                   stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 400
+            while time.monotonic() < deadline:
+                assert process.poll() is None, log_path.read_text()
+                if (out / "summary.json").is_file() and read_summary(out)["rows"][0]["status"] == "running":
+                    break
+                time.sleep(0.5)
+            else:
+                pytest.fail("the demo did not start its run:\n" + log_path.read_text())
+            descendants = children_of(process.pid)
+            assert int(read_summary(out)["service_pid"]) in descendants
+            process.send_signal(signal.SIGKILL)  # no handler runs: only the kernel can clean up
+            process.wait()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    left = wait_gone(descendants)
+    for pid in left:  # do not leave them to the next test
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind by the killed demo: {left}"
 
 
 @pytest.mark.slow

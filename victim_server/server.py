@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -11,10 +13,11 @@ import orjson
 import uvicorn
 from fastapi import FastAPI
 
+from stealsim.errors import CheckpointError, ConfigError
 from victim_server.app import create_app
 from victim_server.settings import ServerSettings
 
-__all__ = ["JsonLogFormatter", "app_from_environment", "serve"]
+__all__ = ["JsonLogFormatter", "app_from_environment", "check_startup", "serve"]
 
 _SETTINGS_ENV = "STEALSIM_SERVE_SETTINGS_JSON"
 """How ``serve`` hands its settings to the API processes uvicorn starts (``workers`` > 1)."""
@@ -66,12 +69,45 @@ def app_from_environment() -> FastAPI:
     return create_app(settings)
 
 
+def check_startup(settings: ServerSettings) -> None:
+    """What would make uvicorn fail at start, checked before it starts (``error:``, exit 2).
+
+    Every checkpoint is loaded once on the CPU (files, hashes, architecture, weights)
+    and the port is bound and released, so a typo costs one line, not a traceback
+    printed after the models loaded.
+
+    Raises:
+        CheckpointError: a model's checkpoint is missing, truncated or does not fit.
+        ConfigError: the device is not available, or the address cannot be bound.
+    """
+    from stealsim.checkpoint import load_checkpoint
+    from stealsim.training import resolve_device
+
+    resolve_device(settings.device)
+    for name, spec in settings.models.items():
+        try:
+            load_checkpoint(spec.path, "cpu")
+        except CheckpointError as exc:
+            raise CheckpointError(f"model {name!r}: {exc}") from exc
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((settings.host, settings.port))
+        except OSError as exc:
+            reason = "it is in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise ConfigError(
+                f"cannot listen on {settings.host}:{settings.port}: {reason} (choose another --port or --host)"
+            ) from exc
+
+
 def serve(settings: ServerSettings) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests and queued batches finish first.
 
     With ``settings.workers`` > 1, uvicorn runs that many API processes on one port,
-    sharing their state through Redis.
+    sharing their state through Redis. :func:`check_startup` runs first.
     """
+    check_startup(settings)
     _configure_logging(settings)
     if settings.workers > 1:
         os.environ[_SETTINGS_ENV] = _settings_json(settings)

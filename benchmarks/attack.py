@@ -107,7 +107,7 @@ def leads(rows: dict[str, list[dict[str, Any]]], leader: str = "dual-student") -
 def markdown(result: dict[str, Any]) -> str:
     lines = ["| dataset | labels | attack | seeds | fidelity mean ± std (min) | Dual Student's lead |",
              "| --- | --- | --- | ---: | ---: | ---: |"]
-    for block, content in result.items():
+    for _block, content in result.items():
         if not isinstance(content, dict) or "attacks" not in content:
             continue
         for name, row in content["attacks"].items():
@@ -135,7 +135,7 @@ def transfer_markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Transfer, {content['dataset']}, {content['labels']} labels (mean ± std over seeds):", "",
                   f"| model | {header} |", "| --- |" + " ---: |" * (2 * len(epsilons))]
 
-        def cells(row: dict[str, Any], prefix: str) -> str:
+        def cells(row: dict[str, Any], prefix: str, epsilons: list[str] = epsilons) -> str:
             out = []
             for e in epsilons:
                 for kind in ("untargeted", "targeted"):

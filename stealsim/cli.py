@@ -361,7 +361,9 @@ def worker(
     device: DeviceOption = "auto",
     max_batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
     max_wait_ms: Annotated[float, typer.Option(min=0.0, help="Batching wait after the first entry.")] = 2.0,
-    claim_idle_ms: Annotated[int, typer.Option(min=1, help="Claim entries idle this long on a dead worker.")] = 10_000,
+    dead_after_s: Annotated[float, typer.Option(min=0.01, help="A worker without a heartbeat this long is dead: its entries are served at once.")] = 1.5,
+    heartbeat_s: Annotated[float, typer.Option(min=0.01, help="Heartbeat (and dead-worker check) interval.")] = 0.5,
+    claim_idle_ms: Annotated[int, typer.Option(min=1, help="Safety net: claim any entry pending this long on another worker.")] = 10_000,
     torch_threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads for inference.")] = None,
     name: Annotated[str | None, typer.Option(help="Consumer name (default host-pid-random).")] = None,
 ) -> None:
@@ -376,9 +378,12 @@ def worker(
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
     models = dict(parse_model_flag(text) for text in model)
+    if dead_after_s <= heartbeat_s:
+        raise ConfigError(f"--dead-after-s {dead_after_s} must be longer than --heartbeat-s {heartbeat_s}")
     config = WorkerConfig(
         redis_url=redis_url, redis_prefix=redis_prefix, max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms, name=name,
+        heartbeat_s=heartbeat_s, dead_after_s=dead_after_s,
     )
     runners = load_runners(models, resolve_device(device))
     run_worker({key: runner.predict_batch for key, runner in runners.items()}, config)

@@ -175,8 +175,9 @@ class RedisBatcher:
 
     async def status(self) -> dict[str, ModelStatus]:
         """Per model: ready (a worker seen lately), stream length, pending entries, live workers."""
-        now = time.time()
         with redis_errors("reading the batching status"):
+            seconds, microseconds = await self._redis.time()  # the clock the heartbeats use
+            now = seconds + microseconds / 1e6
             async with self._redis.pipeline(transaction=False) as pipe:
                 for model in sorted(self._models):
                     pipe.xlen(self._names.stream(model))

@@ -8,12 +8,20 @@ reads its model's stream ``PREFIX:stream:M`` with the consumer group
 ``PREFIX:reply:ID`` (with an expiry), then XACKs and deletes the entries.
 
 Crash recovery: entries read by a worker that died (SIGKILL, lost host) stay
-pending on it; every live worker periodically claims entries idle for
-``claim_idle_ms`` (XAUTOCLAIM) and serves them, unless an entry was delivered
-more than ``max_deliveries`` times (it may be what kills workers): that one is
-answered with an error and dropped. Entries whose caller's deadline
-has passed are acknowledged without inference. A heartbeat in
-``PREFIX:workers:M`` tells the API which models have live workers.
+pending on it. Every worker sends a heartbeat to ``PREFIX:workers:M`` every
+``heartbeat_s`` (Redis server time, so hosts' clocks do not matter) and, as
+often, looks for consumers of its group that hold pending entries but whose
+heartbeat is older than ``dead_after_s`` (or gone): it claims their entries at
+once (XCLAIM) and serves them, so a killed worker costs its callers about
+``dead_after_s``, not a fixed idle time. ``claim_idle_ms`` (XAUTOCLAIM of any
+entry idle that long) stays as the safety net. An entry delivered more than
+``max_deliveries`` times (it may be what kills workers) is answered with an
+error and dropped. Entries whose caller's deadline has passed are acknowledged
+without inference. The heartbeats also tell the API which models have live workers.
+
+A worker wrongly declared dead (its heartbeat stalled longer than ``dead_after_s``)
+costs double work, never a double charge: the API charges once per request and
+takes the first reply; a second one expires unread.
 
 Graceful stop (SIGTERM/SIGINT, or :meth:`StreamWorker.stop`): the current batch
 finishes, is replied to and acknowledged, then the worker leaves.
@@ -66,11 +74,14 @@ class WorkerConfig:
     max_wait_ms: float = 2.0
     """How long a batch waits for more entries after its first one."""
     claim_idle_ms: int = 10_000
-    """Entries pending this long on another (dead) worker are claimed and served."""
+    """Safety net: entries pending this long on any other worker are claimed and served."""
     max_deliveries: int = 3
     """An entry claimed more often than this (it keeps killing workers?) is answered with
     an error and dropped instead of being served again."""
-    heartbeat_s: float = 1.0
+    heartbeat_s: float = 0.5
+    """How often this worker says it is alive, and looks for dead ones."""
+    dead_after_s: float = 1.5
+    """A worker whose latest heartbeat is older than this is dead: its entries are claimed."""
     reply_ttl_s: float = 60.0
     """Expiry of a reply nobody pops (its caller gave up)."""
     name: str | None = None
@@ -78,10 +89,13 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         if (self.max_batch_size < 1 or self.max_wait_ms < 0 or self.claim_idle_ms < 1
-                or self.max_deliveries < 1):
+                or self.max_deliveries < 1 or self.heartbeat_s <= 0
+                or self.dead_after_s <= self.heartbeat_s):
             raise ValueError(
                 f"bad worker settings: max_batch_size={self.max_batch_size} "
-                f"max_wait_ms={self.max_wait_ms} claim_idle_ms={self.claim_idle_ms}"
+                f"max_wait_ms={self.max_wait_ms} claim_idle_ms={self.claim_idle_ms} "
+                f"heartbeat_s={self.heartbeat_s} dead_after_s={self.dead_after_s} "
+                "(dead_after_s must exceed heartbeat_s)"
             )
 
 
@@ -115,6 +129,9 @@ class StreamWorker:
             name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
             for name in self._predictors
         }
+        # Seen before reading anything, so no other worker takes this one for dead.
+        with contextlib.suppress(RedisError):
+            await self._beat()
         heartbeat = asyncio.create_task(self._heartbeat(), name="worker-heartbeat")
         try:
             await asyncio.gather(*(
@@ -136,6 +153,7 @@ class StreamWorker:
         stream = self._names.stream(model)
         claim_every = self._config.claim_idle_ms / 2000.0
         next_claim = 0.0
+        next_rescue = 0.0
         group_ready = False
         while not self._stopping.is_set():
             try:
@@ -143,7 +161,10 @@ class StreamWorker:
                     await self._ensure_group(stream)
                     group_ready = True
                 entries: list[Entry] = []
-                if time.monotonic() >= next_claim:
+                if time.monotonic() >= next_rescue:
+                    entries = await self._claim_from_dead(stream, model)
+                    next_rescue = time.monotonic() + self._config.heartbeat_s
+                if not entries and time.monotonic() >= next_claim:
                     entries = await self._claim(stream)
                     next_claim = time.monotonic() + claim_every
                 if not entries:
@@ -180,6 +201,46 @@ class StreamWorker:
         )
         return list(reply[0][1]) if reply else []
 
+    async def _claim_from_dead(self, stream: str, model: str) -> list[Entry]:
+        """Entries pending on consumers whose heartbeat is older than dead_after_s (or gone).
+
+        The claim's minimum idle time (dead_after_s - heartbeat_s: an entry the dead
+        worker read after its last heartbeat is at least that old) makes two workers
+        that spot the same death at once take each entry only once.
+        """
+        consumers: Any = await self._redis.xinfo_consumers(stream, CONSUMER_GROUP)
+        holding = [c["name"] for c in consumers if int(c["pending"]) > 0]
+        holding = [name.decode() if isinstance(name, bytes) else str(name) for name in holding]
+        holding = [name for name in holding if name != self.name]
+        if not holding:
+            return []
+        seconds, microseconds = await self._redis.time()
+        now = seconds + microseconds / 1e6
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in holding:
+                pipe.zscore(self._names.workers(model), name)
+            beats = await pipe.execute()
+        dead = [name for name, beat in zip(holding, beats, strict=True)
+                if beat is None or now - float(beat) > self._config.dead_after_s]
+        min_idle_ms = int((self._config.dead_after_s - self._config.heartbeat_s) * 1000)
+        claimed: list[Entry] = []
+        for name in dead:
+            room = self._config.max_batch_size - len(claimed)
+            if room <= 0:
+                break
+            pending: Any = await self._redis.xpending_range(
+                stream, CONSUMER_GROUP, min="-", max="+", count=room, consumername=name
+            )
+            ids = [entry["message_id"] for entry in pending]
+            if not ids:
+                continue
+            got: Any = await self._redis.xclaim(stream, CONSUMER_GROUP, self.name, min_idle_ms, ids)
+            claimed += [(entry_id, fields) for entry_id, fields in got if fields]
+            if got:
+                logger.warning("worker %s claimed %d entries of %s from %s (no heartbeat for %.1f s)",
+                               self.name, len(got), stream, name, self._config.dead_after_s)
+        return await self._screen(stream, claimed)
+
     async def _claim(self, stream: str) -> list[Entry]:
         """Entries idle on another consumer (a dead worker) for claim_idle_ms."""
         reply: Any = await self._redis.xautoclaim(
@@ -187,10 +248,15 @@ class StreamWorker:
             start_id="0-0", count=self._config.max_batch_size,
         )
         claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
+        if claimed:
+            logger.warning("worker %s claimed %d entries of %s idle for %d ms",
+                           self.name, len(claimed), stream, self._config.claim_idle_ms)
+        return await self._screen(stream, claimed)
+
+    async def _screen(self, stream: str, claimed: list[Entry]) -> list[Entry]:
+        """The claimed entries to serve; those delivered too often are answered with an error."""
         if not claimed:
             return []
-        logger.warning("worker %s claimed %d entries of %s left by another worker",
-                       self.name, len(claimed), stream)
         pending: Any = await self._redis.xpending_range(
             stream, CONSUMER_GROUP, min=claimed[0][0], max=claimed[-1][0], count=len(claimed),
             consumername=self.name,
@@ -293,15 +359,19 @@ class StreamWorker:
 
     # --- presence -----------------------------------------------------------------------
 
+    async def _beat(self) -> None:
+        seconds, microseconds = await self._redis.time()  # Redis's clock: one clock for every host
+        now = seconds + microseconds / 1e6
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for model in self._predictors:
+                pipe.zadd(self._names.workers(model), {self.name: now})
+                pipe.zremrangebyscore(self._names.workers(model), "-inf", now - 3600)
+            await pipe.execute()
+
     async def _heartbeat(self) -> None:
         while True:
             try:
-                now = time.time()
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for model in self._predictors:
-                        pipe.zadd(self._names.workers(model), {self.name: now})
-                        pipe.zremrangebyscore(self._names.workers(model), "-inf", now - 3600)
-                    await pipe.execute()
+                await self._beat()
             except RedisError as exc:
                 logger.debug("worker %s: heartbeat failed (%s)", self.name, exc)
             await asyncio.sleep(self._config.heartbeat_s)

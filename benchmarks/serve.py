@@ -11,7 +11,16 @@ What it measures (each for ``--seconds``):
 * ``redis_1worker`` / ``redis_2workers``: ``serve --batching redis`` with 1 or 2
   ``stealsim worker`` processes, as many concurrent clients as workers, each sending
   batches of ``--batch`` images (binary); Redis at ``--redis-url`` under a prefix of
-  this run, deleted afterwards.
+  this run, deleted afterwards;
+* ``worker_kill``: 2 workers, ``--kill-clients`` concurrent clients sending small
+  batches; one worker is SIGKILLed mid-run. Reported: the slowest request, failed
+  requests, and whether the key's usage equals the images served (exactly-once).
+
+The load generator never shares a process with the server or the ceiling: by
+default ``wrk`` (Debian package ``wrk``, a compiled client) when it is on the PATH,
+else this script's Python clients, each in a process of its own (``--load``). The
+output names the generator and reports the CPU (in cores) it and the server used
+during each measurement, so a saturated client shows.
 
 Usage::
 
@@ -27,8 +36,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,7 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,16 +94,31 @@ def make_checkpoint(directory: Path, dataset: str, arch: str, epochs: int) -> Pa
     return directory
 
 
+@dataclass
+class Server:
+    url: str
+    key: str
+    pid: int
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def running_server(checkpoint: Path, args: argparse.Namespace, extra: tuple[str, ...]) -> Iterator[tuple[str, str]]:
-    """Start ``stealsim serve``; yield ``(url, api_key)``; stop it with SIGTERM."""
+def running_server(checkpoint: Path, args: argparse.Namespace, extra: tuple[str, ...]) -> Iterator[Server]:
+    """Start ``stealsim serve``; yield it (URL, an API key, its pid); stop it with SIGTERM."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "stealsim", "--log-level", "WARNING", "serve",
                "--model", f"{MODEL}={checkpoint}", "--port", str(port), "--admin-key", ADMIN_KEY,
-               "--device", args.device, "--torch-threads", str(args.torch_threads), *extra]
+               "--device", args.device, "--torch-threads", str(args.torch_threads),
+               "--inference-graph", args.inference_graph, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.torch_threads),
-           "STEALSIM_MAX_IMAGES_PER_REQUEST": str(max(1024, args.batch))}
+           "STEALSIM_MAX_IMAGES_PER_REQUEST": str(max(1024, args.batch)),
+           "STEALSIM_GIL_SWITCH_INTERVAL_MS": str(args.gil_switch_interval_ms)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -109,7 +136,7 @@ def running_server(checkpoint: Path, args: argparse.Namespace, extra: tuple[str,
         response = httpx.post(f"{url}/v1/admin/keys", headers={"X-API-Key": ADMIN_KEY},
                               json={"budget": 10**12, "rate": "1000000/second", "image_rate": "1000000000/second"})
         response.raise_for_status()
-        yield url, response.json()["api_key"]
+        yield Server(url, response.json()["api_key"], process.pid)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -122,8 +149,8 @@ def running_server(checkpoint: Path, args: argparse.Namespace, extra: tuple[str,
 @contextmanager
 def running_redis_stack(
     checkpoint: Path, args: argparse.Namespace, workers: int
-) -> Iterator[tuple[str, str]]:
-    """``workers`` ``stealsim worker`` processes and ``serve --batching redis``; yield ``(url, key)``."""
+) -> Iterator[tuple[Server, list[subprocess.Popen[bytes]]]]:
+    """``workers`` ``stealsim worker`` processes and ``serve --batching redis``; yield both."""
     import uuid
 
     import redis
@@ -137,6 +164,8 @@ def running_redis_stack(
             [sys.executable, "-m", "stealsim", "--log-level", "WARNING", "worker",
              "--redis-url", args.redis_url, "--redis-prefix", prefix, "--model", f"{MODEL}={checkpoint}",
              "--device", args.device, "--torch-threads", str(args.torch_threads),
+             "--inference-graph", args.inference_graph,
+             "--gil-switch-interval-ms", str(args.gil_switch_interval_ms),
              "--max-batch-size", str(args.batch), "--name", f"bench-{index}"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -149,11 +178,12 @@ def running_redis_stack(
                 raise RuntimeError("workers did not start")
             time.sleep(0.1)
         with running_server(checkpoint, args, ("--redis-url", args.redis_url, "--redis-prefix", prefix,
-                                               "--batching", "redis")) as (url, key):
-            yield url, key
+                                               "--batching", "redis")) as server:
+            yield server, processes
     finally:
         for process in processes:
-            process.send_signal(signal.SIGTERM)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         for process in processes:
             try:
                 process.wait(timeout=30)
@@ -196,7 +226,7 @@ def load_runner(checkpoint: Path, args: argparse.Namespace) -> Any:
     from victim_server.runner import load_runners
 
     torch.set_num_threads(args.torch_threads)
-    return load_runners({MODEL: checkpoint}, resolve_device(args.device))[MODEL]
+    return load_runners({MODEL: checkpoint}, resolve_device(args.device), args.inference_graph)[MODEL]
 
 
 def bench_inprocess(runner: Any, images: np.ndarray, seconds: float) -> float:
@@ -224,11 +254,6 @@ def bench_http(url: str, key: str, images: np.ndarray, seconds: float, binary: b
         return timed(seconds, step)
 
 
-def bench_http_clients(url: str, key: str, images: np.ndarray, seconds: float, clients: int) -> float:
-    """``clients`` threads, each a keep-alive binary client sending ``images``; images/s in all."""
-    with ThreadPoolExecutor(max_workers=clients) as pool:
-        rates = pool.map(lambda _: bench_http(url, key, images, seconds, True), range(clients))
-        return float(sum(rates))
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
@@ -287,6 +312,136 @@ def bench_concurrent(url: str, key: str, image: np.ndarray, clients: int, second
     return asyncio.run(run())
 
 
+# --- load generators, each in a process of its own --------------------------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    """What one measurement's clients achieved, and what they and the server cost."""
+
+    images_per_s: float
+    load_cpu_cores: float
+    server_cpu_cores: float
+
+
+def _child_rate(function: Any, *arguments: Any) -> tuple[float, float]:
+    """In a spawned process: ``function(*arguments)`` (images/s) and this process's CPU in cores."""
+    torch.set_num_threads(1)
+    cpu, wall = time.process_time(), time.perf_counter()
+    rate = function(*arguments)
+    return float(rate), (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+
+def python_load(server: Server, processes: int, function: Any, *arguments: Any) -> Load:
+    """``function(*arguments)`` in ``processes`` spawned processes at once; their images/s summed."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+        list(pool.map(abs, range(processes)))  # start the processes before the clock runs
+        before, started = cpu_seconds(server.pid), time.perf_counter()
+        results = [future.result() for future in
+                   [pool.submit(_child_rate, function, *arguments) for _ in range(processes)]]
+        server_cores = (cpu_seconds(server.pid) - before) / (time.perf_counter() - started)
+    return Load(sum(rate for rate, _ in results), sum(cores for _, cores in results), server_cores)
+
+
+_WRK_SCRIPT = """
+wrk.method = "POST"
+local file = io.open("{body}", "rb")
+wrk.body = file:read("*a")
+file:close()
+{headers}
+"""
+
+
+def wrk_load(server: Server, images: np.ndarray, connections: int, seconds: float, scratch: Path) -> Load:
+    """``wrk`` (one thread) keeping ``connections`` keep-alive connections busy with one binary request."""
+    content, headers = binary_body(images)
+    body = scratch / f"body-{len(images)}.bin"
+    body.write_bytes(content)
+    script = scratch / f"wrk-{len(images)}.lua"
+    all_headers = {"X-API-Key": server.key, **headers}
+    script.write_text(_WRK_SCRIPT.format(body=body, headers="\n".join(
+        f'wrk.headers["{name}"] = "{value}"' for name, value in all_headers.items())))
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(script),
+               f"{server.url}/v2/models/{MODEL}/infer"]
+    subprocess.run([*command[:3], "-d1s", *command[4:]], check=True, capture_output=True)  # warm-up
+    before, started = cpu_seconds(server.pid), time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - started
+    server_cores = (cpu_seconds(server.pid) - before) / elapsed
+    output = (process.stdout.read() if process.stdout else "") + (process.stderr.read() if process.stderr else "")
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0 or "Non-2xx" in output or "Socket errors" in output:
+        raise RuntimeError(f"wrk failed or got errors:\n{output}")
+    found = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if found is None:
+        raise RuntimeError(f"no Requests/sec in wrk's output:\n{output}")
+    return Load(float(found.group(1)) * len(images), (usage.ru_utime + usage.ru_stime) / elapsed, server_cores)
+
+
+def measure(server: Server, args: argparse.Namespace, images: np.ndarray, connections: int, scratch: Path) -> Load:
+    """``connections`` binary clients, each sending ``images`` one request at a time."""
+    if args.load == "wrk":
+        return wrk_load(server, images, connections, args.seconds, scratch)
+    if len(images) == 1:  # many tiny requests: the lean asyncio client, one process
+        return python_load(server, 1, bench_concurrent, server.url, server.key, images, connections, args.seconds)
+    return python_load(server, connections, bench_http, server.url, server.key, images, args.seconds, True)
+
+
+# --- a worker killed under load ----------------------------------------------------------
+
+
+def bench_worker_kill(server: Server, workers: list[subprocess.Popen[bytes]], args: argparse.Namespace,
+                      image_shape: tuple[int, ...]) -> dict[str, Any]:
+    """``--kill-clients`` clients send batches of 4 for ``2 * --seconds``; worker 0 is SIGKILLed halfway.
+
+    Returns the slowest request, how many failed, and the key's usage against the
+    images answered (exactly-once charging).
+    """
+    key = httpx.post(f"{server.url}/v1/admin/keys", headers={"X-API-Key": ADMIN_KEY},
+                              json={"budget": 10**9, "rate": "1000000/second",
+                                    "image_rate": "1000000000/second"}).json()["api_key"]
+    images = np.random.default_rng(1).random((4, *image_shape), dtype=np.float32)
+    content, headers = binary_body(images)
+    latencies: list[float] = []
+    failures: list[int] = []
+    served = 0
+
+    async def client(http: Any, stop_at: float) -> None:
+        nonlocal served
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            response = await http.post(f"/v2/models/{MODEL}/infer", content=content,
+                                       headers={"X-API-Key": key, **headers})
+            latencies.append(time.perf_counter() - started)
+            if response.status_code == 200:
+                served += len(images)
+            else:
+                failures.append(response.status_code)
+
+    async def run() -> float:
+        limits = httpx.Limits(max_connections=args.kill_clients)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as http:
+            stop_at = time.perf_counter() + 2 * args.seconds
+            tasks = [asyncio.create_task(client(http, stop_at)) for _ in range(args.kill_clients)]
+            await asyncio.sleep(args.seconds)
+            killed_at = time.perf_counter()
+            workers[0].kill()
+            await asyncio.gather(*tasks)
+            return killed_at
+
+    asyncio.run(run())
+    used = httpx.get(f"{server.url}/v1/usage", headers={"X-API-Key": key}).json()["used"]
+    ordered = sorted(latencies)
+    return {
+        "worker_kill_slowest_request_s": ordered[-1],
+        "worker_kill_p99_request_s": ordered[int(0.99 * (len(ordered) - 1))],
+        "worker_kill_requests": len(latencies), "worker_kill_failed_requests": len(failures),
+        "worker_kill_usage_equals_served": used == served,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
@@ -300,58 +455,82 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="trials per measurement (the best counts)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--inference-graph", choices=("torchscript", "eager"), default="torchscript",
+                        help="how the server, the workers and the in-process ceiling run the model")
+    parser.add_argument("--gil-switch-interval-ms", type=float, default=1.0,
+                        help="the server's and workers' sys.setswitchinterval (Python's default: 5)")
+    parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
+                        help="load generator: wrk (compiled), python (this script's clients, own processes); "
+                             "auto: wrk when on the PATH")
     parser.add_argument("--redis-url", default=os.environ.get("STEALSIM_TEST_REDIS_URL", "redis://127.0.0.1:6379"),
                         help="Redis of the redis_* measurements")
     parser.add_argument("--redis-workers", default="1,2", help="worker counts of the redis_* measurements ('' skips them)")
+    parser.add_argument("--kill-clients", type=int, default=24, help="clients of the worker-kill measurement (0 skips it)")
     args = parser.parse_args()
+    if args.load == "auto":
+        args.load = "wrk" if shutil.which("wrk") else "python"
 
-    with tempfile.TemporaryDirectory() as scratch:
-        checkpoint = args.checkpoint or make_checkpoint(Path(scratch) / "ckpt", args.dataset, args.arch, args.epochs)
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        checkpoint = args.checkpoint or make_checkpoint(scratch / "ckpt", args.dataset, args.arch, args.epochs)
         from stealsim.checkpoint import read_meta
 
         meta = read_meta(checkpoint)
         rng = np.random.default_rng(0)
         batch = rng.random((args.batch, *meta.input_shape), dtype=np.float32)
+        generator = ("wrk (compiled, 1 thread, own process)" if args.load == "wrk" else
+                     "python (asyncio / httpx clients in spawned processes)")
         results: dict[str, Any] = {
             "model": f"{meta.architecture} {meta.dataset} {list(meta.input_shape)}",
             "device": args.device, "torch_threads": args.torch_threads, "batch": args.batch,
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "load_generator": generator, "inference_graph": args.inference_graph,
+            "gil_switch_interval_ms": args.gil_switch_interval_ms,
         }
         runner = load_runner(checkpoint, args)
         clients = [int(c) for c in args.clients.split(",")]
         trials: dict[str, list[float]] = {}
+        cpu: dict[str, dict[str, float]] = {}
 
-        def record(name: str, value: float) -> None:
-            trials.setdefault(f"{name}_images_per_s", []).append(value)
+        def record(name: str, load: Load) -> None:
+            trials.setdefault(f"{name}_images_per_s", []).append(load.images_per_s)
+            if load.images_per_s >= max(trials[f"{name}_images_per_s"]):  # the CPU of the best trial
+                cpu[name] = {"load_cores": round(load.load_cpu_cores, 2),
+                             "server_cores": round(load.server_cpu_cores, 2)}
+
+        def record_inprocess() -> None:
+            rate = bench_inprocess(runner, batch, args.seconds)
+            trials.setdefault("inprocess_images_per_s", []).append(rate)
 
         # Each number is the best of --repeats trials (the machine may be shared), and the
         # in-process forward is measured between the HTTP trials, not once apart from them.
         for variant in VARIANTS:
-            with running_server(checkpoint, args, variant.server_args) as (url, key):
+            with running_server(checkpoint, args, variant.server_args) as server:
                 for _ in range(args.repeats):
                     if variant.name == "batched":
-                        record("inprocess", bench_inprocess(runner, batch, args.seconds))
-                        record("http_binary", bench_http(url, key, batch, args.seconds, True))
-                        record("http_json", bench_http(url, key, batch, args.seconds, False))
+                        record_inprocess()
+                        record("http_binary", measure(server, args, batch, 1, scratch))
+                        record("http_json", python_load(server, 1, bench_http, server.url, server.key,
+                                                        batch, args.seconds, False))
                     for count in clients:
-                        record(f"concurrent{count}_{variant.name}",
-                               bench_concurrent(url, key, batch[:1], count, args.seconds))
+                        record(f"concurrent{count}_{variant.name}", measure(server, args, batch[:1], count, scratch))
         for workers in [int(w) for w in args.redis_workers.split(",") if w.strip()]:
             label = f"redis_{workers}worker" + ("s" if workers > 1 else "")
-            with running_redis_stack(checkpoint, args, workers) as (url, key):
+            with running_redis_stack(checkpoint, args, workers) as (server, _):
                 for _ in range(args.repeats):
-                    record("inprocess", bench_inprocess(runner, batch, args.seconds))
-                    record(label, bench_http_clients(url, key, batch, args.seconds, workers))
+                    record_inprocess()
+                    record(label, measure(server, args, batch, workers, scratch))
+        if args.kill_clients > 0:
+            with running_redis_stack(checkpoint, args, 2) as (server, processes):
+                results.update(bench_worker_kill(server, processes, args, meta.input_shape))
         results.update({name: max(values) for name, values in trials.items()})
         results["trials"] = trials
-        results["ratio_http_binary_vs_inprocess"] = (
-            results["http_binary_images_per_s"] / results["inprocess_images_per_s"]
-        )
-        results["ratio_http_json_vs_inprocess"] = results["http_json_images_per_s"] / results["inprocess_images_per_s"]
+        results["cpu_cores"] = cpu
+        ceiling = results["inprocess_images_per_s"]
         for name in list(results):
-            if name.startswith("redis_") and name.endswith("_images_per_s"):
+            if name.endswith("_images_per_s") and name != "inprocess_images_per_s" and "batch1" not in name:
                 label = name.removesuffix("_images_per_s")
-                results[f"ratio_{label}_vs_inprocess"] = results[name] / results["inprocess_images_per_s"]
+                results[f"ratio_{label}_vs_inprocess"] = results[name] / ceiling
         if "redis_1worker_images_per_s" in results and "redis_2workers_images_per_s" in results:
             results["ratio_redis_2workers_vs_1worker"] = (
                 results["redis_2workers_images_per_s"] / results["redis_1worker_images_per_s"]
@@ -367,16 +546,26 @@ def main() -> None:
         print(json.dumps(results))
         return
     print(f"model {results['model']}, device {args.device}, torch threads {args.torch_threads}, "
-          f"{results['cpu_count']} CPUs, best of {args.repeats} trials of {args.seconds:g} s\n")
-    print("| measurement | images/s (best) | trials |\n| --- | ---: | --- |")
+          f"{results['cpu_count']} CPUs, {args.inference_graph}, GIL switch interval {args.gil_switch_interval_ms:g} ms, "
+          f"best of {args.repeats} trials of {args.seconds:g} s; "
+          f"load generator: {generator}\n")
+    print("| measurement | images/s (best) | trials | load CPU (cores) | server CPU (cores) |\n"
+          "| --- | ---: | --- | ---: | ---: |")
     for name, value in results.items():
         if name.endswith("_images_per_s"):
+            label = name.removesuffix("_images_per_s")
             spread = ", ".join(f"{v:,.0f}" for v in trials[name])
-            print(f"| {name.removesuffix('_images_per_s')} | {value:,.0f} | {spread} |")
+            use = cpu.get(label, {})
+            print(f"| {label} | {value:,.0f} | {spread} | {use.get('load_cores', '')} | {use.get('server_cores', '')} |")
     print("\n| ratio | value |\n| --- | ---: |")
     for name, value in results.items():
         if name.startswith("ratio_"):
             print(f"| {name.removeprefix('ratio_')} | {value:.2f} |")
+    if "worker_kill_slowest_request_s" in results:
+        print(f"\nA worker SIGKILLed under {args.kill_clients} clients: slowest request "
+              f"{results['worker_kill_slowest_request_s']:.2f} s (p99 {results['worker_kill_p99_request_s']:.2f} s), "
+              f"{results['worker_kill_failed_requests']} of {results['worker_kill_requests']} requests failed, "
+              f"usage equals images served: {results['worker_kill_usage_equals_served']}")
 
 
 if __name__ == "__main__":

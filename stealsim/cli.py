@@ -262,7 +262,7 @@ def nasty_study(
     seed_list = _parse_seeds(seeds)
     torch_device = resolve_device(device)
     data = load_dataset(dataset, data_dir)
-    protocol = {"kd_alpha": alpha, "kd_temperature": temperature, "student_epochs": student_epochs}
+    protocol: dict[str, Any] = {"kd_alpha": alpha, "kd_temperature": temperature, "student_epochs": student_epochs}
     settings = replace(settings_for(data.name, tau, omega), **{k: v for k, v in protocol.items() if v is not None})
     channels, size, _ = data.input_shape
     architecture = arch or default_architecture(channels, size)
@@ -318,6 +318,7 @@ def serve(
     max_wait_ms: Annotated[float | None, typer.Option(min=0.0, help="Batching wait after the first request (default 0.5).")] = None,
     audit_log: Annotated[Path | None, typer.Option(help="JSONL audit file (default: in memory).")] = None,
     torch_threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads for inference.")] = None,
+    inference_graph: Annotated[str | None, typer.Option(help="torchscript (default: a frozen graph, the GIL dropped once per forward) or eager.")] = None,
     log_json: Annotated[bool | None, typer.Option("--log-json/--log-text", help="Structured JSON logs.")] = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis for keys, usage, limits, audit, PRADA (shared by API processes).")] = None,
     redis_prefix: Annotated[str | None, typer.Option(help="Namespace of the Redis keys (default stealsim).")] = None,
@@ -344,6 +345,7 @@ def serve(
         "models": models or None, "host": host, "port": port, "device": device,
         "admin_key": admin_key, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
         "audit_log": audit_log, "torch_threads": torch_threads, "log_json": log_json,
+        "inference_graph": inference_graph,
         "redis_url": redis_url, "redis_prefix": redis_prefix, "batching": batching,
         "workers": workers,
     })
@@ -365,6 +367,8 @@ def worker(
     heartbeat_s: Annotated[float, typer.Option(min=0.01, help="Heartbeat (and dead-worker check) interval.")] = 0.5,
     claim_idle_ms: Annotated[int, typer.Option(min=1, help="Safety net: claim any entry pending this long on another worker.")] = 10_000,
     torch_threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads for inference.")] = None,
+    inference_graph: Annotated[str, typer.Option(help="torchscript (a frozen graph) or eager.")] = "torchscript",
+    gil_switch_interval_ms: Annotated[float, typer.Option(min=0.001, help="sys.setswitchinterval, in ms (Python's default: 5).")] = 1.0,
     name: Annotated[str | None, typer.Option(help="Consumer name (default host-pid-random).")] = None,
 ) -> None:
     """Inference worker of `serve --batching redis`: reads a Redis Stream per model, batches, replies."""
@@ -385,7 +389,10 @@ def worker(
         max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms, name=name,
         heartbeat_s=heartbeat_s, dead_after_s=dead_after_s,
     )
-    runners = load_runners(models, resolve_device(device))
+    if inference_graph not in ("torchscript", "eager"):
+        raise ConfigError(f"--inference-graph {inference_graph!r}: choose torchscript or eager")
+    sys.setswitchinterval(gil_switch_interval_ms / 1000.0)
+    runners = load_runners(models, resolve_device(device), inference_graph)  # type: ignore[arg-type]
     run_worker({key: runner.predict_batch for key, runner in runners.items()}, config)
 
 

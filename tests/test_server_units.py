@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +243,43 @@ def test_cancelled_callers_are_skipped_and_stop_drains() -> None:
     assert model.calls == [2]
 
 
+@pytest.mark.parametrize("wait_when_busy", [False, True], ids=["idle-wait-only", "wait-always"])
+def test_the_batcher_waits_for_company_only_when_the_model_was_idle(wait_when_busy: bool) -> None:
+    gate = threading.Event()
+    calls: list[tuple[int, float]] = []
+
+    def blocking(images: np.ndarray) -> np.ndarray:
+        calls.append((len(images), time.monotonic()))
+        gate.wait(30)
+        return images.reshape(len(images), -1).sum(axis=1, keepdims=True)
+
+    async def run() -> None:
+        batcher = LocalBatcher({"m": blocking}, max_batch_size=64, max_wait_ms=3000,
+                               wait_when_busy=wait_when_busy)
+        await batcher.start()
+        # Idle model: the first batch waits for company (both requests, 0.1 s apart).
+        first = [asyncio.create_task(batcher.submit("m", np.ones((1, 2), np.float32)))]
+        await asyncio.sleep(0.1)
+        first.append(asyncio.create_task(batcher.submit("m", np.ones((2, 2), np.float32))))
+        while not calls:
+            await asyncio.sleep(0.01)
+        # Busy model: a request queued behind the running batch.
+        queued = asyncio.create_task(batcher.submit("m", np.ones((4, 2), np.float32)))
+        await asyncio.sleep(0.1)
+        released = time.monotonic()
+        gate.set()
+        await asyncio.gather(*first, queued)
+        await batcher.stop()
+        assert [size for size, _ in calls] == [3, 4]
+        started_after = calls[1][1] - released
+        if wait_when_busy:
+            assert started_after >= 2.5  # waited max_wait_ms (3 s) again, though the model was busy
+        else:
+            assert started_after < 1.5  # started as the last batch ended, not max_wait_ms later
+
+    asyncio.run(run())
+
+
 # --- store --------------------------------------------------------------------------------------
 
 
@@ -381,3 +420,18 @@ def test_images_lost_to_a_failed_inference_are_refunded(failure: str) -> None:
 
     used, audit = asyncio.run(run())
     assert used == 0 and audit == b""
+
+
+# --- runner -------------------------------------------------------------------------------------
+
+
+def test_the_torchscript_runner_answers_as_eager(digits_checkpoint: Path) -> None:
+    from victim_server.runner import load_runners
+
+    graph = load_runners({"m": digits_checkpoint}, torch.device("cpu"), "torchscript")["m"]
+    eager = load_runners({"m": digits_checkpoint}, torch.device("cpu"), "eager")["m"]
+    assert graph.graph is not None and eager.graph is None
+    images = np.random.default_rng(3).random((37, *graph.input_shape), dtype=np.float32)
+    np.testing.assert_allclose(graph.predict_batch(images), eager.predict_batch(images), atol=1e-5)
+    one = images[:1]
+    np.testing.assert_allclose(graph.predict_batch(one), eager.predict_batch(one), atol=1e-5)

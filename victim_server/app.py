@@ -9,6 +9,7 @@ and, on shutdown, stops taking requests and drains every queued batch::
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -139,6 +140,7 @@ class _Backends:
                 {name: runner.predict_batch for name, runner in runners.items()},
                 max_batch_size=settings.max_batch_size,
                 max_wait_ms=settings.max_wait_ms,
+                wait_when_busy=settings.batch_wait_when_busy,
                 observer=metrics.observe_batch,
             )
         if settings.redis_url is None:
@@ -177,9 +179,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
         loaded = dict(runners) if runners is not None else load_runners(
             {name: spec.path for name, spec in settings.models.items()},
-            resolve_device(settings.device),
+            resolve_device(settings.device), settings.inference_graph,
         )
         metrics = ServerMetrics()
         backends = _Backends.build(settings, loaded, metrics)
@@ -221,6 +224,8 @@ def create_app(
         lifespan=lifespan,
         docs_url="/docs",
         redoc_url=None,
+        # FastAPI's native OpenTelemetry is off: it would check its providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     _install_error_handlers(app)
     app.include_router(routes_oip.router)

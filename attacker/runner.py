@@ -220,6 +220,7 @@ def _stored_config(spec: RunSpec, victim: Victim, eval_dataset: str, settings: d
         "budget": spec.budget,
         "victim": (spec.url and f"{spec.url} model {spec.model}") or str(spec.victim_checkpoint),
         "victim_kind": "http" if spec.url else "in-process",
+        "victim_model": spec.model if spec.url else Path(str(spec.victim_checkpoint)).name,
         "victim_info": asdict(victim.info),
         "eval_dataset": eval_dataset,
         "eval_split": evaluator.split,

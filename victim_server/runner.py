@@ -7,8 +7,8 @@ knows nothing of batching.
 **Why a graph.** ``predict_batch`` runs in a worker thread while the event loop
 decodes and answers requests in the main thread. In eager mode every operator
 drops the GIL and must win it back from the busy event loop, waiting up to
-Python's switch interval (5 ms) each time: measured here, a busy Python thread cut
-the eager forward of the small CNN from ~2,000 to ~160-510 images/s. A frozen
+Python's switch interval (5 ms) each time: a busy Python thread cut the eager
+forward of the small CNN from ~1,900 to 160-480 images/s (``benchmarks/gil_contention.py``). A frozen
 TorchScript graph (``inference_graph="torchscript"``, the default) runs the whole
 forward in C++ with the GIL released once, and folds batch norm into the
 convolutions; ``"eager"`` keeps the plain module. ``torch.jit`` is deprecated in

@@ -209,9 +209,8 @@ class StreamWorker:
         that spot the same death at once take each entry only once.
         """
         consumers: Any = await self._redis.xinfo_consumers(stream, CONSUMER_GROUP)
-        holding = [c["name"] for c in consumers if int(c["pending"]) > 0]
-        holding = [name.decode() if isinstance(name, bytes) else str(name) for name in holding]
-        holding = [name for name in holding if name != self.name]
+        names = [c["name"].decode() for c in consumers if int(c["pending"]) > 0]  # bytes: no decoding client
+        holding = [name for name in names if name != self.name]
         if not holding:
             return []
         seconds, microseconds = await self._redis.time()

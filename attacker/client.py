@@ -1,11 +1,13 @@
 """The HTTP black-box client: the victim API (docs/api.md) as a :class:`~attacker.victims.Victim`.
 
-It speaks the Open Inference Protocol with the binary tensor extension over one
-keep-alive connection pool::
+It speaks the Open Inference Protocol v2 REST API over one keep-alive
+connection pool, to stealsim's server or any other (MLServer, KServe, Triton),
+with the binary tensor extension where the server advertises it and JSON
+otherwise (:mod:`attacker.endpoint` holds the negotiation rules)::
 
     with HttpVictim("http://127.0.0.1:8000", api_key="...", model="victim") as victim:
         probabilities = victim.query(images)   # images in [0, 1], [N, C, H, W]
-        print(victim.usage()["used"])
+        print(victim.usage()["used"])          # stealsim servers only (victim.metering == "server")
 
 Errors become :class:`~stealsim.errors.VictimAPIError` (``status`` and ``code``
 as the API sends them) at one boundary, :meth:`HttpVictim._request`.
@@ -23,11 +25,15 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import httpx
-import numpy as np
-import torch
 from torch import Tensor
 
-from attacker.victims import OutputKind, VictimInfo
+from attacker.endpoint import (
+    METERING_EXTENSION,
+    EndpointOptions,
+    decode_answer,
+    encode_request,
+    negotiate,
+)
 from stealsim.errors import AttackError, BudgetExhaustedError, VictimAPIError
 
 __all__ = ["HEADER_LENGTH", "HttpVictim", "RetryPolicy"]
@@ -91,52 +97,66 @@ def _error_from(response: httpx.Response) -> VictimAPIError:
 
 
 class HttpVictim:
-    """The victim service behind the :class:`~attacker.victims.Victim` interface.
+    """An Open Inference Protocol v2 endpoint behind the :class:`~attacker.victims.Victim` interface.
 
     Args:
-        url: base URL of the service (``http://host:port``).
-        api_key: the key sent as ``X-API-Key``.
+        url: base URL of the server (``http://host:port``).
+        api_key: sent as ``X-API-Key`` (stealsim's keys); ``None`` sends none.
         model: the model name.
         timeout: seconds per request.
         retry: backoff for rate limits, 503 and connection errors.
-        binary: use the binary tensor extension (else JSON float lists).
+        options: what the metadata does not say (see :mod:`attacker.endpoint`),
+            including the wire (``auto``: binary tensors when advertised).
+        headers: extra headers on every request (a gateway's ``Authorization``).
         transport: an httpx transport (tests); default: a real connection pool.
 
-    Reads the model metadata on construction (``GET /v2/models/{model}``); a
-    wrong key or model fails here, before any image is sent.
+    Negotiates on construction (``GET /v2``, then ``GET /v2/models/{model}``,
+    :func:`~attacker.endpoint.negotiate`); a wrong key, model or metadata the
+    attacks cannot use fails here, before any image is sent.
     """
 
     def __init__(
         self,
         url: str,
-        api_key: str,
+        api_key: str | None,
         model: str,
         *,
         timeout: float = 60.0,
         retry: RetryPolicy | None = None,
-        binary: bool = True,
+        options: EndpointOptions | None = None,
+        headers: dict[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.model = model
         self.retry = retry or RetryPolicy()
-        self.binary = binary
         self.retries = 0
+        sent = dict(headers or {})
+        if api_key:
+            sent["X-API-Key"] = api_key
         self._client = httpx.Client(
             base_url=self.url,
-            headers={"X-API-Key": api_key},
+            headers=sent,
             timeout=timeout,
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
             transport=transport,
         )
         try:
+            server_meta = self._server_metadata()
             self.metadata = self._request("GET", f"/v2/models/{model}").json()
-            self.info = self._parse_info(self.metadata)
+            if not isinstance(self.metadata, dict):
+                raise AttackError(f"GET /v2/models/{model} did not answer a JSON object")
+            self.endpoint = negotiate(server_meta, self.metadata, options, model)
         except BaseException:
             self._client.close()
             raise
-        self._input_name = str(self.metadata["inputs"][0].get("name", "input"))
-        self._output_name = str(self.metadata["outputs"][0].get("name", "probabilities"))
+        self.info = self.endpoint.info
+        logger.info("negotiated %s", self.endpoint.describe())
+
+    @property
+    def metering(self) -> str:
+        """``server`` when the server meters keys (``GET /v1/usage``), else ``client``."""
+        return self.endpoint.metering
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -179,110 +199,36 @@ class HttpVictim:
             logger.debug("%s %s: %s; retry %d in %.2fs", method, path, reason, attempt, wait)
             self.retry.sleep(wait)
 
-    @staticmethod
-    def _parse_info(metadata: dict[str, Any]) -> VictimInfo:
+    def _server_metadata(self) -> dict[str, Any] | None:
+        """``GET /v2`` (name, version, extensions); ``None`` where the server has no such route."""
         try:
-            shape = [int(v) for v in metadata["inputs"][0]["shape"]]
-            parameters = metadata.get("parameters", {})
-            kind = str(parameters.get("output_kind", "probabilities"))
-            if kind not in ("probabilities", "label"):
-                raise AttackError(f"unknown output_kind {kind!r} in the model metadata")
-            output_shape = metadata["outputs"][0].get("shape", [-1, 0])
-            classes = int(parameters.get("num_classes", output_shape[-1]))
-            low, high = parameters.get("pixel_range", (0.0, 1.0))
-            return VictimInfo(
-                input_shape=(shape[1], shape[2], shape[3]),
-                num_classes=classes,
-                output_kind=cast(OutputKind, kind),
-                pixel_range=(float(low), float(high)),
-                max_images_per_request=int(parameters.get("max_images_per_request", 1024)),
-                name=str(metadata.get("name", "victim")),
-            )
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise AttackError(f"the victim's model metadata is not understood: {exc}") from exc
+            body = self._request("GET", "/v2").json()
+        except VictimAPIError as exc:
+            if exc.status in (404, 405):
+                return None
+            raise
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return body if isinstance(body, dict) else None
 
     # -- the victim interface ------------------------------------------------------
 
     def query(self, images: Tensor) -> Tensor:
-        """Probabilities ``[N, K]`` or labels ``[N]`` for ``images`` in [0, 1].
+        """Probabilities ``[N, K]`` or labels ``[N]`` for ``images`` in [0, 1], ``[N, C, H, W]``.
 
         Send at most ``info.max_images_per_request`` images per call (the
         :class:`~attacker.victims.BudgetedVictim` splits larger batches).
         """
-        array = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())
-        if array.ndim != 4:
-            raise AttackError(f"images must be [N, C, H, W], got shape {array.shape}")
-        path = f"/v2/models/{self.model}/infer"
-        if self.binary:
-            return self._query_binary(path, array)
-        return self._query_json(path, array)
-
-    def _query_binary(self, path: str, array: np.ndarray) -> Tensor:
-        payload = array.astype("<f4", copy=False).tobytes()
-        header = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": self._input_name,
-                        "shape": list(array.shape),
-                        "datatype": "FP32",
-                        "parameters": {"binary_data_size": len(payload)},
-                    }
-                ],
-                "outputs": [{"name": self._output_name, "parameters": {"binary_data": True}}],
-            }
-        ).encode()
-        response = self._request(
-            "POST",
-            path,
-            content=header + payload,
-            headers={"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))},
-        )
-        return self._decode(response, int(array.shape[0]))
-
-    def _query_json(self, path: str, array: np.ndarray) -> Tensor:
-        body = {
-            "inputs": [
-                {
-                    "name": self._input_name,
-                    "shape": list(array.shape),
-                    "datatype": "FP32",
-                    "data": array.reshape(-1).tolist(),
-                }
-            ]
-        }
-        return self._decode(self._request("POST", path, json=body), int(array.shape[0]))
-
-    def _decode(self, response: httpx.Response, count: int) -> Tensor:
-        raw = response.content
-        length = response.headers.get(HEADER_LENGTH)
-        try:
-            if length is not None:
-                header = json.loads(raw[: int(length)])
-                offset = int(length)
-            else:
-                header = json.loads(raw)
-            output = header["outputs"][0]
-            datatype = str(output["datatype"]).upper()
-            shape = [int(v) for v in output["shape"]]
-            dtype = {"FP32": "<f4", "INT64": "<i8", "FP64": "<f8", "INT32": "<i4"}[datatype]
-            if "data" in output:
-                values = np.asarray(output["data"], dtype=dtype)
-            else:
-                size = int(output["parameters"]["binary_data_size"])
-                values = np.frombuffer(raw[offset : offset + size], dtype=dtype)
-            values = values.reshape(shape)
-        except (KeyError, IndexError, TypeError, ValueError, json.JSONDecodeError) as exc:
-            raise VictimAPIError(f"cannot decode the victim's answer: {exc}", status=200) from exc
-        if values.shape[0] != count:
-            raise VictimAPIError(f"the victim answered {values.shape[0]} of {count} images", status=200)
-        tensor = torch.from_numpy(values.copy())
-        if datatype.startswith("INT"):
-            return tensor.long().reshape(-1)
-        return tensor.float()
+        body, headers = encode_request(self.endpoint, images)
+        response = self._request("POST", f"/v2/models/{self.model}/infer", content=body, headers=headers)
+        return decode_answer(self.endpoint, response.content, response.headers.get(HEADER_LENGTH),
+                             int(images.shape[0]))
 
     # -- extensions ------------------------------------------------------------------
 
     def usage(self) -> dict[str, Any]:
-        """``GET /v1/usage`` of the calling key (``used``, ``budget``, ``remaining``, ...)."""
+        """``GET /v1/usage`` of the calling key (``used``, ``budget``, ``remaining``, ...); stealsim servers only."""
+        if self.metering != "server":
+            raise AttackError(f"{self.url} does not meter keys (no {METERING_EXTENSION} extension): "
+                              "the budget is counted on the client alone")
         return cast(dict[str, Any], self._request("GET", "/v1/usage").json())

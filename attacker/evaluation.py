@@ -313,6 +313,12 @@ class Evaluator:
 
     # -- cached victim answers --------------------------------------------------------
 
+    def attach(self, cache_dir: Path) -> None:
+        """Cache in ``cache_dir`` from now on, writing what is already known in memory."""
+        self.cache_dir = cache_dir
+        if self._victim_labels is not None and self._labels_cache is not None and not self._labels_cache.is_file():
+            torch.save(self._victim_labels, self._labels_cache)
+
     @property
     def _labels_cache(self) -> Path | None:
         return self.cache_dir / f"victim_{self.split}_labels.pt" if self.cache_dir else None

@@ -15,9 +15,14 @@ to the attack's own key, whose budget must then cover both.
 Before the first query and before anything is written (the run directory is
 not even created), the run is planned: the attack budget left and the
 evaluation queries it will spend (:meth:`~attacker.evaluation.Evaluator.plan`,
-an upper bound). Over HTTP the keys' remaining budgets (``GET /v1/usage``, free)
-must cover the plan, or the run is refused with an :class:`AttackError` naming
-the numbers and the ways out. ``metrics.json`` records ``planned_eval_queries``
+an upper bound). Against a stealsim server the keys' remaining budgets
+(``GET /v1/usage``, free) must cover the plan, or the run is refused with an
+:class:`AttackError` naming the numbers and the ways out; against a server that
+does not meter keys (no ``stealsim_metering`` extension) the budget is counted
+on the client alone, and ``config.json`` and the report say ``client-only``.
+The last check queries the evaluation split (which the plan holds anyway): its
+answers must match the endpoint's metadata (:func:`~attacker.endpoint.decode_answer`).
+Only then is anything written. ``metrics.json`` records ``planned_eval_queries``
 next to the actual ``eval_queries``; if the final evaluation still fails (a key
 drained by someone else mid-run), the run writes what it has with
 ``evaluation_error``, and ``stealsim attack`` exits 1.
@@ -35,6 +40,7 @@ from typing import Any
 
 from attacker.attacks import attack_class, build_attack, make_settings
 from attacker.client import HttpVictim
+from attacker.endpoint import EndpointOptions
 from attacker.evaluation import EvalConfig, EvalPlan, Evaluator
 from attacker.loop import LoopConfig
 from attacker.report import queries_to_reach, write_run_report
@@ -59,6 +65,10 @@ class RunSpec:
     url: str | None = None
     api_key: str | None = None
     model: str = "victim"
+    endpoint: EndpointOptions = field(default_factory=EndpointOptions)
+    """What the endpoint's metadata does not say (HTTP only; see :mod:`attacker.endpoint`)."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra request headers (a gateway's auth); only their names are written."""
     victim_checkpoint: Path | None = None
     victim_output: OutputKind = "probabilities"
     eval_dataset: str | None = None
@@ -88,11 +98,15 @@ def _open_victims(spec: RunSpec) -> tuple[Victim, Victim, bool]:
     if spec.url is not None:
         if spec.victim_checkpoint is not None:
             raise AttackError("give either --url (HTTP victim) or --victim-checkpoint, not both")
-        if not spec.api_key:
-            raise AttackError("--url needs --api-key")
-        victim = HttpVictim(spec.url, spec.api_key, spec.model)
+        victim = HttpVictim(spec.url, spec.api_key, spec.model, options=spec.endpoint, headers=spec.headers)
         if spec.eval_api_key and spec.eval_api_key != spec.api_key:
-            return victim, HttpVictim(spec.url, spec.eval_api_key, spec.model), False
+            try:
+                evaluation = HttpVictim(spec.url, spec.eval_api_key, spec.model, options=spec.endpoint,
+                                        headers=spec.headers)
+            except BaseException:
+                victim.close()
+                raise
+            return victim, evaluation, False
         return victim, victim, True
     if spec.victim_checkpoint is None:
         raise AttackError("give --url URL (and --api-key) or --victim-checkpoint DIR")
@@ -100,8 +114,15 @@ def _open_victims(spec: RunSpec) -> tuple[Victim, Victim, bool]:
     return local, local, False
 
 
-def _server_used(victim: Victim) -> int | None:
+def metering_of(victim: Victim) -> str:
+    """``server-reconciled`` (a stealsim server counts the key), ``client-only`` or ``in-process``."""
     if isinstance(victim, HttpVictim):
+        return "server-reconciled" if victim.metering == "server" else "client-only"
+    return "in-process"
+
+
+def _server_used(victim: Victim) -> int | None:
+    if isinstance(victim, HttpVictim) and victim.metering == "server":
         return int(victim.usage()["used"])
     return None
 
@@ -177,8 +198,8 @@ def _check_keys(
     plan_for: Callable[[int], EvalPlan],
 ) -> None:
     """Refuse a run its keys cannot pay for: before any query, nothing charged, nothing written."""
-    if not isinstance(victim, HttpVictim):
-        return
+    if not isinstance(victim, HttpVictim) or victim.metering != "server":
+        return  # client-only metering: the run's own count is the budget (nothing to ask)
     plan = plan_for(spec.budget)
     attack_left = spec.budget - spent
     # Flags are written as they are typed (no thousands separators), so they can be pasted.
@@ -222,6 +243,8 @@ def _stored_config(spec: RunSpec, victim: Victim, eval_dataset: str, settings: d
         "victim_kind": "http" if spec.url else "in-process",
         "victim_model": spec.model if spec.url else Path(str(spec.victim_checkpoint)).name,
         "victim_info": asdict(victim.info),
+        "metering": metering_of(victim),
+        **(_endpoint_record(victim, spec) if isinstance(victim, HttpVictim) else {}),
         "eval_dataset": eval_dataset,
         "eval_split": evaluator.split,
         "eval_every": spec.eval_every,
@@ -232,6 +255,18 @@ def _stored_config(spec: RunSpec, victim: Victim, eval_dataset: str, settings: d
         "evaluation": asdict(spec.evaluation),
         "transfer_epsilons": list(evaluator.epsilons),
     }
+
+
+def _endpoint_record(victim: HttpVictim, spec: RunSpec) -> dict[str, Any]:
+    """The negotiated endpoint, for config.json: no secrets (header names only)."""
+    endpoint = victim.endpoint
+    return {"endpoint": {
+        "server": endpoint.server, "wire": endpoint.wire, "input_name": endpoint.input_name,
+        "input_datatype": endpoint.input_datatype, "wire_shape": list(endpoint.wire_shape),
+        "output_name": endpoint.output_name, "output_datatype": endpoint.output_datatype,
+        "answer_kind": endpoint.answer_kind, "api_key": bool(spec.api_key), "headers": sorted(spec.headers),
+        "options": asdict(spec.endpoint),
+    }}
 
 
 def _stored_evaluation(stored: dict[str, Any], given: EvalConfig) -> EvalConfig:
@@ -284,9 +319,12 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
         ledger.eval_on_attack_key = eval_on_attack_key
         _reconcile(victim, ledger, spec.resume)  # in memory only, until the checks pass
 
+        writing = False  # no file until every check has passed
+
         def eval_charged(used: int) -> None:
             ledger.eval_queries = used
-            run_dir.write_ledger(ledger)
+            if writing:
+                run_dir.write_ledger(ledger)
 
         metered_eval = BudgetedVictim(eval_victim, None, used=ledger.eval_queries, on_charge=eval_charged)
         evaluator = Evaluator(
@@ -305,18 +343,23 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
 
         plan = plan_for(spec.budget)
         _check_keys(spec, victim, eval_victim, eval_on_attack_key, spent, plan_for)
+        planned_eval_queries = ledger.eval_queries + plan.total
         # Seed before the clones and generators are built, so that a run's result does
         # not depend on what ran earlier in this process.
         seed_everything(spec.seed)
         attack = build_attack(spec.attack, victim.info, device, **settings_dict)
 
+        # The last check: the victim's answers to the evaluation split (queries the plan
+        # holds anyway) pass the endpoint's output checks, so a server that answers in
+        # another form than its metadata declares is refused before anything is written.
+        evaluator.victim_labels()
         # Every check passed: from here on the run writes.
         run_dir.prepare(spec.resume)
-        evaluator.cache_dir = spec.out
+        writing = True
+        evaluator.attach(spec.out)
         if not spec.resume:
             run_dir.write_json("config.json", _stored_config(spec, victim, eval_name, settings_dict, evaluator))
         run_dir.write_ledger(ledger)
-        planned_eval_queries = ledger.eval_queries + plan.total
         logger.info(
             "evaluation on the %s split of %s (epsilons %s) plans %s, charged to %s",
             evaluator.split, eval_name, ", ".join(f"{eps:g}" for eps in evaluator.epsilons), plan.describe(),
@@ -343,15 +386,17 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
             queries_to_95_fidelity=queries_to_reach(outcome.history, 0.95),
             wall_seconds=float(previous) + time.perf_counter() - started,
             victim_kind="http" if spec.url else "in-process",
+            metering=metering_of(victim),
         )
         if isinstance(victim, HttpVictim):
-            used = _server_used(victim)
-            assert used is not None and ledger.server_used_at_start is not None
+            metrics["http_retries"] = victim.retries
+        used = _server_used(victim)
+        if used is not None:
+            assert ledger.server_used_at_start is not None
             counted = ledger.attack_queries + (ledger.eval_queries if eval_on_attack_key else 0)
             metrics.update(
                 server_queries=used - ledger.server_used_at_start,
                 server_count_matches=used - ledger.server_used_at_start == counted,
-                http_retries=victim.retries,
             )
         run_dir.write_json("metrics.json", metrics)
         write_run_report(spec.out, run_dir.read_json("config.json"), metrics, outcome.history)

@@ -396,15 +396,71 @@ def worker(
     run_worker({key: runner.predict_batch for key, runner in runners.items()}, config)
 
 
+def _numbers(flag: str, text: str, count: tuple[int, ...], kind: type = float) -> tuple[Any, ...]:
+    try:
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if len(values) not in count:
+        wanted = " or ".join(str(n) for n in count)
+        raise ConfigError(f"{flag} {text!r}: expected {wanted} numbers separated by commas")
+    return values
+
+
+def _endpoint_options(wire: str, input_shape: str | None, input_range: str | None, output_kind: str | None,
+                      output_name: str | None, num_classes: int | None) -> Any:
+    """The ``stealsim attack`` flags that describe an endpoint, checked (see :mod:`attacker.endpoint`)."""
+    from attacker.endpoint import EndpointOptions
+
+    if wire not in ("auto", "json", "binary"):
+        raise ConfigError(f"--wire {wire!r}: choose auto, json or binary")
+    if output_kind not in (None, "probabilities", "logits", "label"):
+        raise ConfigError(f"--output-kind {output_kind!r}: choose probabilities, logits or label")
+    shape = _numbers("--input-shape", input_shape, (1, 2, 3), int) if input_shape is not None else None
+    if shape is not None and min(shape) < 1:
+        raise ConfigError(f"--input-shape {input_shape!r}: every dimension must be at least 1")
+    pixel_range = _numbers("--input-range", input_range, (2,)) if input_range is not None else None
+    if pixel_range is not None and not pixel_range[0] < pixel_range[1]:
+        raise ConfigError(f"--input-range {input_range!r}: LOW must be below HIGH")
+    return EndpointOptions(wire=wire, input_shape=shape, input_range=pixel_range,  # type: ignore[arg-type]
+                           output_kind=output_kind, num_classes=num_classes,  # type: ignore[arg-type]
+                           output_name=output_name)
+
+
+def _parse_headers(texts: list[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--header {text!r}: expected NAME=VALUE, e.g. Authorization=Bearer TOKEN")
+        headers[name.strip()] = value
+    return headers
+
+
 @app.command()
 @reports_errors
 def attack(
     name: Annotated[str, typer.Argument(help="dual-student, dfme, random, ensemble or knockoff.")],
     out: Annotated[Path, typer.Option(help="Run directory to write (or resume).")],
     budget: Annotated[int, typer.Option(min=1, help="Attack queries (images) to spend.")],
-    url: Annotated[str | None, typer.Option(help="Victim service base URL.")] = None,
-    api_key: Annotated[str | None, typer.Option(envvar="STEALSIM_API_KEY", help="The attack's API key.")] = None,
+    url: Annotated[str | None, typer.Option(help="Base URL of the victim: stealsim's server or any Open Inference Protocol v2 server.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="STEALSIM_API_KEY", help="The attack's API key, sent as X-API-Key (none: no key).")] = None,
     model: Annotated[str, typer.Option(help="Model name on the service.")] = "victim",
+    header: Annotated[
+        list[str] | None, typer.Option("--header", metavar="NAME=VALUE", help="Extra header on every request (a gateway's auth), repeatable.")
+    ] = None,
+    wire: Annotated[str, typer.Option(help="auto (binary tensors where the server advertises them), json or binary.")] = "auto",
+    input_shape: Annotated[
+        str | None, typer.Option(metavar="C,H,W", help="Per-example input shape where the metadata does not tell it: C,H,W, H,W or D.")
+    ] = None,
+    input_range: Annotated[
+        str | None, typer.Option(metavar="LOW,HIGH", help="Pixel range the model takes (default: the metadata's, else 0,1).")
+    ] = None,
+    output_kind: Annotated[
+        str | None, typer.Option(help="probabilities, logits or label (default: the metadata's, else by datatype).")
+    ] = None,
+    output_name: Annotated[str | None, typer.Option(help="Output to request where the metadata declares none.")] = None,
+    num_classes: Annotated[int | None, typer.Option(min=2, help="Classes, where the metadata does not tell them.")] = None,
     victim_checkpoint: Annotated[
         Path | None, typer.Option(help="Attack a checkpoint in this process instead of --url.")
     ] = None,
@@ -459,6 +515,7 @@ def attack(
     """
     import torch
 
+    from attacker.endpoint import EndpointOptions
     from attacker.evaluation import EvalConfig
     from attacker.runner import RunSpec, run_attack
 
@@ -486,6 +543,11 @@ def attack(
             raise ConfigError(
                 f"--transfer-epsilons {transfer_epsilons!r}: expected numbers separated by commas, e.g. 0.05,0.1,0.15"
             ) from exc
+    endpoint = _endpoint_options(wire, input_shape, input_range, output_kind, output_name, num_classes)
+    headers = _parse_headers(header or [])
+    if url is None and (header or endpoint != EndpointOptions()):
+        raise ConfigError("--header, --wire, --input-shape, --input-range, --output-kind, --output-name and "
+                          "--num-classes describe an HTTP victim: give --url")
     if threads is not None:
         torch.set_num_threads(threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -493,6 +555,7 @@ def attack(
         metrics = run_attack(
             RunSpec(
                 attack=name, out=out, budget=budget, url=url, api_key=api_key, model=model,
+                endpoint=endpoint, headers=headers,
                 victim_checkpoint=victim_checkpoint,
                 victim_output="label" if label_only else "probabilities",
                 eval_dataset=eval_dataset, eval_api_key=eval_api_key, eval_every=eval_every,

@@ -24,6 +24,7 @@ from server_support import ServerProcess, new_key
 
 from attacker.attacks import ATTACKS
 from attacker.client import HttpVictim, RetryPolicy
+from attacker.endpoint import EndpointOptions
 from attacker.victims import BudgetedVictim, InProcessVictim
 from stealsim.data import load_dataset
 from stealsim.errors import BudgetExhaustedError, VictimAPIError
@@ -66,7 +67,9 @@ def test_client_answers_like_the_model(victim_server: ServerProcess, client: htt
         assert victim.info.output_kind == "probabilities"
         assert victim.info.max_images_per_request == 512
         torch.testing.assert_close(victim.query(images), expected, atol=1e-5, rtol=1e-4)
-        json_victim = HttpVictim(victim_server.url, key, "victim", binary=False)
+        json_victim = HttpVictim(victim_server.url, key, "victim", options=EndpointOptions(wire="json"))
+        assert victim.endpoint.wire == "binary" and json_victim.endpoint.wire == "json"
+        assert victim.metering == "server"
         torch.testing.assert_close(json_victim.query(images[:10]), expected[:10], atol=1e-5, rtol=1e-4)
         json_victim.close()
         assert victim.usage()["used"] == 310
@@ -148,6 +151,9 @@ class _Unavailable(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
+        if self.path == "/v2":
+            self._send(200, {"name": "fake", "version": "0", "extensions": ["binary_tensor_data"]})
+            return
         self._send(200, {
             "name": "m", "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
             "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}],

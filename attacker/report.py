@@ -487,9 +487,14 @@ def _evaluation_cost(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> s
             if spent is not None else "The run did not record its evaluation queries")
     if metrics.get("planned_eval_queries") is not None:
         text += f" of {_format(metrics['planned_eval_queries'])} planned"
-    if config.get("victim_kind") == "http":
+    metering = config.get("metering", "server-reconciled" if config.get("victim_kind") == "http" else "in-process")
+    if metering == "client-only":
+        text += (". Metering is **client-only**: the server does not meter keys (it advertises no "
+                 "`stealsim_metering` extension), so every count here is the attacker's own")
+    elif config.get("victim_kind") == "http":
         text += (", charged to the evaluation key" if config.get("separate_evaluation_key")
                  else ", charged to the attack's key (the server counts them too)")
+        text += ". Metering is **server-reconciled**: the key's usage on the server is checked against the run's count"
     else:
         text += " (in-process victim: nobody is charged)"
     text += "."

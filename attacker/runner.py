@@ -363,7 +363,9 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
         logger.info(
             "evaluation on the %s split of %s (epsilons %s) plans %s, charged to %s",
             evaluator.split, eval_name, ", ".join(f"{eps:g}" for eps in evaluator.epsilons), plan.describe(),
-            "the attack key" if eval_on_attack_key else ("the evaluation key" if spec.url else "nobody (in-process)"),
+            ("nobody: the server does not meter keys (client-only metering)"
+             if metering_of(victim) == "client-only" else
+             "the attack key" if eval_on_attack_key else ("the evaluation key" if spec.url else "nobody (in-process)")),
         )
         outcome = attack.run(
             victim,

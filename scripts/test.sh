@@ -8,5 +8,7 @@ bash scripts/setup.sh
 # shellcheck source=scripts/redis.sh
 source scripts/redis.sh
 echo "test: Redis at $STEALSIM_TEST_REDIS_URL"
+# shellcheck source=scripts/mlserver.sh
+source scripts/mlserver.sh
 # pytest exits 5 when it collected no tests: that is a failure too (set -e).
 .venv/bin/python -m pytest "$@"

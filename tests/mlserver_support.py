@@ -1,0 +1,108 @@
+"""A real Seldon MLServer 1.7 process serving scikit-learn digits models, for the client tests.
+
+MLServer lives in a venv of its own (``scripts/mlserver.sh``, run by the test
+command, exports ``STEALSIM_MLSERVER``); the models are trained and pickled by
+that venv's Python so that its scikit-learn reads them back. It is a conformant
+Open Inference Protocol v2 server without stealsim's extensions: no binary
+tensors, no keys, no ``/v1/usage``.
+
+Models (all the same logistic regression on raw digits pixels, 0..16):
+
+- ``digits``: input ``pixels`` FP64 ``[-1, 64]``, output ``predict_proba`` FP64 ``[-1, 10]``;
+- ``digits-labels``: input FP32 ``[-1, 64]``, output ``predict`` INT64 ``[-1, 1]`` (labels);
+- ``digits-mislabeled``: declares ``predict`` as FP64 ``[-1, 10]``, answers INT64 ``[N, 1]``;
+- ``digits-bare``: declares no inputs or outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from server_support import LoggedProcess, free_port
+
+TRAIN = """
+import sys, joblib, numpy as np
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+x, y = load_digits(return_X_y=True)
+model = LogisticRegression(max_iter=3000).fit(x[:1200], y[:1200])
+joblib.dump(model, sys.argv[1])
+probe = np.load(sys.argv[2])
+np.save(sys.argv[3], model.predict_proba(probe))
+"""
+
+PROBA = {"name": "predict_proba", "datatype": "FP64", "shape": [-1, 10]}
+MODELS = {
+    "digits": {"inputs": [{"name": "pixels", "datatype": "FP64", "shape": [-1, 64]}], "outputs": [PROBA]},
+    "digits-labels": {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}],
+                      "outputs": [{"name": "predict", "datatype": "INT64", "shape": [-1, 1]}]},
+    "digits-mislabeled": {"inputs": [{"name": "pixels", "datatype": "FP64", "shape": [-1, 64]}],
+                          "outputs": [{"name": "predict", "datatype": "FP64", "shape": [-1, 10]}]},
+    "digits-bare": {},
+}
+
+
+class MLServer(LoggedProcess):
+    """``mlserver start`` on free ports; ``url`` once every model is ready."""
+
+    def __init__(self, executable: str, root: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (root / "settings.json").write_text(json.dumps({
+            "http_port": self.port, "grpc_port": free_port(), "metrics_port": free_port(),
+            "parallel_workers": 0, "host": "127.0.0.1",
+        }))
+        super().__init__([executable, "start", str(root)], root / "mlserver.log",
+                         {**os.environ, "OMP_NUM_THREADS": "1"})
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlserver exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if all(httpx.get(f"{self.url}/v2/models/{name}/ready", timeout=1.0).status_code == 200
+                       for name in MODELS):
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"mlserver not ready within {timeout} s:\n{self.log()}")
+
+
+@pytest.fixture(scope="session")
+def mlserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MLServer, np.ndarray, np.ndarray]]:
+    """``(server, probe images [N, 64] in 0..16, MLServer's own predict_proba of them)``."""
+    executable = os.environ.get("STEALSIM_MLSERVER")
+    if not executable:
+        pytest.skip("MLServer's venv is installed by the test command (bash scripts/test.sh)")
+    root = tmp_path_factory.mktemp("mlserver")
+    from sklearn.datasets import load_digits
+
+    probe = load_digits().data[1500:1520]
+    np.save(root / "probe.npy", probe)
+    python = str(Path(executable).with_name("python"))
+    subprocess.run([python, "-c", TRAIN, str(root / "model.joblib"), str(root / "probe.npy"),
+                    str(root / "expected.npy")], check=True, timeout=120)
+    for name, metadata in MODELS.items():
+        (root / name).mkdir()
+        (root / name / "model.joblib").symlink_to(root / "model.joblib")
+        (root / name / "model-settings.json").write_text(json.dumps({
+            "name": name, "implementation": "mlserver_sklearn.SKLearnModel",
+            "parameters": {"uri": "./model.joblib"}, **metadata,
+        }))
+    server = MLServer(executable, root)
+    try:
+        yield server, probe, np.load(root / "expected.npy")
+    finally:
+        server.stop()

@@ -139,6 +139,10 @@ class Attack(ABC):
 
     name: ClassVar[str]
     settings_type: ClassVar[type[AttackSettings]] = AttackSettings
+    one_shot: ClassVar[bool] = False
+    """True for an attack that spends its budget in one step (ART's): no checkpoint inside it."""
+    extra: ClassVar[str | None] = None
+    """The optional install extra the attack needs (``art``), or ``None``."""
 
     def __init__(self, settings: AttackSettings, info: VictimInfo, device: torch.device) -> None:
         if not isinstance(settings, self.settings_type):
@@ -150,6 +154,8 @@ class Attack(ABC):
         self._tracked: dict[str, Any] = {}
         self.progress = 0.0
         """Fraction of the budget spent before the current step (drives schedules)."""
+        self.finished = False
+        """Set by a one-shot attack (ART's) once it has spent what it will: the loop stops."""
 
     # -- hooks --------------------------------------------------------------------------
 
@@ -255,6 +261,10 @@ class Attack(ABC):
                     break
                 attack_seconds += time.perf_counter() - started
                 spent = budgeted.used - before
+                if self.finished:  # a one-shot attack: done, with or without budget left
+                    stop_reason = "budget_spent" if not budgeted.remaining else "attack_finished"
+                    advance("", steps=spent)
+                    break
                 if spent == 0:
                     stop_reason = "budget_too_small_for_a_step"
                     break

@@ -66,10 +66,11 @@ QUICK_SETTINGS: dict[str, Any] = {
 
 
 def demo_attacks() -> tuple[str, ...]:
-    """Every registered attack, in registry order (new attacks join the demo when registered)."""
+    """Every registered attack of stealsim's own, in registry order (new attacks join the demo
+    when registered; ART's, which need the optional ``stealsim[art]`` extra, do not)."""
     from attacker.attacks import ATTACKS
 
-    return tuple(ATTACKS)
+    return tuple(name for name, cls in ATTACKS.items() if cls.extra is None)
 
 
 def attack_overrides(attack: str, settings: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import pytest
 from redis_support import WorkerProcess, prefix, redis_url  # noqa: F401 - fixtures
 from server_support import ADMIN_KEY, ServerProcess
 
-from attacker.attacks import ATTACKS
+from experiments.demo import demo_attacks
 
 QUICK_BUDGET = 1_000  # the --quick default
 
@@ -89,7 +89,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, victim_cache: Path) -> None:
     assert summary["status"] == "done"
     rows = summary["rows"]
     assert {(row["attack"], row["victim"]) for row in rows} == {
-        (attack, victim) for attack in ATTACKS for victim in ("normal", "nasty")
+        (attack, victim) for attack in demo_attacks() for victim in ("normal", "nasty")
     }
     for row in rows:
         assert row["status"] == "done", row
@@ -105,13 +105,13 @@ def test_quick_demo_end_to_end(tmp_path: Path, victim_cache: Path) -> None:
     assert summary["victims"]["normal_test_accuracy"] > 0.8
     assert summary["victims"]["nasty_test_accuracy"] > 0.6
     report = (out / "report.md").read_text()
-    for attack in ATTACKS:
+    for attack in demo_attacks():
         assert f"| {attack} | nasty |" in report
     for name in summary["plots"].values():
         assert (out / name).stat().st_size > 1000
     assert set(summary["plots"]) == {"normal", "nasty"}
     # The table is printed at the end, and the service is gone.
-    assert "fidelity" in result.stdout and all(attack in result.stdout for attack in ATTACKS)
+    assert "fidelity" in result.stdout and all(attack in result.stdout for attack in demo_attacks())
     assert not alive(int(summary["service_pid"]))
     assert "victim service stopped" in result.stderr
 

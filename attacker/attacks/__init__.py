@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from attacker.attacks.art_copycat import ArtCopycat
+from attacker.attacks.art_knockoff import ArtKnockoff, ArtKnockoffSettings
 from attacker.attacks.dfme import DFME, DFMESettings
 from attacker.attacks.dual_student import DualStudent, DualStudentSettings
 from attacker.attacks.ensemble import Ensemble, EnsembleSettings
@@ -24,6 +26,9 @@ from stealsim.errors import AttackError
 __all__ = [
     "ATTACKS",
     "DFME",
+    "ArtCopycat",
+    "ArtKnockoff",
+    "ArtKnockoffSettings",
     "DFMESettings",
     "DualStudent",
     "DualStudentSettings",
@@ -38,7 +43,10 @@ __all__ = [
     "make_settings",
 ]
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (DualStudent, DFME, RandomNoise, Ensemble, Knockoff)}
+ATTACKS: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (DualStudent, DFME, RandomNoise, Ensemble, Knockoff, ArtKnockoff, ArtCopycat)
+}
+"""Every attack by name; ``art-*`` need the optional ``stealsim[art]`` extra (checked when built)."""
 
 
 def attack_class(name: str) -> type[Attack]:

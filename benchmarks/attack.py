@@ -42,6 +42,8 @@ from attacker.runner import RunSpec, run_attack
 from experiments.service import ServiceProcess, create_key, new_admin_key
 
 ATTACKS_RUN = ("dual-student", "dfme", "random", "knockoff")
+ART_ATTACKS = ("art-knockoff", "art-copycat")
+"""IBM ART's extraction attacks (the ``stealsim[art]`` extra), on request: ``--attacks knockoff art-knockoff``."""
 
 KEPT = (
     "queries_used", "fidelity", "accuracy", "victim_accuracy", "normalised_accuracy",
@@ -216,7 +218,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"], choices=["digits", "mnist5k"])
     parser.add_argument("--labels", nargs="+", default=["soft", "hard"], choices=["soft", "hard"])
     parser.add_argument("--skip-http", action="store_true", help="no HTTP-overhead measurement")
-    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS_RUN), choices=list(ATTACKS_RUN))
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS_RUN), choices=[*ATTACKS_RUN, *ART_ATTACKS])
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="ATTACK.KEY=JSON setting override, e.g. random.updates_per_batch=8 (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small budgets, one seed (a smoke run)")

@@ -28,6 +28,7 @@ import httpx
 from torch import Tensor
 
 from attacker.endpoint import (
+    BINARY_EXTENSION,
     METERING_EXTENSION,
     EndpointOptions,
     decode_answer,
@@ -220,7 +221,15 @@ class HttpVictim:
         :class:`~attacker.victims.BudgetedVictim` splits larger batches).
         """
         body, headers = encode_request(self.endpoint, images)
-        response = self._request("POST", f"/v2/models/{self.model}/infer", content=body, headers=headers)
+        try:
+            response = self._request("POST", f"/v2/models/{self.model}/infer", content=body, headers=headers)
+        except VictimAPIError as exc:
+            if self.endpoint.wire == "binary" and BINARY_EXTENSION not in self.endpoint.extensions \
+                    and exc.status >= 400 and not isinstance(exc, BudgetExhaustedError):
+                raise VictimAPIError(f"{exc} (binary tensors were forced, but the server does not advertise "
+                                     f"{BINARY_EXTENSION}: try --wire auto or json)",
+                                     status=exc.status, code=exc.code) from exc
+            raise
         return decode_answer(self.endpoint, response.content, response.headers.get(HEADER_LENGTH),
                              int(images.shape[0]))
 

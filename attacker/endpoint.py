@@ -109,6 +109,8 @@ class Endpoint:
     info: VictimInfo
     server: str
     """Server name and version from ``GET /v2`` (``"unknown"`` if it has no such route)."""
+    extensions: tuple[str, ...] = ()
+    """The extensions ``GET /v2`` advertises."""
 
     def describe(self) -> str:
         shape = ", ".join(str(v) for v in self.wire_shape)
@@ -247,7 +249,7 @@ def negotiate(server_meta: dict[str, Any] | None, model_meta: dict[str, Any],
         model=model, wire=wire, input_name=input_name, input_datatype=input_datatype, wire_shape=wire_shape,
         output_name=output_name, output_datatype=output_datatype, output_shape=output_shape,
         answer_kind=answer_kind, metering="server" if METERING_EXTENSION in extensions else "client",
-        info=info, server=server,
+        info=info, server=server, extensions=tuple(extensions),
     )
 
 
@@ -260,11 +262,11 @@ def encode_request(endpoint: Endpoint, images: Tensor) -> tuple[bytes, dict[str,
         raise AttackError(f"images of shape {tuple(images.shape)} do not fit the victim's input "
                           f"[N, {', '.join(map(str, endpoint.info.input_shape))}]")
     low, high = endpoint.info.pixel_range
-    pixels = images.detach().to("cpu", torch.float64).numpy()
+    pixels = images.detach().to("cpu", torch.float64 if endpoint.input_datatype == "FP64" else torch.float32)
     if (low, high) != (0.0, 1.0):
         pixels = low + pixels * (high - low)
-    array = np.ascontiguousarray(
-        pixels.reshape(len(pixels), *endpoint.wire_shape).astype(FLOAT_TYPES[endpoint.input_datatype]))
+    array = np.ascontiguousarray(pixels.numpy().reshape(len(pixels), *endpoint.wire_shape),
+                                 dtype=FLOAT_TYPES[endpoint.input_datatype])
     tensor: dict[str, Any] = {"name": endpoint.input_name, "shape": list(array.shape),
                               "datatype": endpoint.input_datatype}
     output: dict[str, Any] = {"name": endpoint.output_name} if endpoint.output_name else {}
@@ -348,14 +350,14 @@ def decode_answer(endpoint: Endpoint, raw: bytes, header_length: str | None, cou
                                   "(pass --output-kind label if these are class labels)")
     if values.ndim != 2 or values.shape[1] != classes:
         raise _mismatch(endpoint, f"{endpoint.answer_kind} must be [N, {classes}], got {_shape_text(list(shape))}")
-    scores = torch.from_numpy(values.astype(np.float32))
-    if not bool(torch.isfinite(scores).all()):
+    scores = values.astype(np.float32)  # a copy: the buffer is the response's (numpy: cheaper checks)
+    if not np.isfinite(scores).all():
         raise _mismatch(endpoint, "the answer holds NaN or infinite values")
     if endpoint.answer_kind == "logits":
-        return torch.softmax(scores, dim=1)
+        return torch.softmax(torch.from_numpy(scores), dim=1)
     tolerance = 1e-2 if datatype == "FP16" else 1e-3
-    sums = scores.sum(dim=1)
-    if bool((scores < -tolerance).any()) or bool(((sums - 1).abs() > tolerance).any()):
+    sums = scores.sum(axis=1)
+    if (scores < -tolerance).any() or (np.abs(sums - 1) > tolerance).any():
         raise _mismatch(endpoint, f"rows do not sum to 1 (e.g. {float(sums[0]):.4g}): these are not "
                                   "probabilities; pass --output-kind logits (or label)")
-    return scores
+    return torch.from_numpy(scores)

@@ -57,7 +57,7 @@ def ensure_victim(dataset: str, root: Path) -> Path:
     directory = root / f"victim-{dataset}"
     if not (directory / "model.json").is_file():
         subprocess.run([sys.executable, "-m", "stealsim", "train", "--dataset", dataset,
-                        "--out", str(directory), "--quiet"], check=True)
+                        "--out", str(directory), "--quiet"], check=True, stdout=sys.stderr)  # stdout: the JSON
     return directory
 
 

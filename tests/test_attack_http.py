@@ -45,7 +45,7 @@ def usage(server: ServerProcess, key: str) -> dict[str, Any]:
 
 
 def attack_command(name: str, server: ServerProcess, key: str, out: Path, budget: int, *extra: str) -> list[str]:
-    flags = TINY_FLAGS + (GENERATOR_FLAGS if name not in ("random", "knockoff") else [])
+    flags = TINY_FLAGS + (GENERATOR_FLAGS if name in ("dual-student", "dfme", "ensemble") else [])
     return [sys.executable, "-m", "stealsim", "attack", name, "--url", server.url, "--api-key", key,
             "--model", "victim", "--budget", str(budget), "--out", str(out), *flags, *extra]
 
@@ -73,6 +73,17 @@ def test_client_answers_like_the_model(victim_server: ServerProcess, client: htt
         torch.testing.assert_close(json_victim.query(images[:10]), expected[:10], atol=1e-5, rtol=1e-4)
         json_victim.close()
         assert victim.usage()["used"] == 310
+
+
+def test_client_sends_extra_headers_and_no_key_unless_given(victim_server: ServerProcess,
+                                                            client: httpx.Client) -> None:
+    key = new_key(client, budget=100)
+    with pytest.raises(VictimAPIError) as unauthorized:
+        HttpVictim(victim_server.url, None, "victim")
+    assert unauthorized.value.status == 401
+    with HttpVictim(victim_server.url, None, "victim", headers={"X-API-Key": key}) as victim:  # a gateway's header
+        assert victim.query(torch.rand(4, 1, 8, 8)).shape == (4, 10)
+        assert victim.usage()["used"] == 4
 
 
 def test_client_reports_label_only_models(victim_server: ServerProcess, client: httpx.Client, digits_checkpoint: Path) -> None:
@@ -229,6 +240,10 @@ def test_every_attack_within_its_budget_over_http(
     server_used = usage(victim_server, key)["used"]
     assert server_used == metrics["queries_used"] + metrics["eval_queries"]
     assert metrics["server_count_matches"] is True
+    config = json.loads((out / "config.json").read_text())
+    assert config["metering"] == metrics["metering"] == "server-reconciled"
+    assert config["endpoint"]["wire"] == "binary"  # our server advertises binary_tensor_data
+    assert key not in (out / "config.json").read_text()  # no secrets
     for required in ("fidelity", "accuracy", "victim_accuracy", "transfer_success_rate", "wall_seconds"):
         assert required in metrics
     assert (out / "report.md").is_file() and (out / "progress.png").is_file()

@@ -102,3 +102,6 @@ def test_refused_run_writes_nothing(mlserver: Server, tmp_path: Path) -> None:
     bare = attack(server, "digits-bare", out, 500)
     assert bare.returncode == 2 and "--input-shape" in bare.stderr
     assert not out.exists()
+    forced = attack(server, "digits", out, 500, "--wire", "binary")  # MLServer has no binary tensors
+    assert forced.returncode == 2 and "does not advertise binary_tensor_data: try --wire auto or json" in forced.stderr
+    assert not out.exists()

@@ -23,7 +23,8 @@ from attacker.replay import ReplayMemory
 from attacker.victims import VictimInfo
 from stealsim.architectures import PixelClassifier, build_classifier
 
-__all__ = ["StudentSettings", "Students", "build_student", "cosine_factor", "set_learning_rate"]
+__all__ = ["StudentSettings", "Students", "build_student", "cosine_factor", "multistep_factor", "schedule_factor",
+           "set_learning_rate"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class StudentSettings:
         updates_per_batch: updates per :meth:`Students.train_step`: the first on the
             fresh batch (joined with replay), the others on ``2 * batch`` replayed
             answers (on the fresh batch again without replay).
+        schedule: ``cosine`` (ours) or ``multistep``: the rate times ``step_scale`` at each
+            fraction of the budget in ``milestones`` (the Dual Student authors' code).
     """
 
     architecture: str | None = None
@@ -58,12 +61,32 @@ class StudentSettings:
     soft_loss: SoftLoss = "l1"
     replay: int = 0
     updates_per_batch: int = 1
+    schedule: Literal["cosine", "multistep"] = "cosine"
+    milestones: tuple[float, ...] = (0.1, 0.3, 0.5)
+    step_scale: float = 0.3
 
 
 def cosine_factor(progress: float, floor: float) -> float:
     """``floor + (1 - floor) * (1 + cos(pi * progress)) / 2`` for progress in [0, 1]."""
     progress = min(1.0, max(0.0, progress))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def multistep_factor(progress: float, milestones: tuple[float, ...], scale: float) -> float:
+    """``scale ** m`` with ``m`` the milestones (fractions of the budget) already passed.
+
+    PyTorch's ``MultiStepLR`` over the query budget, as the Dual Student authors'
+    code schedules students and generator (milestones 10/30/50 %, scale 0.3).
+    """
+    return float(scale ** sum(1 for milestone in milestones if progress >= milestone))
+
+
+def schedule_factor(progress: float, schedule: str, floor: float, milestones: tuple[float, ...] = (0.1, 0.3, 0.5),
+                    scale: float = 0.3) -> float:
+    """The learning-rate factor at ``progress`` under ``schedule`` (``cosine`` or ``multistep``)."""
+    if schedule == "multistep":
+        return multistep_factor(progress, milestones, scale)
+    return cosine_factor(progress, floor)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, base: float, factor: float) -> None:
@@ -124,7 +147,8 @@ class Students(nn.Module):
 
     def schedule(self, progress: float) -> None:
         """Set every student's learning rate for ``progress`` (fraction of the budget spent)."""
-        factor = cosine_factor(progress, self.settings.min_lr_fraction)
+        s = self.settings
+        factor = schedule_factor(progress, s.schedule, s.min_lr_fraction, s.milestones, s.step_scale)
         for optimizer in self.optimizers:
             set_learning_rate(optimizer, self.settings.learning_rate, factor)
 

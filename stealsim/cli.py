@@ -506,6 +506,9 @@ def attack(
     surrogate_dir: Annotated[str | None, typer.Option(help="--data-dir of an on-disk surrogate dataset.")] = None,
     surrogate_split: Annotated[str | None, typer.Option(help="train, test or all of the surrogate dataset.")] = None,
     sampling: Annotated[str | None, typer.Option(help="knockoff: random or adaptive (bandit over classes).")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="dual-student: tuned (our defaults) or reference (the authors' code's settings).")
+    ] = None,
 ) -> None:
     """Steal a victim model within a query budget; write a run directory with metrics and a report.
 
@@ -522,7 +525,7 @@ def attack(
     overrides: dict[str, Any] = {"hard_label": hard_label or None, "batch_size": batch_size}
     overrides.update(uq=uq, members=members, architectures=member_arch or None, diversity_weight=diversity,
                      source=source, surrogate=surrogate, surrogate_dir=surrogate_dir,
-                     surrogate_split=surrogate_split, sampling=sampling)
+                     surrogate_split=surrogate_split, sampling=sampling, preset=preset)
     for text in setting or []:
         key, sep, value = text.partition("=")
         if not sep:

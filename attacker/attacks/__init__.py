@@ -57,10 +57,19 @@ def attack_class(name: str) -> type[Attack]:
 
 
 def make_settings(name: str, **overrides: Any) -> AttackSettings:
-    """The settings of attack ``name`` with ``overrides`` (``None`` values are ignored)."""
+    """The settings of attack ``name`` with ``overrides`` (``None`` values are ignored).
+
+    ``preset=NAME`` (where the attack has presets, e.g. Dual Student's ``reference``)
+    starts from that named set; the other overrides win over it.
+    """
     settings_type = attack_class(name).settings_type
     known = {field.name for field in dataclasses.fields(settings_type)}
     given = {k: v for k, v in overrides.items() if v is not None}
+    presets: dict[str, dict[str, Any]] = getattr(settings_type, "PRESETS", {})
+    if "preset" in given and presets:  # a named set of settings; the settings given beside it win
+        if given["preset"] not in presets:
+            raise AttackError(f"{name} has no preset {given['preset']!r}; choose one of {sorted(presets)}")
+        given = {**presets[given["preset"]], **given}
     unknown = sorted(set(given) - known)
     if unknown:
         raise AttackError(f"{name} has no setting(s) {unknown}; it accepts {sorted(known)}")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from attacker.students import cosine_factor, set_learning_rate
+from attacker.students import schedule_factor, set_learning_rate
 from attacker.victims import VictimInfo
 from stealsim.architectures import DCGANGenerator, build_generator
 
@@ -63,15 +63,18 @@ class GeneratorTrainer:
         learning_rate: float,
         device: torch.device,
         gain: float = 3.0,
+        betas: tuple[float, float] = (0.5, 0.999),
+        schedule: str = "cosine",
     ) -> None:
         self.generator = make_generator(info, latent_dim, width, device)
         self.gain = gain
         self.learning_rate = learning_rate
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=learning_rate, betas=(0.5, 0.999))
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=learning_rate, betas=betas)
         self.device = device
+        self.schedule_kind = schedule
 
     def schedule(self, progress: float, floor: float = 0.05) -> None:
-        set_learning_rate(self.optimizer, self.learning_rate, cosine_factor(progress, floor))
+        set_learning_rate(self.optimizer, self.learning_rate, schedule_factor(progress, self.schedule_kind, floor))
 
     def latent(self, count: int) -> Tensor:
         return torch.randn(count, self.generator.latent_dim, device=self.device)
@@ -90,9 +93,22 @@ class GeneratorTrainer:
         return torch.sigmoid(self.points(count))
 
     @torch.no_grad()
-    def sample(self, count: int) -> Tensor:
-        """``count`` images in [0, 1] from the current generator (no gradient)."""
-        return self.images(count)
+    def sample(self, count: int, eval_mode: bool = False) -> Tensor:
+        """``count`` images in [0, 1] from the current generator (no gradient).
+
+        ``eval_mode``: the generator's batch norms use their running statistics (the
+        Dual Student authors' code); by default they use the batch's, as in training.
+        """
+        if not eval_mode:
+            return self.images(count)
+        self.generator.eval()
+        try:
+            preactivation = generator_preactivation(self.generator, self.latent(count))
+        finally:
+            self.generator.train()
+        if self.gain <= 0:
+            return torch.sigmoid(preactivation)
+        return torch.sigmoid(self.gain * F.batch_norm(preactivation, None, None, training=True, eps=1e-5))
 
     def update(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)

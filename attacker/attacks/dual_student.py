@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from attacker.attacks._common import GeneratorTrainer, frozen
 from attacker.loop import Attack, AttackSettings
 from attacker.losses import class_balance_loss, disagreement_loss, victim_targets
-from attacker.students import Students
+from attacker.students import Students, StudentSettings
 from attacker.victims import BudgetedVictim, VictimInfo
 from stealsim.errors import AttackError
 
@@ -29,11 +30,38 @@ class DualStudentSettings(AttackSettings):
         generator_width: channels of the DCGAN generator's first map.
         balance_weight: weight ``lambda`` of the class-balance term (0, the default: the paper's
             loss alone; 0.2 helped on 8x8 digits with 5 student steps, hurt on mnist5k).
-        disagreement: compare the students' ``logits`` (the paper) or softmax ``probabilities``.
+        disagreement: compare the students' ``logits`` (the paper) or softmax ``probabilities`` (as given,
+            with soft and hard labels alike).
         generator_gain: images are ``sigmoid(gain * BN(a))`` (0: the plain ``sigmoid(a)``).
         updates_per_batch: 2 by default (the shared setting): chosen on the digits validation
             split at 150,000 queries, fidelity 0.900 / 0.889 with 1 update, 0.917 / 0.906 with 2
             (seeds 0 / 1). 1 is the paper's (one student step per generated batch).
+        preset: ``tuned`` (these defaults) or ``reference`` (:data:`REFERENCE`, the authors'
+            code); settings given beside a preset override it.
+
+    Departures from the authors' code (github.com/James-Beetham/dual_students), each a
+    setting whose ``reference`` value is theirs:
+
+    - ``student_optimizer`` ``adam`` (theirs ``sgd``, momentum 0.9) with
+      ``student_weight_decay`` 0 (theirs 5e-4) and ``student_lr`` 2e-3 (theirs 0.1);
+    - ``lr_schedule`` ``cosine`` (theirs ``multistep``: x0.3 at 10/30/50 % of the budget,
+      students and generator alike);
+    - ``generator_lr`` 1e-3 (theirs 1e-4) and ``generator_betas`` (0.5, 0.999) (theirs
+      Adam's default (0.9, 0.999));
+    - ``student_steps`` 3 (theirs 5), ``updates_per_batch`` 2 and ``replay`` 20,000
+      (theirs 1 and none), ``latent_dim`` 64 (theirs 256);
+    - ``disagreement`` on ``probabilities`` (theirs ``logits``, the paper's eq. 2);
+    - ``students_in_generator_step`` ``train`` (theirs ``eval``: batch norms on running
+      statistics), ``generator_when_sampling`` ``train`` (theirs ``eval``);
+    - ``generator_step_input`` ``images`` (theirs ``preactivation``: the students see the
+      generator's output before its squashing non-linearity during the generator step,
+      mapped here through the same affine map as images, ``0.5 + 0.5 * BN(a)``);
+    - ``hard_target`` ``class`` (cross-entropy to the arg-max; theirs ``one_hot``: the
+      student loss on the one-hot vector);
+    - ``generator_gain`` 3 (theirs: ``tanh(BN(a))``, which is ``sigmoid(2 BN(a))`` in [0, 1]
+      pixels, so 2 in ``reference``);
+    - ``ema_decay`` 0.995 per update (theirs: a 0.9 moving average stepped every 10
+      iterations of 5 student updates, about 0.998 per update, the ``reference`` value).
     """
 
     student_steps: int = 3
@@ -44,11 +72,48 @@ class DualStudentSettings(AttackSettings):
     disagreement: Literal["logits", "probabilities"] = "probabilities"
     generator_gain: float = 3.0
     updates_per_batch: int = 2
+    student_optimizer: Literal["adam", "sgd"] = "adam"
+    student_weight_decay: float = 0.0
+    lr_schedule: Literal["cosine", "multistep"] = "cosine"
+    generator_betas: tuple[float, float] = (0.5, 0.999)
+    students_in_generator_step: Literal["train", "eval"] = "train"
+    generator_when_sampling: Literal["train", "eval"] = "train"
+    generator_step_input: Literal["images", "preactivation"] = "images"
+    hard_target: Literal["class", "one_hot"] = "class"
+    preset: Literal["tuned", "reference"] = "tuned"
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Named sets of settings (``reference``), filled in below the class."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.student_steps < 1 or self.generator_lr <= 0:
+        if self.student_steps < 1 or self.generator_lr <= 0 or self.student_weight_decay < 0:
             raise AttackError(f"invalid Dual Student settings: {self}")
+        choices = {"student_optimizer": ("adam", "sgd"), "lr_schedule": ("cosine", "multistep"),
+                   "students_in_generator_step": ("train", "eval"), "generator_when_sampling": ("train", "eval"),
+                   "generator_step_input": ("images", "preactivation"), "hard_target": ("class", "one_hot"),
+                   "disagreement": ("logits", "probabilities"), "preset": ("tuned", "reference")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise AttackError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "generator_betas", tuple(float(b) for b in self.generator_betas))
+
+    def student_settings(self) -> StudentSettings:
+        return replace(super().student_settings(), optimizer=self.student_optimizer,
+                       weight_decay=self.student_weight_decay, schedule=self.lr_schedule)
+
+
+REFERENCE: dict[str, Any] = {
+    "student_lr": 0.1, "student_optimizer": "sgd", "student_weight_decay": 5e-4, "lr_schedule": "multistep",
+    "generator_lr": 1e-4, "generator_betas": (0.9, 0.999), "student_steps": 5, "updates_per_batch": 1,
+    "replay": 0, "latent_dim": 256, "disagreement": "logits", "students_in_generator_step": "eval",
+    "generator_when_sampling": "eval", "generator_step_input": "preactivation", "hard_target": "one_hot",
+    "generator_gain": 2.0, "ema_decay": 0.998, "balance_weight": 0.0,
+}
+"""The Dual Student authors' settings (github.com/James-Beetham/dual_students, ``train.py``
+defaults and ``run_cifar_ds.sh``), in this project's terms: ``--preset reference``."""
+DualStudentSettings.PRESETS["reference"] = REFERENCE
+DualStudentSettings.PRESETS["tuned"] = {}
 
 
 class DualStudent(Attack):
@@ -91,7 +156,7 @@ class DualStudent(Attack):
         self.students = Students(info, 2, settings.student_settings(), device)
         self.gen = GeneratorTrainer(
             info, settings.latent_dim, settings.generator_width, settings.generator_lr, device,
-            settings.generator_gain,
+            settings.generator_gain, settings.generator_betas, settings.lr_schedule,
         )
         self.track_students(self.students)
         self.track("generator", self.gen.generator)
@@ -101,19 +166,24 @@ class DualStudent(Attack):
         self.students.schedule(self.progress)
         self.gen.schedule(self.progress)
         first, second = self.students.members
-        first.train()
-        second.train()
+        eval_students = self.s.students_in_generator_step == "eval"
+        first.train(not eval_students)
+        second.train(not eval_students)
         self.gen.generator.train()
         # Generator: maximise the students' disagreement (no victim query).
         with frozen(first, second):
-            images = self.gen.images(self.s.batch_size)
+            if self.s.generator_step_input == "preactivation":  # the authors' code
+                points = self.gen.points(self.s.batch_size)
+                images = 0.5 + 0.5 * points / max(self.s.generator_gain, 1e-12)
+            else:
+                images = self.gen.images(self.s.batch_size)
             logits = first(images)
-            generator_loss = disagreement_loss(
-                logits, second(images), self.hard_label or self.s.disagreement == "probabilities"
-            )
+            generator_loss = disagreement_loss(logits, second(images), self.s.disagreement == "probabilities")
             if self.s.balance_weight > 0:
                 generator_loss = generator_loss + self.s.balance_weight * class_balance_loss(logits)
             self.gen.update(generator_loss)
+        first.train()
+        second.train()
         # Students: match the victim on fresh generated images.
         student_loss = 0.0
         steps = 0
@@ -121,11 +191,18 @@ class DualStudent(Attack):
             count = victim.affordable(self.s.batch_size)
             if count == 0:
                 break
-            images = self.gen.sample(count)
-            targets = victim_targets(victim.query(images.cpu()), self.hard_label).to(self.device)
+            images = self.gen.sample(count, eval_mode=self.s.generator_when_sampling == "eval")
+            targets = self._targets(victim.query(images.cpu())).to(self.device)
             student_loss += self.students.train_step(images, targets)
             steps += 1
         return {"generator": float(generator_loss.detach()), "student": student_loss / max(1, steps)}
+
+    def _targets(self, answers: torch.Tensor) -> torch.Tensor:
+        """Training targets; ``hard_target="one_hot"`` turns labels into one-hot vectors (the authors')."""
+        targets = victim_targets(answers, self.hard_label)
+        if self.hard_label and self.s.hard_target == "one_hot":
+            return F.one_hot(targets, self.info.num_classes).float()
+        return targets
 
     def clone(self) -> nn.Module:
         return self.students.clone(0).eval()

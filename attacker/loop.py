@@ -24,7 +24,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -59,6 +59,9 @@ class AttackSettings:
             trains on the fresh batch joined with as many replayed answers, the others on
             twice as many replayed answers alone (the fresh batch again when ``replay`` is 0).
             Replayed answers are paid for already: more updates cost compute, not queries.
+        memory_format: tensor layout of the clones and generators: ``channels_last`` (about
+            2x faster on a CPU, the same function up to float rounding) or ``contiguous``
+            (the layout before; ``benchmarks/attack.py --loop-speed`` measures both).
     """
 
     batch_size: int = 256
@@ -70,8 +73,11 @@ class AttackSettings:
     soft_loss: SoftLoss = "l1"
     replay: int = 20_000
     updates_per_batch: int = 1
+    memory_format: Literal["channels_last", "contiguous"] = "channels_last"
 
     def __post_init__(self) -> None:
+        if self.memory_format not in ("channels_last", "contiguous"):
+            raise AttackError(f"memory_format must be channels_last or contiguous, got {self.memory_format!r}")
         if (self.batch_size < 1 or self.student_lr <= 0 or not 0 <= self.ema_decay < 1
                 or self.updates_per_batch < 1 or self.replay < 0):
             raise AttackError(f"invalid attack settings: {self}")
@@ -85,6 +91,7 @@ class AttackSettings:
             soft_loss=self.soft_loss,
             replay=self.replay,
             updates_per_batch=self.updates_per_batch,
+            memory_format=self.memory_format,
         )
 
 

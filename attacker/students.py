@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -23,8 +23,10 @@ from attacker.replay import ReplayMemory
 from attacker.victims import VictimInfo
 from stealsim.architectures import PixelClassifier, build_classifier
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
 __all__ = ["StudentSettings", "Students", "build_student", "cosine_factor", "multistep_factor", "schedule_factor",
-           "set_learning_rate"]
+           "set_learning_rate", "with_memory_format"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class StudentSettings:
     schedule: Literal["cosine", "multistep"] = "cosine"
     milestones: tuple[float, ...] = (0.1, 0.3, 0.5)
     step_scale: float = 0.3
+    memory_format: Literal["channels_last", "contiguous"] = "channels_last"
+    """The students' tensor layout: ``channels_last`` runs convolutions and pooling
+    about 2x faster on a CPU (oneDNN), the same function up to float rounding."""
 
 
 def cosine_factor(progress: float, floor: float) -> float:
@@ -115,7 +120,16 @@ def build_student(info: VictimInfo, settings: StudentSettings) -> PixelClassifie
         name, in_channels=channels, image_size=size, num_classes=info.num_classes, **kwargs
     )
     # The attacker does not know the victim's normalisation; centre [0, 1] pixels.
-    return PixelClassifier(net, [0.5] * channels, [0.5] * channels)
+    return with_memory_format(PixelClassifier(net, [0.5] * channels, [0.5] * channels), settings.memory_format)
+
+
+def with_memory_format(module: ModuleT, memory_format: str) -> ModuleT:
+    """``module`` with its 4-D weights in ``channels_last`` layout (or left ``contiguous``)."""
+    if memory_format == "channels_last":
+        return module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if memory_format != "contiguous":
+        raise ValueError(f"memory_format must be channels_last or contiguous, got {memory_format!r}")
+    return module
 
 
 class Students(nn.Module):

@@ -82,10 +82,15 @@ class InProcessVictim:
         info: its metadata; ``output_kind="label"`` answers arg-max labels only,
             like a server with the ``label_only`` policy.
         device: where the model runs.
+        memory_format: ``channels_last`` (about 2x faster convolutions on a CPU, the same
+            answers up to float rounding) or ``contiguous``.
     """
 
-    def __init__(self, model: nn.Module, info: VictimInfo, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: nn.Module, info: VictimInfo, device: str | torch.device = "cpu",
+                 memory_format: str = "channels_last") -> None:
         self.model = model.to(device).eval()
+        if memory_format == "channels_last":
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.info = info
         self.device = torch.device(device)
 
@@ -96,6 +101,7 @@ class InProcessVictim:
         output_kind: OutputKind = "probabilities",
         device: str | torch.device = "cpu",
         max_images_per_request: int = 1024,
+        memory_format: str = "channels_last",
     ) -> InProcessVictim:
         """Load the checkpoint in ``directory`` (see :mod:`stealsim.checkpoint`)."""
         from stealsim.checkpoint import load_checkpoint
@@ -109,7 +115,7 @@ class InProcessVictim:
             max_images_per_request=max_images_per_request,
             name=directory.name,
         )
-        return cls(model, info, device)
+        return cls(model, info, device, memory_format)
 
     @torch.inference_mode()
     def query(self, images: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from attacker.students import schedule_factor, set_learning_rate
+from attacker.students import schedule_factor, set_learning_rate, with_memory_format
 from attacker.victims import VictimInfo
 from stealsim.architectures import DCGANGenerator, build_generator
 
@@ -65,8 +65,9 @@ class GeneratorTrainer:
         gain: float = 3.0,
         betas: tuple[float, float] = (0.5, 0.999),
         schedule: str = "cosine",
+        memory_format: str = "channels_last",
     ) -> None:
-        self.generator = make_generator(info, latent_dim, width, device)
+        self.generator = with_memory_format(make_generator(info, latent_dim, width, device), memory_format)
         self.gain = gain
         self.learning_rate = learning_rate
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=learning_rate, betas=betas)

@@ -85,7 +85,7 @@ class DFME(Attack):
         self.students = Students(info, 1, settings.student_settings(), device)
         self.gen = GeneratorTrainer(
             info, settings.latent_dim, settings.generator_width, settings.generator_lr, device,
-            settings.generator_gain,
+            settings.generator_gain, memory_format=settings.memory_format,
         )
         self.track_students(self.students)
         self.track("generator", self.gen.generator)

@@ -157,6 +157,7 @@ class DualStudent(Attack):
         self.gen = GeneratorTrainer(
             info, settings.latent_dim, settings.generator_width, settings.generator_lr, device,
             settings.generator_gain, settings.generator_betas, settings.lr_schedule,
+            memory_format=settings.memory_format,
         )
         self.track_students(self.students)
         self.track("generator", self.gen.generator)

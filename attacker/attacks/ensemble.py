@@ -140,7 +140,8 @@ class Ensemble(Attack):
         self.sampler: RandomSampler | None = None
         if settings.source == "generator":
             self.gen = GeneratorTrainer(info, settings.latent_dim, settings.generator_width,
-                                        settings.generator_lr, device, settings.generator_gain)
+                                        settings.generator_lr, device, settings.generator_gain,
+                                        memory_format=settings.memory_format)
             self.track("generator", self.gen.generator)
             self.track("generator_optimizer", self.gen.optimizer)
         else:

@@ -19,11 +19,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from server_support import LoggedProcess, free_port
@@ -65,19 +63,7 @@ class MLServer(LoggedProcess):
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlserver exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if all(httpx.get(f"{self.url}/v2/models/{name}/ready", timeout=1.0).status_code == 200
-                       for name in MODELS):
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"mlserver not ready within {timeout} s:\n{self.log()}")
+        self.wait_until_ready([f"{self.url}/v2/models/{name}/ready" for name in MODELS], timeout, "mlserver")
 
 
 @pytest.fixture(scope="session")

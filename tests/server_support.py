@@ -64,6 +64,21 @@ class LoggedProcess:
         self._log.close()
         return self.process.returncode
 
+    def wait_until_ready(self, urls: Sequence[str], timeout: float, what: str) -> None:
+        """Until every URL answers 200; ``RuntimeError`` with the log if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{what} exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if all(httpx.get(url, timeout=1.0).status_code == 200 for url in urls):
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{what} not ready within {timeout} s:\n{self.log()}")
+
 
 class ServerProcess(LoggedProcess):
     """``stealsim serve`` in a subprocess; ``url`` once ready; ``stop()`` sends SIGTERM."""
@@ -87,19 +102,7 @@ class ServerProcess(LoggedProcess):
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server not ready within {timeout} s:\n{self.log()}")
-
+        self.wait_until_ready([f"{self.url}/v2/health/ready"], timeout, "server")
 
 
 def admin() -> dict[str, str]:

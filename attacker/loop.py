@@ -293,6 +293,7 @@ class Attack(ABC):
         history.append(final)
         run_dir.append_metrics(final)
         self._checkpoint(run_dir, budgeted.used, history, attack_seconds, next_eval)
+        run_dir.save_clone(self.clone(), self.info.input_shape)
         metrics = dict(final)
         metrics.update(
             queries_used=budgeted.used,

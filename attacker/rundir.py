@@ -5,6 +5,8 @@
     RUN/config.json       the run's settings (attack, victim, budget, seed, ...)
     RUN/ledger.json       queries spent so far, rewritten after every answered request
     RUN/checkpoint.pt     attack state (students, generator, optimisers, RNG) at the last evaluation
+    RUN/clone.ts          the final clone as a TorchScript graph (pixels in [0, 1] -> logits), for
+                          ``stealsim verify-watermark`` or any later use without the attack's code
     RUN/metrics.jsonl     one line per evaluation
     RUN/metrics.json      the final metrics
     RUN/report.md         a human-readable summary
@@ -16,6 +18,7 @@ leaves the previous version, never half a file.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -122,6 +125,20 @@ class RunDirectory:
         try:
             torch.save(state, temporary)
             os.replace(temporary, self.path / "checkpoint.pt")
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def save_clone(self, clone: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
+        """The final clone, traced on CPU and saved as ``clone.ts`` (atomically)."""
+        module = copy.deepcopy(clone).to("cpu").eval()
+        with torch.no_grad():
+            traced = torch.jit.trace(module, torch.rand((2, *input_shape)), check_trace=False)
+        descriptor, temporary = tempfile.mkstemp(dir=self.path, prefix=".clone.ts.")
+        os.close(descriptor)
+        try:
+            torch.jit.save(traced, temporary)
+            os.replace(temporary, self.path / "clone.ts")
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise

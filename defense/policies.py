@@ -9,32 +9,50 @@ API key (docs/api.md, "Output policies")::
 Every step is a small frozen pydantic model with a pure ``apply(p, rng) -> p``
 on float arrays ``[N, K]`` (rows summing to 1). ``label_only`` ends a policy: its
 answer is the arg-max label per row. ``prada`` is not a transform but configures
-the per-key query-pattern detector (:mod:`defense.prada`); it leaves outputs alone.
+the per-key query-pattern detector (:mod:`defense.prada`); it leaves outputs alone,
+and so does ``seat`` (:mod:`defense.seat`).
+
+Steps that need more than the probabilities (the defender's own models, the
+queried images, the key) implement ``apply_with(p, rng, context)`` and get a
+:class:`PolicyContext` from the service: ``prediction_poisoning``
+(:mod:`defense.poisoning`), ``adaptive_misinformation``
+(:mod:`defense.misinformation`) and ``watermark`` (:mod:`defense.watermark`),
+whose marked rows come back in :attr:`PolicyAnswer.marks` for the server's record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from defense import misinformation, poisoning, watermark
+from defense.prada import PradaDetector
+from defense.seat import SeatDetector
 from stealsim.errors import ConfigError
 
 __all__ = [
+    "AdaptiveMisinformation",
     "GaussianNoise",
     "LabelOnly",
     "OutputKind",
     "OutputPolicy",
     "PolicyAnswer",
+    "PolicyContext",
     "PolicyStep",
     "PradaStep",
+    "PredictionPoisoning",
     "Probabilities",
     "ReverseSigmoid",
     "Round",
+    "SeatStep",
     "TopK",
+    "Watermark",
+    "WatermarkMarks",
     "parse_policy",
 ]
 
@@ -55,6 +73,10 @@ class _Step(BaseModel):
 
     def apply(self, p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return p
+
+    def checkpoints(self) -> list[Path]:
+        """The defender's checkpoints this step loads (checked when the policy is set)."""
+        return []
 
 
 class Probabilities(_Step):
@@ -132,6 +154,113 @@ class ReverseSigmoid(_Step):
         return _renormalise(perturbed).astype(p.dtype)
 
 
+@dataclass(frozen=True)
+class PolicyContext:
+    """What the service gives the steps that need more than the probabilities."""
+
+    images: np.ndarray
+    """The queried images ``[N, C, H, W]`` in [0, 1]."""
+    key_id: str
+    watermark_secret: bytes | None
+    defender_probabilities: Callable[[Path, np.ndarray], np.ndarray]
+    """Softmax ``[N, K]`` of a defender's checkpoint (loaded once) on images."""
+
+
+@dataclass(frozen=True)
+class WatermarkMarks:
+    """The rows a ``watermark`` step marked in one answer."""
+
+    rows: np.ndarray  # int64 [M]
+    labels: np.ndarray  # int64 [M]: the watermark labels served
+    victim_labels: np.ndarray  # int64 [M]: the labels the steps before the watermark gave
+
+
+class _ContextStep(_Step):
+    def apply(self, p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        raise ConfigError(f"policy step {self.name!r} needs the service's context (images, key)")  # type: ignore[attr-defined]
+
+    def apply_with(self, p: np.ndarray, rng: np.random.Generator, context: PolicyContext) -> np.ndarray:
+        raise NotImplementedError
+
+
+class PredictionPoisoning(_ContextStep):
+    """MAD of Orekondy et al. (ICLR 2020, Eq. 5); see :mod:`defense.poisoning`.
+
+    ``epsilon``: the largest ``||ỹ - y||`` in ``norm`` (L1: at most 2); ``objective``:
+    ``angular`` (the paper's Eq. 5, needs ``proxy``) or ``gradient_distance`` (the
+    authors' code's default); ``oracle``: ``argmax`` (MAD-argmax, keeps every top-1
+    label) or ``extreme`` (MAD); ``proxy``: the defender's stand-in for the thief's
+    model, a checkpoint directory (a randomly initialised one, as Kariyappa and
+    Qureshi's comparison uses, is ``stealsim train --objective none``).
+    """
+
+    name: Literal["prediction_poisoning"] = "prediction_poisoning"
+    epsilon: float = Field(default=0.5, ge=0.0, le=2.0)
+    norm: Literal["l1", "l2"] = "l1"
+    objective: poisoning.MadObjective = "angular"
+    oracle: poisoning.MadOracle = "argmax"
+    proxy: Path | None = None
+
+    @model_validator(mode="after")
+    def _needs_proxy(self) -> PredictionPoisoning:
+        if self.objective == "angular" and self.proxy is None:
+            raise ValueError("objective 'angular' needs a proxy checkpoint (proxy: DIR), "
+                             "or use objective 'gradient_distance'")
+        return self
+
+    def checkpoints(self) -> list[Path]:
+        return [] if self.proxy is None else [self.proxy]
+
+    def apply_with(self, p: np.ndarray, rng: np.random.Generator, context: PolicyContext) -> np.ndarray:
+        proxy = None if self.proxy is None else context.defender_probabilities(self.proxy, context.images)
+        return poisoning.mad_perturb(p, proxy, self.epsilon, self.norm, self.objective, self.oracle)
+
+
+class AdaptiveMisinformation(_ContextStep):
+    """Kariyappa and Qureshi (CVPR 2020, Eq. 4-5); see :mod:`defense.misinformation`.
+
+    ``model``: the misinformation model's checkpoint (``stealsim train --objective
+    misinformation``); ``tau``: the maximum-softmax-probability threshold below which
+    answers turn to misinformation; ``nu``: the sigmoid's sharpness (authors: 10000).
+    """
+
+    name: Literal["adaptive_misinformation"] = "adaptive_misinformation"
+    model: Path
+    tau: float = Field(default=0.9, ge=0.0, le=1.0)
+    nu: float = Field(default=10000.0, gt=0.0)
+
+    def checkpoints(self) -> list[Path]:
+        return [self.model]
+
+    def apply_with(self, p: np.ndarray, rng: np.random.Generator, context: PolicyContext) -> np.ndarray:
+        wrong = context.defender_probabilities(self.model, context.images)
+        return misinformation.misinform(p, wrong, self.tau, self.nu)
+
+
+class Watermark(_ContextStep):
+    """DAWN of Szyller et al. (ACM MM 2021); see :mod:`defense.watermark`.
+
+    ``fraction``: the share of each key's distinct inputs answered with a watermark
+    label; ``mode``: ``swap`` (the top probability moves to the watermark label) or
+    ``one_hot``. The server keeps the marked queries per key for
+    ``stealsim verify-watermark``; the hash's secret is the server's ``watermark_secret``.
+    """
+
+    name: Literal["watermark"] = "watermark"
+    fraction: float = Field(default=0.02, gt=0.0, le=0.5)
+    mode: watermark.WatermarkMode = "swap"
+
+    def select(self, p: np.ndarray, context: PolicyContext) -> tuple[np.ndarray, np.ndarray]:
+        if context.watermark_secret is None:
+            raise ConfigError("the watermark step needs the server's watermark_secret")
+        return watermark.select(context.watermark_secret, context.key_id, context.images,
+                                p.argmax(axis=1), self.fraction, p.shape[1])
+
+    def apply_with(self, p: np.ndarray, rng: np.random.Generator, context: PolicyContext) -> np.ndarray:
+        marked, labels = self.select(p, context)
+        return watermark.mark(p, marked, labels, self.mode)
+
+
 class PradaStep(_Step):
     """Turn on the PRADA detector (Juuti et al., 2019) for the key; see :mod:`defense.prada`.
 
@@ -144,9 +273,42 @@ class PradaStep(_Step):
     min_queries: int = Field(default=100, ge=3)
     block: bool = False
 
+    def new_detector(self) -> PradaDetector:
+        return PradaDetector(self.delta, self.min_queries)
+
+    def load_detector(self, data: bytes) -> PradaDetector:
+        return PradaDetector.from_bytes(data, self.delta, self.min_queries)
+
+
+class SeatStep(_Step):
+    """Turn on the SEAT-style similar-pair detector (Zhang et al., AISec 2021); see :mod:`defense.seat`.
+
+    ``threshold``: the encoder distance under which two queries are a similar pair;
+    ``max_pairs``: pairs that flag the key; ``history``: encodings kept per key;
+    ``encoder``: ``pixels`` (RMS pixel difference) or a checkpoint directory whose
+    penultimate features (L2-normalised) encode; ``block``: refuse the key once flagged.
+    """
+
+    name: Literal["seat"] = "seat"
+    threshold: float = Field(default=0.02, gt=0.0)
+    max_pairs: int = Field(default=50, ge=1)
+    history: int = Field(default=10_000, ge=1)
+    encoder: Literal["pixels"] | Path = "pixels"
+    block: bool = False
+
+    def checkpoints(self) -> list[Path]:
+        return [] if self.encoder == "pixels" else [Path(self.encoder)]
+
+    def new_detector(self) -> SeatDetector:
+        return SeatDetector(self.threshold, self.max_pairs, self.history)
+
+    def load_detector(self, data: bytes) -> SeatDetector:
+        return SeatDetector.from_bytes(data, self.threshold, self.max_pairs, self.history)
+
 
 PolicyStep = Annotated[
-    Probabilities | TopK | LabelOnly | Round | GaussianNoise | ReverseSigmoid | PradaStep,
+    Probabilities | TopK | LabelOnly | Round | GaussianNoise | ReverseSigmoid | PredictionPoisoning
+    | AdaptiveMisinformation | Watermark | PradaStep | SeatStep,
     Field(discriminator="name"),
 ]
 _STEPS: TypeAdapter[list[PolicyStep]] = TypeAdapter(list[PolicyStep])
@@ -158,6 +320,8 @@ class PolicyAnswer:
 
     kind: OutputKind
     values: np.ndarray
+    marks: WatermarkMarks | None = None
+    """The rows a ``watermark`` step marked (None without one)."""
 
 
 @dataclass(frozen=True)
@@ -174,17 +338,43 @@ class OutputPolicy:
     def prada(self) -> PradaStep | None:
         return next((s for s in self.steps if isinstance(s, PradaStep)), None)
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [step.model_dump() for step in self.steps]
+    @property
+    def detectors(self) -> list[PradaStep | SeatStep]:
+        """The per-key detectors this policy turns on."""
+        return [s for s in self.steps if isinstance(s, (PradaStep, SeatStep))]
 
-    def apply(self, probabilities: np.ndarray, rng: np.random.Generator) -> PolicyAnswer:
+    @property
+    def needs_context(self) -> bool:
+        return any(isinstance(s, _ContextStep) for s in self.steps)
+
+    def checkpoints(self) -> list[Path]:
+        """Every defender checkpoint the steps load (proxies, misinformation models, encoders)."""
+        return [path for step in self.steps for path in step.checkpoints()]
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [step.model_dump(mode="json") for step in self.steps]
+
+    def apply(self, probabilities: np.ndarray, rng: np.random.Generator,
+              context: PolicyContext | None = None) -> PolicyAnswer:
         """Apply every step in order to ``probabilities`` ``[N, K]``; never modifies its input."""
         p = probabilities
+        marks: WatermarkMarks | None = None
         for step in self.steps:
             if isinstance(step, LabelOnly):
-                return PolicyAnswer("label", np.argmax(p, axis=1).astype(np.int64))
-            p = step.apply(p, rng)
-        return PolicyAnswer("probabilities", np.ascontiguousarray(p, dtype=np.float32))
+                return PolicyAnswer("label", np.argmax(p, axis=1).astype(np.int64), marks)
+            if isinstance(step, _ContextStep):
+                if context is None:
+                    raise ConfigError(f"policy step {step.name!r} needs the service's context (images, key)")
+                if isinstance(step, Watermark):
+                    marked, labels = step.select(p, context)
+                    rows = np.flatnonzero(marked)
+                    marks = WatermarkMarks(rows, labels[rows], p[rows].argmax(axis=1).astype(np.int64))
+                    p = watermark.mark(p, marked, labels, step.mode)
+                else:
+                    p = step.apply_with(p, rng, context)
+            else:
+                p = step.apply(p, rng)
+        return PolicyAnswer("probabilities", np.ascontiguousarray(p, dtype=np.float32), marks)
 
 
 def parse_policy(spec: Sequence[dict[str, Any]] | None) -> OutputPolicy:
@@ -199,13 +389,15 @@ def parse_policy(spec: Sequence[dict[str, Any]] | None) -> OutputPolicy:
         steps = _STEPS.validate_python(list(spec))
     except ValidationError as exc:
         names = sorted(("probabilities", "top_k", "label_only", "round", "gaussian_noise",
-                        "reverse_sigmoid", "prada"))
+                        "reverse_sigmoid", "prediction_poisoning", "adaptive_misinformation",
+                        "watermark", "prada", "seat"))
         raise ConfigError(f"invalid output policy {list(spec)!r} (steps: {names}): {exc}") from exc
     seen_label = False
     for step in steps:
-        if seen_label and not isinstance(step, (PradaStep, LabelOnly)):
+        if seen_label and not isinstance(step, (PradaStep, SeatStep, LabelOnly)):
             raise ConfigError(f"policy step {step.name!r} cannot follow 'label_only'")
         seen_label = seen_label or isinstance(step, LabelOnly)
-    if sum(isinstance(step, PradaStep) for step in steps) > 1:
-        raise ConfigError("a policy may hold at most one 'prada' step")
+    for kind in (PradaStep, SeatStep, Watermark):
+        if sum(isinstance(step, kind) for step in steps) > 1:
+            raise ConfigError(f"a policy may hold at most one {kind.model_fields['name'].default!r} step")
     return OutputPolicy(tuple(steps))

@@ -39,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from experiments.service import ServiceProcess, create_key, new_admin_key
-from experiments.victims import VictimSettings, prepare_victims
+from experiments.victims import DEFENDER_MODELS, VictimSettings, prepare_defender_models, prepare_victims
 from stealsim.errors import ConfigError
 
 __all__ = [
@@ -64,8 +64,11 @@ VictimName = Literal["normal", "nasty"]
 _VICTIMS: tuple[VictimName, ...] = ("normal", "nasty")
 
 RESULT_COLUMNS = ("cell", "attack", "victim", "defense", "budget", "seed", "status", "queries", "accuracy",
-                  "fidelity", "transfer_success_rate", "victim_accuracy", "wall_seconds", "error")
-DEFENSE_COLUMNS = ("cell", "victim", "defense", "accuracy", "ece", "test_images")
+                  "fidelity", "transfer_success_rate", "victim_accuracy", "flags", "flagged_at",
+                  "watermark_marked", "watermark_matches", "watermark_p_value", "wall_seconds", "error")
+DEFENSE_COLUMNS = ("cell", "victim", "defense", "accuracy", "ece", "test_images", "flags", "latency_ms")
+HONEST_BATCH = 32
+"""Images per request of the honest user (the test split, in order, one request after another)."""
 
 EVAL_BUDGET = 1_000_000
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -206,6 +209,7 @@ class CellRunner:
         self.show_progress = show_progress
         self.service: ServiceProcess | None = None
         self.admin_key = new_admin_key()
+        self.defender_models: dict[str, Path] = {}
 
     @property
     def victim_key(self) -> str:
@@ -217,8 +221,13 @@ class CellRunner:
         torch.set_num_threads(self.spec.threads)
         logging.getLogger("httpx").setLevel(logging.WARNING)
         victims = prepare_victims(self.spec.victim_settings(), self.cache_dir, self.show_progress)
+        if any(_placeholders(steps) for steps in self.spec.defenses.values()):
+            self.defender_models = prepare_defender_models(self.spec.victim_settings(), self.cache_dir,
+                                                           self.show_progress)
+            self.defender_models["victim"] = victims.normal  # e.g. SEAT's encoder: the victim's own features
         self.service = ServiceProcess(victims.models(), admin_key=self.admin_key,
-                                      log_path=self.work_dir / "service.log")
+                                      log_path=self.work_dir / "service.log",
+                                      extra_args=["--watermark-secret", new_admin_key()])
         self.service.start()
         return self
 
@@ -226,6 +235,18 @@ class CellRunner:
         if self.service is not None:
             self.service.stop()
             self.service = None
+
+    def policy(self, defense: str) -> list[dict[str, Any]]:
+        """The defense's policy with ``"@misinformation"``, ``"@proxy"`` (the defender's models) and
+        ``"@victim"`` (the normal victim's checkpoint) replaced by their directories."""
+        def resolve(value: Any) -> Any:
+            if isinstance(value, str) and value.startswith("@"):
+                if value[1:] not in self.defender_models:
+                    raise ConfigError(f"defense {defense!r}: unknown defender model {value!r} "
+                                      f"(known: {['@' + name for name in (*DEFENDER_MODELS, 'victim')]})")
+                return str(self.defender_models[value[1:]])
+            return value
+        return [{name: resolve(value) for name, value in step.items()} for step in self.spec.policy(defense)]
 
     def _url(self) -> str:
         if self.service is None:
@@ -242,8 +263,9 @@ class CellRunner:
         row: dict[str, Any] = {"cell": cell.id, **asdict(cell), "status": "failed"}
         started = time.perf_counter()
         try:
+            policy = self.policy(cell.defense)
             key = create_key(url, self.admin_key, cell.budget, name=f"grid/{cell.id}", models=[cell.victim],
-                             policy=self.spec.policy(cell.defense))
+                             policy=policy)
             eval_key = create_key(url, self.admin_key, EVAL_BUDGET, name=f"grid/{cell.id}/eval",
                                   models=[cell.victim], policy=[{"name": "probabilities"}])
             run_dir = self.work_dir / "runs" / cell.id
@@ -259,6 +281,9 @@ class CellRunner:
             row.update(status="done", queries=int(metrics["queries_used"]), accuracy=metrics["accuracy"],
                        fidelity=metrics["fidelity"], transfer_success_rate=metrics["transfer_success_rate"],
                        victim_accuracy=metrics["victim_accuracy"])
+            row.update(key_flags(url, self.admin_key, key))
+            if any(step.get("name") == "watermark" for step in policy):
+                row.update(verify_clone(url, self.admin_key, key, cell.victim, run_dir))
         except Exception as exc:
             logger.exception("cell %s failed", cell.id)
             row["error"] = f"{type(exc).__name__}: {exc}"
@@ -275,15 +300,74 @@ class CellRunner:
         url = self._url()
         data = load_dataset(self.spec.dataset)
         key = create_key(url, self.admin_key, len(data.y_test), name=f"grid/honest/{cell.id}",
-                         models=[cell.victim], policy=self.spec.policy(cell.defense))
+                         models=[cell.victim], policy=self.policy(cell.defense))
+        batches, seconds = [], []
         with HttpVictim(url, key, cell.victim) as victim:
-            answers = victim.query(data.x_test)
+            for start in range(0, len(data.x_test), HONEST_BATCH):
+                began = time.perf_counter()
+                batches.append(victim.query(data.x_test[start : start + HONEST_BATCH]))
+                seconds.append(time.perf_counter() - began)
+        answers = torch.cat(batches)
         if answers.dim() == 1:  # label-only: a one-hot answer, as confident as it gets
             answers = torch.nn.functional.one_hot(answers, data.num_classes).float()
         labels = answers.argmax(dim=1)
         return {"cell": cell.id, "victim": cell.victim, "defense": cell.defense,
                 "accuracy": float((labels == data.y_test).float().mean()),
-                "ece": expected_calibration_error(answers, data.y_test), "test_images": len(data.y_test)}
+                "ece": expected_calibration_error(answers, data.y_test), "test_images": len(data.y_test),
+                "flags": key_flags(url, self.admin_key, key)["flags"],
+                "latency_ms": 1000.0 * sum(seconds) / len(seconds)}
+
+
+def _placeholders(steps: list[dict[str, Any]]) -> bool:
+    return any(isinstance(value, str) and value.startswith("@") for step in steps for value in step.values())
+
+
+def _admin_get(url: str, admin_key: str, path: str, **params: Any) -> Any:
+    import httpx
+
+    response = httpx.get(f"{url}{path}", params=params, headers={"X-API-Key": admin_key}, timeout=120.0)
+    if response.status_code != 200:
+        raise ConfigError(f"GET {path} failed: {response.status_code} {response.text[:300]}")
+    return response
+
+
+def key_flags(url: str, admin_key: str, api_key: str) -> dict[str, Any]:
+    """The key's detector flags and, from the audit log, the images it had sent when first flagged."""
+    import httpx
+
+    usage = httpx.get(f"{url}/v1/usage", headers={"X-API-Key": api_key}, timeout=30.0).json()
+    flags = list(usage.get("flags", []))
+    flagged_at = None
+    if flags:
+        import json
+
+        sent = 0
+        for line in _admin_get(url, admin_key, "/v1/admin/audit").text.splitlines():
+            record = json.loads(line)
+            if record.get("key_id") != usage["key_id"]:
+                continue
+            sent += int(record["images"])
+            if record.get("flags"):
+                flagged_at = sent
+                break
+    return {"flags": "+".join(flags), "flagged_at": flagged_at}
+
+
+def verify_clone(url: str, admin_key: str, api_key: str, model: str, run_dir: Path) -> dict[str, Any]:
+    """DAWN verification of a cell's clone against the watermark its key was served."""
+    import httpx
+
+    from defense.watermark import WatermarkRecord, load_suspect, verify
+
+    key_id = httpx.get(f"{url}/v1/usage", headers={"X-API-Key": api_key}, timeout=30.0).json()["key_id"]
+    data = _admin_get(url, admin_key, f"/v1/admin/keys/{key_id}/watermark", model=model).content
+    (run_dir / "watermark.npz").write_bytes(data)
+    record = WatermarkRecord.from_bytes(data).distinct()
+    if len(record) == 0:
+        return {"watermark_marked": 0}
+    verdict = verify(record, load_suspect(run_dir)(record.images))
+    return {"watermark_marked": verdict.marked, "watermark_matches": verdict.matches,
+            "watermark_p_value": verdict.p_value}
 
 
 # -- results ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VICTIM_NAMES", "PreparedVictims", "VictimSettings", "prepare_victims"]
+__all__ = ["DEFENDER_MODELS", "VICTIM_NAMES", "PreparedVictims", "VictimSettings", "prepare_defender_models", "prepare_victims"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,3 +128,48 @@ def prepare_victims(settings: VictimSettings, cache_dir: Path, show_progress: bo
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return PreparedVictims(directory / "normal", directory / "nasty", key, False, metrics)
+
+
+DEFENDER_MODELS = ("misinformation", "proxy")
+"""The defender's models a grid spec can name in a policy step as ``"@misinformation"`` or ``"@proxy"``."""
+
+
+def prepare_defender_models(settings: VictimSettings, cache_dir: Path, show_progress: bool = True) -> dict[str, Path]:
+    """Train (or reuse) the defender's models beside the victims: the adaptive-misinformation
+    model (Kariyappa & Qureshi 2020, Eq. 3; same data, architecture and epochs as the victim)
+    and a MAD proxy (the victim's architecture, randomly initialised, as in their comparison)."""
+    directory = cache_dir / f"defenders-{settings.cache_key()}"
+    paths = {name: directory / name for name in DEFENDER_MODELS}
+    if all((path / "model.json").is_file() for path in paths.values()):
+        return paths
+
+    from defense.misinformation import misinformation_loss
+    from stealsim.architectures import default_architecture
+    from stealsim.checkpoint import save_checkpoint
+    from stealsim.data import load_dataset
+    from stealsim.training import TrainConfig, augmentation_shift, train_classifier, untrained_classifier
+
+    data = load_dataset(settings.dataset)
+    channels, size, _ = data.input_shape
+    architecture = settings.architecture or default_architecture(channels, size)
+    config = TrainConfig(epochs=settings.epochs, seed=settings.seed + 1, max_shift=augmentation_shift(size))
+    logger.info("training the defender's models (%s) into %s", ", ".join(DEFENDER_MODELS), directory)
+    wrong, wrong_meta = train_classifier(data, architecture, config, "cpu", loss_fn=misinformation_loss,
+                                         description="defender: misinformation", show_progress=show_progress)
+    proxy, proxy_meta = untrained_classifier(data, architecture, settings.seed + 2)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".defenders-", dir=cache_dir))
+    staging.chmod(0o755)
+    try:
+        save_checkpoint(staging / "misinformation", wrong, wrong_meta)
+        save_checkpoint(staging / "proxy", proxy, proxy_meta)
+        try:
+            staging.rename(directory)
+        except OSError:
+            if not all((path / "model.json").is_file() for path in paths.values()):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return paths

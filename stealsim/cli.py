@@ -105,9 +105,14 @@ def train(
     ] = None,
     tau: Annotated[float | None, typer.Option(help="Nasty Teacher temperature.")] = None,
     omega: Annotated[float | None, typer.Option(help="Nasty Teacher KL weight.")] = None,
+    objective: Annotated[
+        str, typer.Option(help="cross-entropy (a victim); misinformation (the adaptive-misinformation "
+                               "model, Kariyappa & Qureshi 2020 Eq. 3); none (initialised weights only: "
+                               "a random MAD proxy).")
+    ] = "cross-entropy",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
-    """Train a victim classifier (or a Nasty Teacher) and write its checkpoint."""
+    """Train a victim classifier (a Nasty Teacher, or a defender's model) and write its checkpoint."""
     from stealsim.architectures import default_architecture
     from stealsim.checkpoint import save_checkpoint
     from stealsim.data import load_dataset
@@ -123,6 +128,10 @@ def train(
         raise ConfigError("--adversary, --tau and --omega only apply with --nasty")
     if nasty and adversary is None:
         raise ConfigError("--nasty needs --adversary DIR (a normally trained checkpoint)")
+    if objective not in ("cross-entropy", "misinformation", "none"):
+        raise ConfigError(f"--objective {objective!r}: use cross-entropy, misinformation or none")
+    if nasty and objective != "cross-entropy":
+        raise ConfigError("--nasty trains with its own objective; leave --objective out")
     torch_device = resolve_device(device)
     data = load_dataset(dataset, data_dir)
     channels, size, _ = data.input_shape
@@ -144,11 +153,20 @@ def train(
             data, arch, config, adversary_model, adversary_meta, settings, torch_device,
             show_progress=not quiet,
         )
+    elif objective == "none":
+        from stealsim.training import untrained_classifier
+
+        model, meta = untrained_classifier(data, architecture, seed)
     else:
+        from defense.misinformation import misinformation_loss
+        from stealsim.training import cross_entropy_loss
+
+        loss = misinformation_loss if objective == "misinformation" else cross_entropy_loss
         model, meta = train_classifier(
-            data, architecture, config, torch_device, description=f"train {architecture}",
-            show_progress=not quiet,
+            data, architecture, config, torch_device, loss_fn=loss,
+            description=f"train {architecture} ({objective})", show_progress=not quiet,
         )
+        meta = meta.model_copy(update={"training": {**meta.training, "objective": objective}})
     meta = save_checkpoint(out, model, meta)
     _write_json(out / "metrics.json", dict(meta.metrics))
     typer.echo(f"{out}: test_accuracy={meta.metrics['test_accuracy']:.4f}")
@@ -314,6 +332,7 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to bind (default 8000).")] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = None,
     admin_key: Annotated[str | None, typer.Option(help="Admin key of /v1/admin (or STEALSIM_ADMIN_KEY).")] = None,
+    watermark_secret: Annotated[str | None, typer.Option(help="Secret of the watermark step's hash (or STEALSIM_WATERMARK_SECRET).")] = None,
     max_batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass (default 64).")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(min=0.0, help="Batching wait after the first request (default 0.5).")] = None,
     audit_log: Annotated[Path | None, typer.Option(help="JSONL audit file (default: in memory).")] = None,
@@ -343,7 +362,7 @@ def serve(
             raise ConfigError(f"--policy {name}: invalid JSON: {exc}") from exc
     settings = load_settings(config, {
         "models": models or None, "host": host, "port": port, "device": device,
-        "admin_key": admin_key, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
+        "admin_key": admin_key, "watermark_secret": watermark_secret, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
         "audit_log": audit_log, "torch_threads": torch_threads, "log_json": log_json,
         "inference_graph": inference_graph,
         "redis_url": redis_url, "redis_prefix": redis_prefix, "batching": batching,
@@ -580,6 +599,75 @@ def attack(
         typer.echo(f"error: final evaluation failed: {metrics['evaluation_error']} "
                    f"(the run directory {out} holds what was measured)", err=True)
         raise typer.Exit(code=1)
+
+
+@app.command("verify-watermark")
+@reports_errors
+def verify_watermark(
+    suspects: Annotated[list[Path], typer.Argument(
+        help="Suspected clones: run directories of `stealsim attack` (clone.ts), TorchScript files, "
+             "or checkpoint directories (model.json).")],
+    record: Annotated[Path | None, typer.Option(
+        help="The key's watermark record (.npz), as saved by --save-record.")] = None,
+    url: Annotated[str | None, typer.Option(help="Fetch the record from this victim service instead.")] = None,
+    admin_key: Annotated[str | None, typer.Option(envvar="STEALSIM_ADMIN_KEY", help="Admin key of --url.")] = None,
+    key_id: Annotated[str | None, typer.Option(help="The suspected thief's key id (key_...).")] = None,
+    model: Annotated[str | None, typer.Option(help="The model name at --url.")] = None,
+    save_record: Annotated[Path | None, typer.Option(help="Write the fetched record here (.npz).")] = None,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Significance level of the verdict.")] = 1e-3,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per suspect instead of a table.")] = False,
+) -> None:
+    """Test suspected clones for the DAWN watermark a key was served (Szyller et al., 2021):
+    matches of the watermark labels against Binomial(n, 1/(K-1)), one-sided p-value."""
+    import httpx
+
+    from defense.watermark import WatermarkRecord, load_suspect, verify
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if (record is None) == (url is None):
+        raise ConfigError("give either --record FILE or --url (with --admin-key, --key-id and --model)")
+    if url is not None:
+        if not (admin_key and key_id and model):
+            raise ConfigError("--url needs --admin-key, --key-id and --model")
+        try:
+            response = httpx.get(f"{url.rstrip('/')}/v1/admin/keys/{key_id}/watermark", params={"model": model},
+                                 headers={"X-API-Key": admin_key}, timeout=60.0)
+        except httpx.TransportError as exc:
+            raise ConfigError(f"cannot reach {url}: {exc}") from exc
+        if response.status_code != 200:
+            raise ConfigError(f"fetching the watermark record failed: {response.status_code} {response.text[:300]}")
+        data = response.content
+        if save_record is not None:
+            save_record.write_bytes(data)
+    else:
+        assert record is not None
+        if not record.is_file():
+            raise ConfigError(f"--record {record}: no such file")
+        data = record.read_bytes()
+    try:
+        marked = WatermarkRecord.from_bytes(data).distinct()
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"not a watermark record: {exc}") from exc
+    if len(marked) == 0:
+        raise ConfigError("the record holds no watermarked answers: nothing to verify")
+    rows = []
+    for suspect in suspects:
+        verdict = verify(marked, load_suspect(suspect)(marked.images), alpha)
+        rows.append({"suspect": str(suspect), "marked": verdict.marked, "matches": verdict.matches,
+                     "match_rate": verdict.match_rate, "victim_agreement": verdict.victim_agreement,
+                     "null_rate": verdict.null_rate, "p_value": verdict.p_value, "stolen": verdict.stolen})
+    if json_out:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    typer.echo(f"{len(marked)} distinct watermarked inputs; an innocent model matches at most "
+               f"{rows[0]['null_rate']:.3f} of them on average; verdict at p < {alpha:g}")
+    typer.echo("| suspect | matches | match rate | victim agreement | p-value | verdict |")
+    typer.echo("|---|---:|---:|---:|---:|---|")
+    for row in rows:
+        typer.echo(f"| {row['suspect']} | {row['matches']}/{row['marked']} | {row['match_rate']:.3f} | "
+                   f"{row['victim_agreement']:.3f} | {row['p_value']:.2e} | "
+                   f"{'copy (watermark found)' if row['stolen'] else 'no evidence'} |")
 
 
 @app.command()

@@ -36,6 +36,7 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "train_classifier",
+    "untrained_classifier",
 ]
 
 logger = logging.getLogger(__name__)
@@ -211,5 +212,21 @@ def train_classifier(
             "train_seconds": time.perf_counter() - started,
         },
         training=asdict(config),
+    )
+    return model, meta
+
+
+def untrained_classifier(dataset: Dataset, architecture: str, seed: int = 0) -> tuple[PixelClassifier, CheckpointMeta]:
+    """``architecture`` for ``dataset`` with its seeded initial weights (a defender's random MAD proxy)."""
+    channels, size, _ = dataset.input_shape
+    mean, std = dataset.normalization()
+    seed_everything(seed)
+    net = build_classifier(architecture, in_channels=channels, image_size=size, num_classes=dataset.num_classes)
+    model = PixelClassifier(net, mean, std).eval()
+    meta = CheckpointMeta(
+        architecture=architecture, input_shape=dataset.input_shape, mean=mean, std=std,
+        class_names=list(dataset.class_names), dataset=dataset.name,
+        metrics={"test_accuracy": accuracy(model, dataset.x_test, dataset.y_test)},
+        training={"objective": "none", "seed": seed},
     )
     return model, meta

@@ -11,11 +11,12 @@ import pytest
 from redis_support import prefix, redis_url  # noqa: F401
 from server_support import free_port
 
+from defense.policies import PradaStep
 from defense.prada import PradaDetector
 from stealsim.errors import BudgetExceededError, KeyNotFoundError, UnavailableError
 from victim_server.audit import AuditRecord
 from victim_server.audit_redis import RedisAuditLog
-from victim_server.prada_state import RedisPradaStates
+from victim_server.detector_state import RedisDetectorStates
 from victim_server.redis_keys import RedisNames, connect
 from victim_server.store import KeyRecord
 from victim_server.store_redis import RedisStateStore
@@ -118,12 +119,12 @@ def test_audit_stream_and_prada_state(redis_url: str, prefix: str) -> None:  # n
         rng = np.random.default_rng(1)
         seeds = rng.random((5, 64), dtype=np.float32)
         local = PradaDetector(0.95, 20)
-        shared = RedisPradaStates(client, names)
+        shared = RedisDetectorStates(client, names)
         for step in range(12):
             images = np.clip(seeds[rng.integers(0, 5, 8)] + rng.normal(0, 0.05, (8, 64)), 0, 1)
             labels = rng.integers(0, 3, 8)
             expected = local.observe(images, labels)
-            _, verdict = await shared.observe("key_a", "victim", 0.95, 20, images, labels)
+            _, verdict = await shared.observe(PradaStep(delta=0.95, min_queries=20), "key_a", "victim", images, labels)
             assert verdict == expected, step
         restored = PradaDetector.from_bytes(local.to_bytes(), 0.95, 20)
         assert restored.observe(seeds[:2], np.array([0, 1])) == local.observe(seeds[:2], np.array([0, 1]))

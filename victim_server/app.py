@@ -43,8 +43,8 @@ from victim_server.audit import AuditLog, JsonlAuditLog
 from victim_server.audit_redis import RedisAuditLog
 from victim_server.batching import Batcher, LocalBatcher
 from victim_server.batching_redis import RedisBatcher
+from victim_server.detector_state import DetectorStates, MemoryDetectorStates, RedisDetectorStates
 from victim_server.metrics import ServerMetrics
-from victim_server.prada_state import MemoryPradaStates, PradaStates, RedisPradaStates
 from victim_server.ratelimit import RateLimiter
 from victim_server.redis_keys import RedisNames, connect
 from victim_server.runner import ModelRunner, load_runners
@@ -52,6 +52,7 @@ from victim_server.service import VictimService
 from victim_server.settings import ServerSettings
 from victim_server.store import MemoryStateStore, StateStore
 from victim_server.store_redis import RedisStateStore
+from victim_server.watermark_ledger import MemoryWatermarkLedger, RedisWatermarkLedger, WatermarkLedger
 
 __all__ = ["STATUS_CODES", "create_app"]
 
@@ -164,7 +165,8 @@ class _Backends:
     store: StateStore
     limiter: RateLimiter
     audit: AuditLog
-    detectors: PradaStates
+    detectors: DetectorStates
+    ledger: WatermarkLedger
     batcher: Batcher
     clients: tuple[aioredis.Redis, ...] = ()
 
@@ -182,7 +184,8 @@ class _Backends:
             )
         if settings.redis_url is None:
             return cls(MemoryStateStore(), RateLimiter(settings.rate_limit_storage),
-                       JsonlAuditLog(settings.audit_log), MemoryPradaStates(), batcher)
+                       JsonlAuditLog(settings.audit_log), MemoryDetectorStates(),
+                       MemoryWatermarkLedger(), batcher)
         client = connect(settings.redis_url)
         names = RedisNames(settings.redis_prefix)
         storage = settings.rate_limit_storage
@@ -200,7 +203,7 @@ class _Backends:
                 stream_max_len=settings.stream_max_len, worker_seen_s=settings.worker_seen_s,
             )
         return cls(RedisStateStore(client, names), limiter, RedisAuditLog(client, names),
-                   RedisPradaStates(client, names), batcher, clients)
+                   RedisDetectorStates(client, names), RedisWatermarkLedger(client, names), batcher, clients)
 
     async def close(self) -> None:
         for client in self.clients:
@@ -226,7 +229,7 @@ def create_app(
         batcher = backends.batcher
         service = VictimService(
             settings, loaded, batcher, backends.store, backends.limiter, backends.audit, metrics,
-            backends.detectors,
+            backends.detectors, backends.ledger,
         )
         for name in loaded:
             metrics.track_queue(name, lambda name=name: batcher.queue_depth(name))  # type: ignore[misc]

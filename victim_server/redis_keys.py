@@ -54,9 +54,13 @@ class RedisNames:
         """Stream of audit records."""
         return f"{self.prefix}:audit"
 
-    def prada(self, key_id: str, model: str) -> str:
-        """Serialized PRADA detector state of one key on one model."""
-        return f"{self.prefix}:prada:{key_id}:{model}"
+    def detector(self, kind: str, key_id: str, model: str) -> str:
+        """Serialized state of one key's detector of ``kind`` (``prada``, ``seat``) on one model."""
+        return f"{self.prefix}:{kind}:{key_id}:{model}"
+
+    def watermark(self, key_id: str, model: str) -> str:
+        """List of the watermarked answers served to one key on one model (``.npz`` chunks)."""
+        return f"{self.prefix}:watermark:{key_id}:{model}"
 
     def stream(self, model: str) -> str:
         """Stream of inference requests of one model (read by the workers' group)."""

@@ -58,6 +58,14 @@ async def top_up(key_id: str, body: TopUpRequest, _: AdminDep, service: ServiceD
     return JSONResponse((await service.store.top_up(key_id, body.images)).public())
 
 
+@router.get("/v1/admin/keys/{key_id}/watermark", tags=["admin"])
+async def watermark_record(key_id: str, model: str, _: AdminDep, service: ServiceDep) -> Response:
+    """The watermarked answers the key got from ``model`` (``.npz``: images, labels, victim_labels, classes)."""
+    record = await service.watermark_record(key_id, model)
+    return Response(record.to_bytes(), media_type="application/octet-stream",
+                    headers={"X-Watermarked-Answers": str(len(record))})
+
+
 @router.get("/v1/admin/audit", tags=["admin"])
 async def audit(_: AdminDep, service: ServiceDep) -> Response:
     return Response(await service.audit.export(), media_type="application/x-ndjson")

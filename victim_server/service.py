@@ -17,7 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from defense.policies import OutputPolicy, PolicyAnswer, parse_policy
+from defense.policies import (
+    OutputPolicy,
+    PolicyAnswer,
+    PolicyContext,
+    PradaStep,
+    SeatStep,
+    Watermark,
+    parse_policy,
+)
+from defense.watermark import WatermarkRecord
 from stealsim import __version__
 from stealsim.errors import (
     ConfigError,
@@ -28,13 +37,15 @@ from stealsim.errors import (
 )
 from victim_server.audit import AuditLog, AuditRecord, input_digest
 from victim_server.batching import Batcher
+from victim_server.defender_models import DefenderModels
+from victim_server.detector_state import DetectorStates, MemoryDetectorStates
 from victim_server.metrics import ServerMetrics
-from victim_server.prada_state import MemoryPradaStates, PradaStates
 from victim_server.protocol import INPUT_NAME
 from victim_server.ratelimit import RateLimiter, parse_rate
 from victim_server.runner import ModelRunner
 from victim_server.settings import ServerSettings
 from victim_server.store import KeyRecord, StateStore, new_secret
+from victim_server.watermark_ledger import MemoryWatermarkLedger, WatermarkLedger
 
 __all__ = ["InferenceResult", "VictimService"]
 
@@ -63,7 +74,8 @@ class VictimService:
         limiter: RateLimiter,
         audit: AuditLog,
         metrics: ServerMetrics,
-        detectors: PradaStates | None = None,
+        detectors: DetectorStates | None = None,
+        ledger: WatermarkLedger | None = None,
     ) -> None:
         self.settings = settings
         self.runners = dict(runners)
@@ -72,11 +84,13 @@ class VictimService:
         self.limiter = limiter
         self.audit = audit
         self.metrics = metrics
+        self.defender_models = DefenderModels()
         self._model_policies: dict[str, OutputPolicy] = {}
         for name in self.runners:
             spec = settings.models.get(name)
-            self._model_policies[name] = parse_policy(spec.policy if spec else None)
-        self.detectors: PradaStates = detectors if detectors is not None else MemoryPradaStates()
+            self._model_policies[name] = self.check_policy(parse_policy(spec.policy if spec else None), [name])
+        self.detectors: DetectorStates = detectors if detectors is not None else MemoryDetectorStates()
+        self.ledger: WatermarkLedger = ledger if ledger is not None else MemoryWatermarkLedger()
         self._key_policies: dict[str, OutputPolicy] = {}
         self._rng = np.random.default_rng(settings.seed)
         self.ready = False
@@ -98,6 +112,22 @@ class VictimService:
         policy = self._key_policies.get(key.key_id)
         if policy is None:
             policy = self._key_policies[key.key_id] = parse_policy(key.policy)
+        return policy
+
+    def check_policy(self, policy: OutputPolicy, models: list[str]) -> OutputPolicy:
+        """Check that the policy can run on ``models``: its defender checkpoints fit, a secret exists.
+
+        Raises:
+            ConfigError: a checkpoint that cannot be loaded or does not fit; a watermark without secret.
+        """
+        if any(isinstance(step, Watermark) for step in policy.steps) and self.settings.watermark_secret is None:
+            raise ConfigError("the watermark step needs the server's watermark_secret "
+                              "(--watermark-secret or STEALSIM_WATERMARK_SECRET)")
+        for step in policy.steps:
+            classes = not isinstance(step, SeatStep)
+            for path in step.checkpoints():
+                for model in models:
+                    self.defender_models.check(path, self.runners[model].meta, needs_classes=classes)
         return policy
 
     def check_access(self, key: KeyRecord, model: str) -> ModelRunner:
@@ -145,7 +175,12 @@ class VictimService:
         remaining = await self.store.reserve(key.key_id, count)
         try:
             probabilities = await self._forward(model, images)
-            answer = policy.apply(probabilities, self._rng)
+            answer = await self._apply_policy(key, policy, images, probabilities)
+            if answer.marks is not None and len(answer.marks.rows):
+                marks = answer.marks
+                await self.ledger.append(key.key_id, model, WatermarkRecord(
+                    images[marks.rows].astype(np.float32), marks.labels, marks.victim_labels,
+                    probabilities.shape[1]))
             flags = await self._detect(key, model, policy, images, probabilities)
             await self.audit.append(AuditRecord(
                 key_id=key.key_id, model=model, images=count, input_sha256=input_digest(images),
@@ -178,26 +213,43 @@ class VictimService:
         except UnavailableError as exc:
             logger.error("could not refund %d images to key %s: %s", images, key_id, exc.message)
 
+    async def _apply_policy(
+        self, key: KeyRecord, policy: OutputPolicy, images: np.ndarray, probabilities: np.ndarray,
+    ) -> PolicyAnswer:
+        """The policy's answer; steps with the defender's models run off the event loop."""
+        if not policy.needs_context:
+            return policy.apply(probabilities, self._rng)
+        secret = self.settings.watermark_secret
+        context = PolicyContext(
+            images=images, key_id=key.key_id,
+            watermark_secret=None if secret is None else secret.get_secret_value().encode(),
+            defender_probabilities=self.defender_models.probabilities,
+        )
+        return await asyncio.to_thread(policy.apply, probabilities, self._rng, context)
+
+    def _encode(self, step: SeatStep, images: np.ndarray) -> np.ndarray:
+        """SEAT's encoder: RMS-scaled pixels, or a defender checkpoint's penultimate features."""
+        if step.encoder == "pixels":
+            flat = images.reshape(len(images), -1).astype(np.float32)
+            return flat / np.float32(np.sqrt(flat.shape[1]))
+        return self.defender_models.features(step.encoder, images)  # type: ignore[arg-type]
+
     async def _detect(
         self, key: KeyRecord, model: str, policy: OutputPolicy,
         images: np.ndarray, probabilities: np.ndarray,
     ) -> tuple[str, ...]:
-        step = policy.prada
-        if step is None:
-            return key.flags
-        already, verdict = await self.detectors.observe(
-            key.key_id, model, step.delta, step.min_queries, images, probabilities.argmax(axis=1)
-        )
-        if verdict.flagged and not already:
-            record = await self.store.flag(key.key_id, "prada", block=step.block)
-            self.metrics.flagged.labels("prada").inc()
-            logger.warning(
-                "PRADA flagged key %s on %s (W=%.3f < %.3f after %d distances)%s",
-                key.key_id, model, verdict.statistic or 0.0, step.delta, verdict.distances,
-                "; blocked" if step.block else "",
-            )
-            return record.flags
-        return key.flags
+        flags = key.flags
+        labels = probabilities.argmax(axis=1)
+        for step in policy.detectors:
+            inputs = images if isinstance(step, PradaStep) else await asyncio.to_thread(self._encode, step, images)
+            already, verdict = await self.detectors.observe(step, key.key_id, model, inputs, labels)
+            if verdict.flagged and not already:
+                record = await self.store.flag(key.key_id, step.name, block=step.block)
+                self.metrics.flagged.labels(step.name).inc()
+                logger.warning("%s flagged key %s on %s (%s)%s", step.name, key.key_id, model, verdict,
+                               "; blocked" if step.block else "")
+                flags = record.flags
+        return flags
 
     # --- health ---------------------------------------------------------------------
 
@@ -256,7 +308,7 @@ class VictimService:
                 raise InvalidRequestError(f"unknown models {unknown}; served: {sorted(self.runners)}")
         if policy is not None:
             try:
-                parse_policy(policy)
+                self.check_policy(parse_policy(policy), models if models is not None else list(self.runners))
             except ConfigError as exc:
                 raise InvalidRequestError(str(exc)) from exc
         secret = secret or new_secret()
@@ -275,6 +327,13 @@ class VictimService:
         if admin is None or secret is None:
             return False
         return hmac.compare_digest(secret.encode(), admin.get_secret_value().encode())
+
+    async def watermark_record(self, key_id: str, model: str) -> WatermarkRecord:
+        """Every watermarked answer key ``key_id`` got from ``model`` (admin)."""
+        runner = self.runner(model)
+        await self.store.get(key_id)  # 404 for an unknown key
+        parts = await self.ledger.read(key_id, model)
+        return WatermarkRecord.concatenate(parts, runner.input_shape, runner.num_classes)
 
     async def usage(self, key: KeyRecord) -> dict[str, Any]:
         record = await self.store.get(key.key_id)

@@ -106,6 +106,9 @@ class ServerSettings(BaseSettings):
     """JSONL file of served requests; None keeps the audit in memory only."""
     seed: int = 0
     """Seed of the randomised output policies (Gaussian noise)."""
+    watermark_secret: SecretStr | None = None
+    """Key of the ``watermark`` policy step's hash (DAWN): which answers are marked, and how.
+    Keep it stable (and the same in every API process) for the record to verify."""
     log_json: bool = False
 
     redis_url: str | None = None

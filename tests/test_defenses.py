@@ -1,0 +1,171 @@
+"""The API defenses of issue #14 on fixed tensors: MAD, adaptive misinformation, DAWN, SEAT."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from defense.misinformation import misinform, misinformation_loss, misinformation_weight
+from defense.poisoning import mad_objective, mad_perturb
+from defense.policies import PolicyContext, parse_policy
+from defense.seat import SeatDetector, SeatVerdict, similar_pairs
+from defense.watermark import WatermarkRecord, mark, select, verify
+from stealsim.errors import ConfigError
+
+Y = np.array([[0.7, 0.2, 0.1], [0.05, 0.9, 0.05]])
+
+
+# -- MAD (Orekondy et al., 2020) --------------------------------------------------------------------
+
+
+def _last_layer_gradient(target: np.ndarray, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """G^T target for a linear layer, by autograd: the gradient of sum_k target_k log p_k w.r.t. W."""
+    weight = torch.zeros((len(logits), len(features)), dtype=torch.float64, requires_grad=True)
+    z = torch.as_tensor(logits) + weight @ torch.as_tensor(features)
+    (torch.as_tensor(target) * torch.log_softmax(z, dim=0)).sum().backward()
+    assert weight.grad is not None
+    return weight.grad.numpy().ravel()
+
+
+def test_closed_form_angular_objective_matches_the_last_layer_jacobian() -> None:
+    rng = np.random.default_rng(0)
+    logits, features = rng.normal(size=3), rng.normal(size=5)
+    proxy = np.exp(logits) / np.exp(logits).sum()
+    y, candidate = Y[0], np.array([0.1, 0.1, 0.8])
+    u = _last_layer_gradient(candidate, logits, features)
+    v = _last_layer_gradient(y, logits, features)
+    expected = np.sum((u / np.linalg.norm(u) - v / np.linalg.norm(v)) ** 2)
+    ours = mad_objective(candidate[None, None], y[None], proxy[None], "angular")[0, 0]
+    assert ours == pytest.approx(expected, rel=1e-9)
+
+
+def test_mad_extreme_moves_epsilon_toward_the_best_vertex() -> None:
+    # gradient_distance picks the vertex farthest from y: the least likely class.
+    answer = mad_perturb(Y, None, epsilon=0.4, norm="l1", objective="gradient_distance", oracle="extreme")
+    assert np.allclose(np.abs(answer - Y).sum(axis=1), 0.4)
+    assert np.allclose(answer.sum(axis=1), 1.0)
+    assert answer[0].argmin() != 2 and answer[0, 2] == pytest.approx(0.1 + 0.2)  # mass moved to class 2
+    # A large epsilon reaches the vertex itself (alpha clipped at 1).
+    far = mad_perturb(Y, None, epsilon=2.0, norm="l1", objective="gradient_distance", oracle="extreme")
+    assert np.allclose(far[0], [0, 0, 1]) and far[1].argmax() in (0, 2)
+
+
+def test_mad_argmax_keeps_every_top_label_and_beats_a_brute_force_over_vertices() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.dirichlet(np.ones(4) * 0.5, size=20)
+    proxy = rng.dirichlet(np.ones(4), size=20)
+    answer = mad_perturb(y, proxy, epsilon=0.5, norm="l2", objective="angular", oracle="argmax")
+    assert np.array_equal(answer.argmax(axis=1), y.argmax(axis=1))
+    assert np.all(np.linalg.norm(answer - y, axis=1) <= 0.5 + 1e-9)
+    # The chosen vertex is the best argmax-preserving vertex (all subsets holding the top class).
+    row = 0
+    top = int(y[row].argmax())
+    best = -1.0
+    for subset in itertools.product((0, 1), repeat=4):
+        if subset[top]:
+            vertex = np.array(subset, float)
+            vertex[top] += 1e-5
+            vertex /= vertex.sum()
+            best = max(best, float(mad_objective(vertex[None, None], y[row : row + 1], proxy[row : row + 1],
+                                                 "angular")[0, 0]))
+    full = mad_perturb(y[row : row + 1], proxy[row : row + 1], 10.0, "l2", "angular", "argmax")
+    assert mad_objective(full[None].astype(float), y[row : row + 1], proxy[row : row + 1], "angular")[0, 0] \
+        == pytest.approx(best, rel=1e-6)
+
+
+def test_mad_policy_needs_a_proxy_for_the_angular_objective() -> None:
+    with pytest.raises(ConfigError, match="needs a proxy"):
+        parse_policy([{"name": "prediction_poisoning"}])
+    assert parse_policy([{"name": "prediction_poisoning", "objective": "gradient_distance"}]).needs_context
+
+
+# -- adaptive misinformation (Kariyappa and Qureshi, 2020) -----------------------------------------
+
+
+def test_misinformation_blend_follows_eq_4_and_5() -> None:
+    wrong = np.array([[0.0, 0.5, 0.5], [0.5, 0.0, 0.5]])
+    alpha = misinformation_weight(Y.max(axis=1), tau=0.8, nu=10.0)
+    assert alpha == pytest.approx(1 / (1 + np.exp(10.0 * (Y.max(axis=1) - 0.8))))
+    served = misinform(Y, wrong, tau=0.8, nu=10.0)
+    assert np.allclose(served, (1 - alpha[:, None]) * Y + alpha[:, None] * wrong)
+    # A near-step at nu = 10000: confident (in-distribution) rows are untouched, unsure ones replaced.
+    hard = misinform(Y, wrong, tau=0.8, nu=10000.0)
+    assert np.allclose(hard[0], wrong[0]) and np.allclose(hard[1], Y[1])
+
+
+def test_misinformation_loss_is_eq_3() -> None:
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    p = torch.softmax(logits, dim=1)
+    expected = -(torch.log(1 - p[0, 0]) + torch.log(1 - p[1, 2])) / 2
+    assert float(misinformation_loss(logits, logits, labels)) == pytest.approx(float(expected), rel=1e-6)
+
+
+# -- DAWN watermark (Szyller et al., 2021) -----------------------------------------------------------
+
+
+def test_watermark_selection_is_keyed_deterministic_and_never_the_top_label() -> None:
+    images = np.random.default_rng(2).random((4000, 1, 8, 8), dtype=np.float32)
+    top = np.arange(4000) % 10
+    marked, labels = select(b"secret", "key_a", images, top, 0.05, 10)
+    again, labels_again = select(b"secret", "key_a", images, top, 0.05, 10)
+    assert np.array_equal(marked, again) and np.array_equal(labels, labels_again)
+    assert 0.04 < marked.mean() < 0.06 and not np.any(labels == top)
+    other, _ = select(b"secret", "key_b", images, top, 0.05, 10)
+    assert np.mean(marked & other) < 0.01  # another key marks other inputs
+    wrong_labels = (labels - top) % 10
+    assert set(wrong_labels.tolist()) == set(range(1, 10))  # every other label occurs
+
+
+def test_watermark_swap_and_one_hot_answers() -> None:
+    marked, labels = np.array([True, False]), np.array([2, 0])
+    swapped = mark(Y, marked, labels, "swap")
+    assert np.allclose(swapped[0], [0.1, 0.2, 0.7]) and np.allclose(swapped[1], Y[1])
+    assert np.allclose(mark(Y, marked, labels, "one_hot")[0], [0, 0, 1])
+
+
+def test_watermark_verification_p_value() -> None:
+    record = WatermarkRecord(np.zeros((30, 1, 2, 2), np.float32), np.full(30, 3), np.zeros(30, np.int64), 10)
+    copy = verify(record, np.array([3] * 12 + [0] * 18))
+    assert copy.matches == 12 and copy.p_value == pytest.approx(stats.binom.sf(11, 30, 1 / 9))
+    assert copy.stolen and copy.victim_agreement == pytest.approx(18 / 30)
+    innocent = verify(record, np.zeros(30, np.int64))
+    assert innocent.matches == 0 and innocent.p_value == 1.0 and not innocent.stolen
+    restored = WatermarkRecord.from_bytes(record.to_bytes())
+    assert np.array_equal(restored.labels, record.labels) and restored.classes == 10
+    assert len(restored.distinct()) == 1  # thirty copies of one input are one piece of evidence
+
+
+def test_watermark_policy_records_the_marked_rows() -> None:
+    policy = parse_policy([{"name": "watermark", "fraction": 0.5}, {"name": "label_only"}])
+    images = np.random.default_rng(3).random((64, 1, 2, 2), dtype=np.float32)
+    p = np.random.default_rng(4).dirichlet(np.ones(10), size=64).astype(np.float32)
+    context = PolicyContext(images, "key_a", b"s", lambda path, x: np.empty(0))
+    answer = policy.apply(p, np.random.default_rng(0), context)
+    assert answer.kind == "label" and answer.marks is not None and 16 < len(answer.marks.rows) < 48
+    assert np.array_equal(answer.values[answer.marks.rows], answer.marks.labels)
+    unmarked = np.setdiff1d(np.arange(64), answer.marks.rows)
+    assert np.array_equal(answer.values[unmarked], p[unmarked].argmax(axis=1))
+    with pytest.raises(ConfigError, match="context"):
+        policy.apply(p, np.random.default_rng(0))
+
+
+# -- SEAT (Zhang et al., 2021) ------------------------------------------------------------------------
+
+
+def test_seat_counts_similar_pairs_across_and_within_batches() -> None:
+    old = np.array([[0.0, 0.0], [1.0, 0.0]])
+    new = np.array([[0.0, 0.05], [0.0, 0.08], [5.0, 5.0]])
+    # new[0]-old[0] (0.05), new[1]-old[0] (0.08), new[0]-new[1] (0.03): 3 pairs under 0.1.
+    assert similar_pairs(new, old, 0.1) == 3
+    detector = SeatDetector(threshold=0.1, max_pairs=3, history=4)
+    assert detector.observe(old).pairs == 0
+    verdict = detector.observe(new)
+    assert verdict.pairs == 3 and verdict.flagged and verdict.queries == 5
+    restored = SeatDetector.from_bytes(detector.to_bytes(), 0.1, 3, 4)
+    assert restored.flagged and restored.observe(np.array([[9.0, 9.0]])) == SeatVerdict(True, 3, 6)
+

@@ -1,0 +1,74 @@
+"""The defender's own models that policy steps use: MAD proxies, misinformation models, encoders.
+
+Each is a checkpoint directory (``stealsim train``), loaded once per API process
+on the CPU and checked against the served model it defends (input shape; class
+count for the ones that answer with probabilities)::
+
+    models = DefenderModels()
+    models.check(Path("runs/misinformation"), runner.meta, needs_classes=True)
+    probabilities = models.probabilities(Path("runs/misinformation"), images)
+    encodings = models.features(Path("runs/encoder"), images)   # penultimate, L2-normalised
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stealsim.architectures import PixelClassifier
+from stealsim.checkpoint import CheckpointMeta, load_checkpoint
+from stealsim.errors import ConfigError, StealsimError
+
+__all__ = ["DefenderModels"]
+
+
+class DefenderModels:
+    """Checkpoints by path, loaded on first use (thread-safe: policies may run in a worker thread)."""
+
+    def __init__(self) -> None:
+        self._models: dict[Path, tuple[PixelClassifier, CheckpointMeta]] = {}
+        self._lock = threading.Lock()
+
+    def load(self, path: Path) -> tuple[PixelClassifier, CheckpointMeta]:
+        key = Path(path).resolve()
+        with self._lock:
+            if key not in self._models:
+                try:
+                    self._models[key] = load_checkpoint(key, "cpu")
+                except StealsimError as exc:
+                    raise ConfigError(f"defender checkpoint {path}: {exc}") from exc
+            return self._models[key]
+
+    def check(self, path: Path, served: CheckpointMeta, needs_classes: bool) -> None:
+        """Load ``path`` and check that it fits the served model's inputs (and classes)."""
+        _, meta = self.load(path)
+        if tuple(meta.input_shape) != tuple(served.input_shape):
+            raise ConfigError(f"defender checkpoint {path} takes input {list(meta.input_shape)}, "
+                              f"the served model {list(served.input_shape)}")
+        if needs_classes and meta.num_classes != served.num_classes:
+            raise ConfigError(f"defender checkpoint {path} has {meta.num_classes} classes, "
+                              f"the served model {served.num_classes}")
+
+    def probabilities(self, path: Path, images: np.ndarray) -> np.ndarray:
+        model, _ = self.load(path)
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+            return torch.softmax(logits.float(), dim=1).numpy()
+
+    def features(self, path: Path, images: np.ndarray) -> np.ndarray:
+        """The input of the model's last linear layer, L2-normalised per row."""
+        model, _ = self.load(path)
+        last = [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
+        captured: list[torch.Tensor] = []
+        handle = last.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+        try:
+            with torch.inference_mode():
+                model(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+        finally:
+            handle.remove()
+        features = captured[0].flatten(1).float()
+        return torch.nn.functional.normalize(features, dim=1).numpy()

@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -132,12 +133,15 @@ class RunDirectory:
     def save_clone(self, clone: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
         """The final clone, traced on CPU and saved as ``clone.ts`` (atomically)."""
         module = copy.deepcopy(clone).to("cpu").eval()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still portable
             traced = torch.jit.trace(module, torch.rand((2, *input_shape)), check_trace=False)
         descriptor, temporary = tempfile.mkstemp(dir=self.path, prefix=".clone.ts.")
         os.close(descriptor)
         try:
-            torch.jit.save(traced, temporary)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.jit.save(traced, temporary)
             os.replace(temporary, self.path / "clone.ts")
         except BaseException:
             Path(temporary).unlink(missing_ok=True)

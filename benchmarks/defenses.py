@@ -37,8 +37,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.grid import load_spec, read_csv, run_grid  # noqa: E402
-from experiments.victims import VictimSettings, prepare_defender_models, prepare_victims  # noqa: E402
+from experiments.grid import load_spec, read_csv, run_grid
+from experiments.victims import VictimSettings, prepare_defender_models, prepare_victims
 
 
 def calibrate(victim_dir: Path, dataset: str, honest_share: float) -> dict[str, float]:
@@ -166,7 +166,7 @@ def main() -> None:
             print(f"  {attack}: {sum(bool(r['flags']) for r in seat)}/{len(seat)} keys flagged, at "
                   f"{[int(number(r['flagged_at'])) if r['flagged_at'] else None for r in seat]}")
 
-    print("\nWatermark (fraction %.3f) of each clone, p-value of Binomial(n, 1/(K-1)):" % args.watermark_fraction)
+    print(f"\nWatermark (fraction {args.watermark_fraction:.3f}) of each clone, p-value of Binomial(n, 1/(K-1)):")
     from defense.watermark import WatermarkRecord, load_suspect, verify
 
     innocents = independent_models(args.dataset, args.independent, args.epochs, args.cache)

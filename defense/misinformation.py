@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["misinformation_loss", "misinformation_weight", "misinform"]
+__all__ = ["misinform", "misinformation_loss", "misinformation_weight"]
 
 
 def misinformation_loss(logits: Tensor, images: Tensor, labels: Tensor) -> Tensor:

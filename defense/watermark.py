@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +172,9 @@ def load_suspect(path: Path) -> Callable[[np.ndarray], np.ndarray]:
             raise ConfigError(f"{path}: neither a checkpoint directory (model.json), a run directory "
                               "with clone.ts, nor a TorchScript file")
         try:
-            module = torch.jit.load(str(file), map_location="cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(str(file), map_location="cpu")
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"{file}: not a TorchScript model: {exc}") from exc
     module.eval()

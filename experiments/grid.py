@@ -39,7 +39,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from experiments.service import ServiceProcess, create_key, new_admin_key
-from experiments.victims import DEFENDER_MODELS, VictimSettings, prepare_defender_models, prepare_victims
+from experiments.victims import (
+    DEFENDER_MODELS,
+    VictimSettings,
+    prepare_defender_models,
+    prepare_victims,
+)
 from stealsim.errors import ConfigError
 
 __all__ = [

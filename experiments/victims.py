@@ -147,7 +147,12 @@ def prepare_defender_models(settings: VictimSettings, cache_dir: Path, show_prog
     from stealsim.architectures import default_architecture
     from stealsim.checkpoint import save_checkpoint
     from stealsim.data import load_dataset
-    from stealsim.training import TrainConfig, augmentation_shift, train_classifier, untrained_classifier
+    from stealsim.training import (
+        TrainConfig,
+        augmentation_shift,
+        train_classifier,
+        untrained_classifier,
+    )
 
     data = load_dataset(settings.dataset)
     channels, size, _ = data.input_shape

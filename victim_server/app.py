@@ -52,7 +52,11 @@ from victim_server.service import VictimService
 from victim_server.settings import ServerSettings
 from victim_server.store import MemoryStateStore, StateStore
 from victim_server.store_redis import RedisStateStore
-from victim_server.watermark_ledger import MemoryWatermarkLedger, RedisWatermarkLedger, WatermarkLedger
+from victim_server.watermark_ledger import (
+    MemoryWatermarkLedger,
+    RedisWatermarkLedger,
+    WatermarkLedger,
+)
 
 __all__ = ["STATUS_CODES", "create_app"]
 

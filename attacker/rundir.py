@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -32,6 +33,8 @@ import torch
 from stealsim.errors import AttackError
 
 __all__ = ["Ledger", "RunDirectory"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,12 +133,20 @@ class RunDirectory:
             Path(temporary).unlink(missing_ok=True)
             raise
 
-    def save_clone(self, clone: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
-        """The final clone, traced on CPU and saved as ``clone.ts`` (atomically)."""
+    def save_clone(self, clone: torch.nn.Module, input_shape: tuple[int, ...]) -> bool:
+        """The final clone, traced on CPU and saved as ``clone.ts`` (atomically).
+
+        Returns False, with a warning in the log, for a clone TorchScript cannot trace
+        (SWAG's and Laplace's, which call ``torch.func.functional_call``): no ``clone.ts``.
+        """
         module = copy.deepcopy(clone).to("cpu").eval()
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still portable
-            traced = torch.jit.trace(module, torch.rand((2, *input_shape)), check_trace=False)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still portable
+                traced = torch.jit.trace(module, torch.rand((2, *input_shape)), check_trace=False)
+        except RuntimeError as exc:
+            logger.warning("clone.ts not written: TorchScript cannot trace this clone (%s)", exc)
+            return False
         descriptor, temporary = tempfile.mkstemp(dir=self.path, prefix=".clone.ts.")
         os.close(descriptor)
         try:
@@ -146,6 +157,7 @@ class RunDirectory:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+        return True
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         path = self.path / "checkpoint.pt"

@@ -46,6 +46,11 @@ class ReplayMemory:
         index = torch.randint(0, self.filled, (min(count, self.filled),), device=self.images.device)
         return self.images[index], self.targets[index]
 
+    def stored(self) -> tuple[Tensor, Tensor]:
+        """Every stored pair (the last ``capacity`` added), in storage order (memory not empty)."""
+        assert self.images is not None and self.targets is not None and self.filled > 0
+        return self.images[: self.filled], self.targets[: self.filled]
+
     def add_and_join(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """The fresh batch joined with as many replayed pairs (drawn before it is stored)."""
         replayed = self.sample(len(images)) if self.filled > 0 else None

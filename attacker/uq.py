@@ -59,7 +59,10 @@ __all__ = [
     "UQSettings",
     "build_uq_model",
     "member_diagnostics",
+    "member_probabilities",
+    "member_spread",
     "pairwise_disagreement",
+    "spread_diagnostics",
 ]
 
 UQKind = Literal["deep-ensemble", "mc-dropout", "snapshot", "swag", "laplace"]
@@ -494,18 +497,8 @@ def build_uq_model(info: VictimInfo, settings: UQSettings, device: torch.device)
 
 
 @torch.no_grad()
-def member_diagnostics(
-    members: Sequence[nn.Module], images: Tensor, labels: Tensor, victim_labels: Tensor, batch_size: int = 2048
-) -> dict[str, float]:
-    """Combined vs single-member fidelity and accuracy, and the members' spread, on ``images``.
-
-    - ``combined_fidelity`` / ``combined_accuracy``: of ``argmax mean_m p_m``;
-    - ``member_fidelity_best`` / ``_mean`` and ``member_accuracy_best`` / ``_mean``;
-    - ``fidelity_gain``: combined minus best single-member fidelity;
-    - ``member_variance``: variance of the members' probabilities over members,
-      averaged over images and classes (0 when all members agree exactly);
-    - ``member_disagreement``: share of images on which not all members predict the same label.
-    """
+def member_probabilities(members: Sequence[nn.Module], images: Tensor, batch_size: int = 2048) -> Tensor:
+    """The members' softmax outputs on ``images``, ``[M, N, K]`` on the CPU (members in eval mode)."""
     parts = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -515,22 +508,67 @@ def member_diagnostics(
             device = next(member.parameters()).device
             outputs.append(torch.softmax(member(chunk.to(device)).float(), dim=1).cpu())
         parts.append(torch.stack(outputs))
-    probabilities = torch.cat(parts, dim=1)  # [M, N, K]
+    return torch.cat(parts, dim=1)
+
+
+def member_spread(probabilities: Tensor) -> dict[str, float]:
+    """How far apart M members' predictions ``[M, N, K]`` are (Pape et al. 2023, Sec. 4's diagnostics).
+
+    - ``member_variance``: ``mean_{n,k} Var_m p_m(k | x_n)``, the population variance over
+      members of each class probability, averaged over images and classes (0 when all
+      members agree exactly; at most ``1/K`` for one-hot members split evenly over classes);
+    - ``member_disagreement``: the share of images on which not all members predict the same label;
+    - ``member_pairwise_disagreement``: the share of (image, member pair) whose labels differ.
+    """
+    if probabilities.dim() != 3:
+        raise AttackError(f"member probabilities must be [members, images, classes], got {list(probabilities.shape)}")
+    members = probabilities.shape[0]
+    labels = probabilities.argmax(dim=2)  # [M, N]
+    variance = probabilities.var(dim=0, unbiased=False).mean() if members > 1 else torch.zeros(())
+    if members > 1:
+        differ = (labels[:, None, :] != labels[None, :, :]).float()  # [M, M, N]
+        pairwise = differ.sum() / (members * (members - 1) * labels.shape[1])
+    else:
+        pairwise = torch.zeros(())
+    return {
+        "member_variance": float(variance),
+        "member_disagreement": float((labels != labels[:1]).any(dim=0).float().mean()),
+        "member_pairwise_disagreement": float(pairwise),
+    }
+
+
+def spread_diagnostics(probabilities: Tensor, labels: Tensor | None, victim_labels: Tensor) -> dict[str, float]:
+    """Combined vs single-member fidelity (and accuracy, with ``labels``) plus :func:`member_spread`.
+
+    ``probabilities`` ``[M, N, K]`` are the members' outputs on N images, ``victim_labels``
+    ``[N]`` the victim's labels for them, ``labels`` ``[N]`` the true ones (``None``: unknown,
+    e.g. on the attacker's queries).
+
+    - ``combined_fidelity`` / ``combined_accuracy``: of ``argmax mean_m p_m``;
+    - ``member_fidelity_best`` / ``_mean`` and ``member_accuracy_best`` / ``_mean``;
+    - ``fidelity_gain``: combined minus best single-member fidelity.
+    """
     member_labels = probabilities.argmax(dim=2)  # [M, N]
     combined = probabilities.mean(dim=0).argmax(dim=1)
     fidelities = (member_labels == victim_labels).float().mean(dim=1)
-    accuracies = (member_labels == labels).float().mean(dim=1)
     combined_fidelity = float((combined == victim_labels).float().mean())
-    variance = probabilities.var(dim=0, unbiased=False).mean() if len(members) > 1 else torch.zeros(())
-    return {
-        "members": float(len(members)),
+    result = {
+        "members": float(probabilities.shape[0]),
         "combined_fidelity": combined_fidelity,
-        "combined_accuracy": float((combined == labels).float().mean()),
         "member_fidelity_best": float(fidelities.max()),
         "member_fidelity_mean": float(fidelities.mean()),
-        "member_accuracy_best": float(accuracies.max()),
-        "member_accuracy_mean": float(accuracies.mean()),
         "fidelity_gain": combined_fidelity - float(fidelities.max()),
-        "member_variance": float(variance),
-        "member_disagreement": float((member_labels != member_labels[:1]).any(dim=0).float().mean()),
     }
+    if labels is not None:
+        accuracies = (member_labels == labels).float().mean(dim=1)
+        result.update(combined_accuracy=float((combined == labels).float().mean()),
+                      member_accuracy_best=float(accuracies.max()), member_accuracy_mean=float(accuracies.mean()))
+    result.update(member_spread(probabilities))
+    return result
+
+
+def member_diagnostics(
+    members: Sequence[nn.Module], images: Tensor, labels: Tensor, victim_labels: Tensor, batch_size: int = 2048
+) -> dict[str, float]:
+    """:func:`spread_diagnostics` of the members on ``images`` (the evaluation split)."""
+    return spread_diagnostics(member_probabilities(members, images, batch_size), labels, victim_labels)

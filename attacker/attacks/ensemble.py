@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from attacker.attacks._common import GeneratorTrainer, frozen
 from attacker.loop import Attack, AttackSettings, Evaluates
 from attacker.losses import class_balance_loss, victim_targets
+from attacker.replay import ReplayMemory
 from attacker.surrogate import RandomSampler, SurrogateSplit, load_surrogate
 from attacker.uq import (
     UQ_KINDS,
@@ -18,12 +19,17 @@ from attacker.uq import (
     UQSettings,
     build_uq_model,
     member_diagnostics,
+    member_probabilities,
     pairwise_disagreement,
+    spread_diagnostics,
 )
 from attacker.victims import BudgetedVictim, VictimInfo
 from stealsim.errors import AttackError
 
-__all__ = ["Ensemble", "EnsembleSettings"]
+__all__ = ["QUERY_PROBE", "Ensemble", "EnsembleSettings"]
+
+QUERY_PROBE = 1024
+"""The last answered queries on which each evaluation also measures the members' spread."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,10 @@ class Ensemble(Attack):
     last-layer Laplace); its combined prediction ``mean_m softmax(f_m(x))`` is
     the clone. The paper finds only marginal fidelity gains over one member and
     explains them by the members' low prediction variance; every evaluation
-    here reports both (:func:`attacker.uq.member_diagnostics`).
+    here reports both (:func:`attacker.uq.member_diagnostics`) on the evaluation
+    split, and the members' spread and fit on the last :data:`QUERY_PROBE`
+    answered queries as ``query_*`` (``query_combined_fidelity`` there is the
+    agreement with the victim's answers to the attacker's own queries).
 
     Queries come from a generator trained, as Dual Student's (Beetham et al.
     2023, eq. 2) generalised from two students to M members, to maximise the
@@ -133,6 +142,8 @@ class Ensemble(Attack):
         self.s: EnsembleSettings = settings
         self.uq = build_uq_model(info, settings.uq_settings(), device)
         self.track("uq", self.uq)
+        self.recent_queries = ReplayMemory(QUERY_PROBE)
+        self.track("recent_queries", self.recent_queries)
         for index, optimizer in enumerate(self.uq.optimizers):
             self.track(f"optimizer_{index}", optimizer)
         self.gen: GeneratorTrainer | None = None
@@ -187,6 +198,7 @@ class Ensemble(Attack):
                 break
             images = self._images(count)
             targets = victim_targets(victim.query(images.cpu()), self.hard_label).to(self.device)
+            self.recent_queries.add(images.detach(), targets)
             total += self.uq.train_step(images, targets, self._unlabelled(count))
             for _ in range(self.s.updates_per_batch - 1):
                 self.uq.train_replayed(self.s.batch_size, self._unlabelled(count))
@@ -202,4 +214,12 @@ class Ensemble(Attack):
 
         if not isinstance(evaluator, Evaluator):
             return {}
-        return member_diagnostics(self.uq.members(), evaluator.images, evaluator.labels, evaluator.victim_labels())
+        members = self.uq.members()
+        result = member_diagnostics(members, evaluator.images, evaluator.labels, evaluator.victim_labels())
+        if self.recent_queries.filled > 0:
+            # The same spread on the attacker's own last queries, against the victim's answers to them.
+            images, targets = self.recent_queries.stored()
+            answered = targets if targets.dim() == 1 else targets.argmax(dim=1)
+            on_queries = spread_diagnostics(member_probabilities(members, images), None, answered.cpu())
+            result.update({f"query_{name}": value for name, value in on_queries.items() if name != "members"})
+        return result

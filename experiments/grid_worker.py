@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +26,7 @@ from typing import Any, Literal
 from experiments.grid import Cell, CellRunner, DefenseCell, GridSpec
 from stealsim.errors import ConfigError, StealsimError
 
-__all__ = ["WorkerOptions", "job_id", "run_cell_job", "run_defense_job", "run_grid_worker", "run_on_queue"]
+__all__ = ["WorkerOptions", "collect_jobs", "job_id", "run_cell_job", "run_defense_job", "run_grid_worker", "run_on_queue"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,47 @@ def _connect(redis_url: str) -> Any:
     return client
 
 
+Job = tuple[str, Callable[..., Any], tuple[Any, ...], Callable[[str], Any] | None]
+"""A queued job: ``(job id, function, arguments, result on failure)``; the last builds the row of a
+failed job from its error (``None``: a failed job yields nothing)."""
+
+
+def collect_jobs(jobs: Sequence[Job], redis_url: str, queue: str,
+                 poll_seconds: float = 0.5) -> Iterator[tuple[str, Any]]:
+    """Enqueue ``jobs`` on ``queue``; yield ``(job id, result)`` as they finish (a failed job: its failure row)."""
+    from rq import Queue
+    from rq.job import Job as RqJob
+    from rq.job import JobStatus
+
+    connection = _connect(redis_url)
+    jobs_queue = Queue(queue, connection=connection)
+    pending: dict[str, Callable[[str], Any] | None] = {}
+    for identifier, function, arguments, on_failure in jobs:
+        job = jobs_queue.enqueue(function, *arguments, job_id=identifier, job_timeout=JOB_TIMEOUT,
+                                 result_ttl=RESULT_TTL, failure_ttl=RESULT_TTL)
+        pending[job.id] = on_failure
+    logger.info("enqueued %d jobs on %r; waiting for `stealsim grid-worker --queue %s`", len(pending), queue, queue)
+    try:
+        while pending:
+            for identifier, on_failure in list(pending.items()):
+                job = RqJob.fetch(identifier, connection=connection)
+                status = job.get_status(refresh=True)
+                if status == JobStatus.FINISHED:
+                    del pending[identifier]
+                    yield identifier, job.return_value()
+                elif status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+                    del pending[identifier]
+                    result = job.latest_result()
+                    error = " ".join((result.exc_string or "").strip().splitlines()[-1:]) if result else ""
+                    logger.error("job %s %s: %s", identifier, status, error)
+                    if on_failure is not None:
+                        yield identifier, on_failure(f"job {status}: {error}")
+            if pending:
+                time.sleep(poll_seconds)
+    finally:
+        connection.close()
+
+
 def run_on_queue(
     spec: GridSpec,
     cells: Sequence[Cell],
@@ -102,44 +143,20 @@ def run_on_queue(
     queue: str,
     poll_seconds: float = 0.5,
 ) -> Iterator[tuple[Literal["cell", "cost"], dict[str, Any]]]:
-    """Enqueue the cells and yield ``(kind, row)`` as their jobs finish (a failed job: a failed row)."""
-    from rq import Queue
-    from rq.job import Job, JobStatus
-
-    connection = _connect(redis_url)
-    jobs_queue = Queue(queue, connection=connection)
+    """Enqueue the grid's cells and yield ``(kind, row)`` as their jobs finish (a failed job: a failed row)."""
     spec_data = spec.model_dump()
-    pending: dict[str, tuple[Literal["cell", "cost"], Cell | DefenseCell]] = {}
-    for cost_cell in defense_cells:
-        job = jobs_queue.enqueue(run_defense_job, spec_data, asdict(cost_cell),
-                                 job_id=job_id(queue, "cost", cost_cell.id), job_timeout=JOB_TIMEOUT,
-                                 result_ttl=RESULT_TTL, failure_ttl=RESULT_TTL)
-        pending[job.id] = ("cost", cost_cell)
-    for cell in cells:
-        job = jobs_queue.enqueue(run_cell_job, spec_data, asdict(cell), job_id=job_id(queue, "cell", cell.id),
-                                 job_timeout=JOB_TIMEOUT, result_ttl=RESULT_TTL, failure_ttl=RESULT_TTL)
-        pending[job.id] = ("cell", cell)
-    logger.info("enqueued %d jobs on %r; waiting for `stealsim grid-worker --queue %s`", len(pending), queue, queue)
-    try:
-        while pending:
-            for identifier, (kind, item) in list(pending.items()):
-                job = Job.fetch(identifier, connection=connection)
-                status = job.get_status(refresh=True)
-                if status == JobStatus.FINISHED:
-                    del pending[identifier]
-                    yield kind, dict(job.return_value() or {})
-                elif status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
-                    del pending[identifier]
-                    result = job.latest_result()
-                    error = (result.exc_string or "").strip().splitlines()[-1:] if result else []
-                    logger.error("job %s %s: %s", identifier, status, error)
-                    if isinstance(item, Cell):
-                        yield kind, {"cell": item.id, **asdict(item), "status": "failed",
-                                     "error": f"job {status}: {' '.join(error)}"}
-            if pending:
-                time.sleep(poll_seconds)
-    finally:
-        connection.close()
+
+    def failed(cell: Cell) -> Callable[[str], dict[str, Any]]:
+        return lambda error: {"cell": cell.id, **asdict(cell), "status": "failed", "error": error}
+
+    jobs: list[Job] = [(job_id(queue, "cost", cell.id), run_defense_job, (spec_data, asdict(cell)), None)
+                       for cell in defense_cells]
+    jobs += [(job_id(queue, "cell", cell.id), run_cell_job, (spec_data, asdict(cell)), failed(cell))
+             for cell in cells]
+    kinds: dict[str, Literal["cell", "cost"]] = {identifier: ("cost" if function is run_defense_job else "cell")
+                                                 for identifier, function, _, _ in jobs}
+    for identifier, row in collect_jobs(jobs, redis_url, queue, poll_seconds):
+        yield kinds[identifier], dict(row or {})
 
 
 def run_grid_worker(

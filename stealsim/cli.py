@@ -788,6 +788,30 @@ def grid_worker(
                     burst=burst, name=name)
 
 
+@app.command("uq-study")
+@reports_errors
+def uq_study(
+    spec: Annotated[Path, typer.Argument(help="Study spec (YAML; see examples/uq-study-digits.yaml).")],
+    out: Annotated[Path, typer.Option(help="Directory of results.csv, curves.jsonl, report.md (resumed).")] = Path("runs/uq-study"),
+    cache_dir: Annotated[Path, typer.Option(help="Cache of trained victims (local runs).")] = Path("runs/cache"),
+    jobs: Annotated[int, typer.Option(min=1, help="Cells run at once in local processes (one per core).")] = 1,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Run the cells as jobs on this Redis (consumed by `stealsim grid-worker`).")
+    ] = None,
+    queue: Annotated[str, typer.Option(help="rq queue name of the jobs (with --redis-url).")] = "stealsim-grid",
+) -> None:
+    """The UQ stealing study (Pape et al. 2023): UQ kinds x query sources x diversity x seeds, resumable."""
+    from experiments.uq_study import load_uq_spec, run_uq_study
+
+    _check_out_dir(out)
+    rows = run_uq_study(load_uq_spec(spec), out, cache_dir=cache_dir, jobs=jobs, redis_url=redis_url, queue=queue,
+                        announce=lambda text: typer.secho(text, bold=True, err=True))
+    failed = sum(row["status"] != "done" for row in rows)
+    typer.echo(f"{out / 'results.csv'}: {len(rows)} rows ({failed} failed), report {out / 'report.md'}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
 def main() -> None:
     """Entry point of the ``stealsim`` console script.
 

@@ -24,7 +24,6 @@ on Redis, each ``stealsim grid-worker`` does that on its own host
 from __future__ import annotations
 
 import csv
-import itertools
 import logging
 import math
 import re
@@ -38,6 +37,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from experiments.honest import HonestSettings, expected_calibration_error, honest_traffic
 from experiments.service import ServiceProcess, create_key, new_admin_key
 from experiments.victims import (
     DEFENDER_MODELS,
@@ -185,22 +185,6 @@ def defense_cells_of(spec: GridSpec) -> list[DefenseCell]:
     return [DefenseCell(victim, defense) for victim in spec.victims for defense in spec.defenses]
 
 
-def expected_calibration_error(probabilities: Any, labels: Any, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins (Guo et al., 2017)."""
-    import torch
-
-    confidence, predicted = probabilities.max(dim=1)
-    correct = (predicted == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    error = 0.0
-    for low, high in itertools.pairwise(edges.tolist()):
-        inside = (confidence > low) & (confidence <= high) if low > 0 else (confidence <= high)
-        if inside.any():
-            share = float(inside.float().mean())
-            error += share * abs(float(confidence[inside].mean()) - float(correct[inside].mean()))
-    return error
-
-
 class CellRunner:
     """Runs cells against a victim service: its own (started here) for a grid in one process or a worker.
 
@@ -296,31 +280,17 @@ class CellRunner:
         return row
 
     def defense_cost(self, cell: DefenseCell) -> dict[str, Any]:
-        """Accuracy and ECE of the defended answers an honest user gets on the test set."""
-        import torch
-
-        from attacker.client import HttpVictim
+        """What an honest user of the defended key gets on one pass over the test set."""
         from stealsim.data import load_dataset
 
         url = self._url()
         data = load_dataset(self.spec.dataset)
         key = create_key(url, self.admin_key, len(data.y_test), name=f"grid/honest/{cell.id}",
                          models=[cell.victim], policy=self.policy(cell.defense))
-        batches, seconds = [], []
-        with HttpVictim(url, key, cell.victim) as victim:
-            for start in range(0, len(data.x_test), HONEST_BATCH):
-                began = time.perf_counter()
-                batches.append(victim.query(data.x_test[start : start + HONEST_BATCH]))
-                seconds.append(time.perf_counter() - began)
-        answers = torch.cat(batches)
-        if answers.dim() == 1:  # label-only: a one-hot answer, as confident as it gets
-            answers = torch.nn.functional.one_hot(answers, data.num_classes).float()
-        labels = answers.argmax(dim=1)
-        return {"cell": cell.id, "victim": cell.victim, "defense": cell.defense,
-                "accuracy": float((labels == data.y_test).float().mean()),
-                "ece": expected_calibration_error(answers, data.y_test), "test_images": len(data.y_test),
-                "flags": key_flags(url, self.admin_key, key)["flags"],
-                "latency_ms": 1000.0 * sum(seconds) / len(seconds)}
+        result = honest_traffic(url, key, cell.victim, data, HonestSettings(batch=HONEST_BATCH))
+        return {"cell": cell.id, "victim": cell.victim, "defense": cell.defense, "accuracy": result.accuracy,
+                "ece": result.ece, "test_images": result.images, "flags": result.flags,
+                "latency_ms": result.latency_ms_mean}
 
 
 def _placeholders(steps: list[dict[str, Any]]) -> bool:

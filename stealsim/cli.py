@@ -672,6 +672,46 @@ def verify_watermark(
 
 @app.command()
 @reports_errors
+def honest(
+    url: Annotated[str, typer.Option(help="The victim service (http://HOST:PORT).")],
+    api_key: Annotated[str, typer.Option(envvar="STEALSIM_API_KEY", help="The honest user's API key.")],
+    model: Annotated[str, typer.Option(help="Model name at --url.")] = "victim",
+    dataset: Annotated[str, typer.Option(help="Dataset whose natural images are sent (built-in or on disk).")] = "digits",
+    data_dir: DataDirOption = None,
+    split: Annotated[str, typer.Option(help="Split sent: test, or validation while calibrating a detector.")] = "test",
+    batch: Annotated[int, typer.Option(min=1, help="Images per request.")] = 32,
+    rate: Annotated[float, typer.Option(min=0.0, help="Requests per second at most (0: back to back).")] = 0.0,
+    passes: Annotated[int, typer.Option(min=1, help="Passes over the split (a longer stream).")] = 1,
+    shuffle: Annotated[bool, typer.Option(help="A new random order in every pass.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of --shuffle's order.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
+) -> None:
+    """An honest user: natural images through a key like any client; accuracy, ECE and latency of the
+    answers, and whether a detector flagged or blocked the key (false positives of a defense)."""
+    from experiments.honest import HonestSettings, honest_traffic
+    from stealsim.data import load_dataset
+
+    for name in ("httpx", "attacker.client"):  # stdout holds the result only
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if split not in ("test", "validation"):
+        raise ConfigError(f"--split must be test or validation, got {split!r}")
+    settings = HonestSettings(split=split, batch=batch, rate=rate, passes=passes, shuffle=shuffle,  # type: ignore[arg-type]
+                              seed=seed)
+    result = honest_traffic(url.rstrip("/"), api_key, model, load_dataset(dataset, data_dir), settings)
+    if json_out:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        typer.echo(f"{result.images} images in {result.requests} requests: accuracy {result.accuracy:.4f}, "
+                   f"ECE {result.ece:.4f}, latency {result.latency_ms_mean:.1f} ms mean / "
+                   f"{result.latency_ms_p95:.1f} ms p95; flags: {result.flags or 'none'}"
+                   + (f"; refused after {result.blocked_at} images: {result.refusal}"
+                      if result.blocked_at is not None else ""))
+    if result.flags or result.blocked_at is not None:
+        raise typer.Exit(code=3)
+
+
+@app.command()
+@reports_errors
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories written by `stealsim attack`.")],
     plot: Annotated[Path | None, typer.Option(

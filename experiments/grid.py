@@ -58,6 +58,7 @@ __all__ = [
     "defense_cells_of",
     "expected_calibration_error",
     "load_spec",
+    "pareto_front",
     "read_csv",
     "run_grid",
     "write_grid_report",
@@ -472,30 +473,41 @@ def write_grid_report(out: Path) -> Path:
         plt.close(figure)
         plots.append("![fidelity against budget, one panel per defense: mean over seeds, band ±1 std]"
                      "(fidelity_vs_budget.png)")
+    fronts: dict[str, list[str]] = {}
     if costs and any(value is not None for value in fidelity.values()):
         top = max(key[3] for key, value in fidelity.items() if value is not None)
-        figure, axis = plt.subplots(figsize=(6.5, 4.5))
-        for index, (attack, victim) in enumerate(lines):
-            xs, ys, errors, names = [], [], [], []
-            for cost in costs:
-                if cost["victim"] != victim:
+        figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        for panel, (axis, (column, label)) in enumerate(zip(axes, (("accuracy", "honest users' error rate (1 − accuracy)"),
+                                                                   ("ece", "honest users' calibration error (ECE)")),
+                                                        strict=True)):
+            for index, (attack, victim) in enumerate(lines):
+                placed: list[tuple[float, Any, str]] = []
+                for cost in costs:
+                    value = fidelity.get((attack, victim, cost["defense"], top))
+                    if cost["victim"] == victim and value is not None:
+                        harm = _number(cost[column])
+                        placed.append((1.0 - harm if column == "accuracy" else harm, value, cost["defense"]))
+                if not placed:
                     continue
-                value = fidelity.get((attack, victim, cost["defense"], top))
-                if value is not None:
-                    xs.append(_number(cost["accuracy"]))
-                    ys.append(value.mean)
-                    errors.append(value.std if value.n > 1 else 0.0)
-                    names.append(cost["defense"])
-            if not xs:
-                continue
-            axis.errorbar(xs, ys, yerr=errors, fmt="o" if victim == "normal" else "s", color=f"C{index % 10}",
-                          capsize=3, label=f"{attack} / {victim}")
-            for x, y, name in zip(xs, ys, names, strict=True):
-                axis.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        axis.set_xlabel("honest users' accuracy of the defended answers")
-        axis.set_ylabel(f"attacker's fidelity at budget {top:,}\n(mean over seeds, bar ±1 std)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+                colour = f"C{index % 10}"
+                front = pareto_front([(x, value.mean) for x, value, _ in placed])
+                if panel == 0:
+                    fronts[f"{attack} / {victim}"] = [placed[i][2] for i in front]
+                ordered = sorted(front, key=lambda i: placed[i][0])
+                axis.step([placed[i][0] for i in ordered], [placed[i][1].mean for i in ordered], where="post",
+                          color=colour, alpha=0.6, linewidth=1)
+                for i, (x, value, name) in enumerate(placed):
+                    axis.errorbar([x], [value.mean], yerr=[value.std if value.n > 1 else 0.0], capsize=3,
+                                  fmt="o" if victim == "normal" else "s", color=colour,
+                                  markerfacecolor=colour if i in front else "white",
+                                  label=f"{attack} / {victim}" if i == 0 else None)
+                    axis.annotate(name, (x, value.mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            axis.set_xlabel(label)
+            axis.grid(alpha=0.3)
+        axes[0].set_ylabel(f"attacker's fidelity at budget {top:,}\n(mean over seeds, bar ±1 std)")
+        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+        figure.suptitle("defenses: cost to honest users against fidelity left to the attacker; filled and "
+                        "joined: Pareto-optimal (nothing cheaper stops it better)", fontsize=9)
         figure.tight_layout()
         figure.savefig(out / "tradeoff.png", dpi=110, bbox_inches="tight")
         plt.close(figure)
@@ -527,7 +539,14 @@ random-noise baseline with the same victim, defense and budget.
 {_seed_table(groups)}
 ## What each defense costs honest users
 
-{table(costs, ("victim", "defense", "accuracy", "ece"))}
+{table(costs, ("victim", "defense", "accuracy", "ece", "flags", "latency_ms"))}
+## Pareto-optimal defenses
+
+Per attack, at the largest budget: the defenses no other defense beats on both
+honest error rate and the attacker's mean fidelity.
+
+{chr(10).join(f"- {line}: {', '.join(names)}" for line, names in fronts.items()) or "None yet."}
+
 ## Cells (one line per seed)
 
 {table(results, ("attack", "victim", "defense", "budget", "seed", "queries", "accuracy", "fidelity",
@@ -535,6 +554,21 @@ random-noise baseline with the same victim, defense and budget.
     path = out / "report.md"
     path.write_text(text)
     return path
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points ``(cost, leak)`` no other point dominates (both lower is better).
+
+    A point is dominated when another is no worse on both and better on one; ties
+    (the same point twice) both stay on the front.
+    """
+    front = []
+    for i, (cost, leak) in enumerate(points):
+        dominated = any(other_cost <= cost and other_leak <= leak and (other_cost < cost or other_leak < leak)
+                        for j, (other_cost, other_leak) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
 
 
 def _short(value: str) -> str:

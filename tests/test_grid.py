@@ -18,7 +18,7 @@ import redis
 import yaml
 from redis_support import delete_matching, redis_url  # noqa: F401 - fixture
 
-from experiments.grid import RESULT_COLUMNS, cells_of, load_spec, run_grid, write_grid_report
+from experiments.grid import RESULT_COLUMNS, cells_of, load_spec, pareto_front, run_grid, write_grid_report
 
 SPEC = {
     "dataset": "digits",
@@ -78,6 +78,15 @@ def test_grid_in_process_writes_cells_costs_and_report(in_process_grid: Path, gr
     assert "| random | normal | none | 300 | 1 seed | 0 |" in report  # one seed per cell in this grid
     assert (in_process_grid / "fidelity_vs_budget.png").stat().st_size > 1000
     assert (in_process_grid / "tradeoff.png").stat().st_size > 1000
+    assert "## Pareto-optimal defenses" in report and "- random / normal: " in report
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both() -> None:
+    # (honest cost, attacker's fidelity): (0.0, 0.9) is cheapest, (0.1, 0.5) stops best,
+    # (0.05, 0.7) sits between; (0.1, 0.8) and (0.2, 0.5) are dominated; a duplicate stays.
+    points = [(0.0, 0.9), (0.1, 0.8), (0.05, 0.7), (0.1, 0.5), (0.2, 0.5), (0.05, 0.7)]
+    assert pareto_front(points) == [0, 2, 3, 5]
+    assert pareto_front([]) == []
 
 
 def write_results(out: Path, rows: list[dict[str, object]]) -> None:

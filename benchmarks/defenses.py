@@ -20,6 +20,8 @@ Steps, all printed:
 4. Train ``--independent`` models on the victim's training data without any answer of the
    API (different seeds and widths) and test each against every watermark record: the
    false-accusation check.
+5. A longer honest stream through each detector (SEAT on pixels and on features, the OOD
+   rate): ``--honest-passes`` shuffled passes over the test split; are honest users flagged?
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.grid import load_spec, read_csv, run_grid
+from experiments.grid import GridSpec, load_spec, read_csv, run_grid
 from experiments.victims import VictimSettings, prepare_defender_models, prepare_victims
 
 
@@ -75,6 +77,10 @@ def spec_for(args: argparse.Namespace, tau: float, seat_threshold: float, featur
             "seat": [{"name": "seat", "threshold": round(seat_threshold, 6), "max_pairs": args.seat_pairs}],
             "seat-features": [{"name": "seat", "threshold": round(feature_threshold, 6),
                                "max_pairs": args.seat_pairs, "encoder": "@victim"}],
+            # tau at the honest share's quantile; the test allows honest users twice that share (slack
+            # for a test split whose hard images are a little more common than validation's).
+            "ood-rate": [{"name": "ood_rate", "tau": round(tau, 6), "honest_rate": 2 * args.honest_share,
+                          "alpha": args.ood_alpha, "min_queries": 64}],
         },
         "attack_settings": {"batch_size": 128},
         "transfer_samples": 100, "reference_epochs": 3, "threads": 1,
@@ -99,6 +105,35 @@ def independent_models(dataset: str, count: int, epochs: int, cache: Path) -> li
             save_checkpoint(path, model, meta)
         paths.append(path)
     return paths
+
+
+DETECTORS = ("seat", "seat-features", "ood-rate")
+
+
+def long_honest_stream(spec: GridSpec, args: argparse.Namespace) -> None:
+    """Each detector's false positives on a longer honest stream: ``--honest-passes`` shuffled passes
+    over the test split, in requests of 32, through a key of its own."""
+    from experiments.grid import CellRunner, key_flags
+    from experiments.honest import HonestSettings, honest_traffic
+    from experiments.service import create_key
+    from stealsim.data import load_dataset
+
+    data = load_dataset(args.dataset)
+    settings = HonestSettings(batch=32, passes=args.honest_passes, shuffle=True)
+    print(f"\nLong honest stream: {args.honest_passes} shuffled passes over the {len(data.y_test)} test images "
+          "(repeats included: a user re-sending an image is honest too):")
+    runner = CellRunner(spec, args.out / "honest-stream", args.cache).start()
+    try:
+        for detector in DETECTORS:
+            url = runner.service.url if runner.service else ""
+            key = create_key(url, runner.admin_key, args.honest_passes * len(data.y_test),
+                             name=f"honest-stream/{detector}", models=["normal"], policy=runner.policy(detector))
+            result = honest_traffic(url, key, "normal", data, settings)
+            flagged = key_flags(url, runner.admin_key, key)
+            print(f"  {detector}: {result.images} images, flags: {flagged['flags'] or 'none'}"
+                  + (f" at {flagged['flagged_at']} images" if flagged["flagged_at"] else ""), flush=True)
+    finally:
+        runner.stop()
 
 
 def mean_std(values: list[float]) -> str:
@@ -131,6 +166,9 @@ def main() -> None:
     parser.add_argument("--watermark-fraction", type=float, default=0.02)
     parser.add_argument("--watermark-mode", choices=["swap", "one_hot"], default="one_hot")
     parser.add_argument("--seat-pairs", type=int, default=50)
+    parser.add_argument("--ood-alpha", type=float, default=1e-6, help="ood_rate's binomial level per look")
+    parser.add_argument("--honest-passes", type=int, default=20,
+                        help="passes over the test split of the long honest stream through each detector")
     parser.add_argument("--independent", type=int, default=5)
     parser.add_argument("--redis-url", default=None)
     args = parser.parse_args()
@@ -152,19 +190,20 @@ def main() -> None:
     print("\n| defense | honest accuracy | honest ECE | honest flagged | latency ms/request | "
           + " | ".join(f"{a} fidelity" for a in attacks) + " |")
     print("|---|---:|---:|---|---:|" + "---:|" * len(attacks))
-    for defense in ("none", "mad", "adaptive-misinfo", "watermark", "seat", "seat-features"):
+    for defense in ("none", "mad", "adaptive-misinfo", "watermark", "seat", "seat-features", "ood-rate"):
         cost = costs.get(defense, {})
         cells = [mean_std([number(r["fidelity"]) for r in rows if r["defense"] == defense and r["attack"] == a])
                  for a in attacks]
         print(f"| {defense} | {number(cost.get('accuracy')):.3f} | {number(cost.get('ece')):.3f} | "
               f"{cost.get('flags') or 'no'} | {number(cost.get('latency_ms')):.1f} | " + " | ".join(cells) + " |")
 
-    for detector in ("seat", "seat-features"):
+    for detector in DETECTORS:
         print(f"\n{detector} flags (queries sent when flagged):")
         for attack in attacks:
             seat = [r for r in rows if r["defense"] == detector and r["attack"] == attack]
             print(f"  {attack}: {sum(bool(r['flags']) for r in seat)}/{len(seat)} keys flagged, at "
                   f"{[int(number(r['flagged_at'])) if r['flagged_at'] else None for r in seat]}")
+    long_honest_stream(load_spec(spec_path), args)
 
     print(f"\nWatermark (fraction {args.watermark_fraction:.3f}) of each clone, p-value of Binomial(n, 1/(K-1)):")
     from defense.watermark import WatermarkRecord, load_suspect, verify

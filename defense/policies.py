@@ -10,7 +10,7 @@ Every step is a small frozen pydantic model with a pure ``apply(p, rng) -> p``
 on float arrays ``[N, K]`` (rows summing to 1). ``label_only`` ends a policy: its
 answer is the arg-max label per row. ``prada`` is not a transform but configures
 the per-key query-pattern detector (:mod:`defense.prada`); it leaves outputs alone,
-and so does ``seat`` (:mod:`defense.seat`).
+and so do ``seat`` (:mod:`defense.seat`) and ``ood_rate`` (:mod:`defense.ood_rate`).
 
 Steps that need more than the probabilities (the defender's own models, the
 queried images, the key) implement ``apply_with(p, rng, context)`` and get a
@@ -31,6 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from defense import misinformation, poisoning, watermark
+from defense.ood_rate import OodRateDetector
 from defense.prada import PradaDetector
 from defense.seat import SeatDetector
 from stealsim.errors import ConfigError
@@ -39,6 +40,7 @@ __all__ = [
     "AdaptiveMisinformation",
     "GaussianNoise",
     "LabelOnly",
+    "OodRateStep",
     "OutputKind",
     "OutputPolicy",
     "PolicyAnswer",
@@ -306,9 +308,32 @@ class SeatStep(_Step):
         return SeatDetector.from_bytes(data, self.threshold, self.max_pairs, self.history)
 
 
+class OodRateStep(_Step):
+    """Turn on the per-account OOD-rate detector; see :mod:`defense.ood_rate`.
+
+    ``tau``: the MSP under which a query counts as out-of-distribution (choose it on
+    validation images); ``honest_rate``: the share of natural images under ``tau``
+    (the quantile ``tau`` was chosen at); ``alpha``: the binomial test's level per look;
+    ``min_queries``: queries before the first test; ``block``: refuse the key once flagged.
+    """
+
+    name: Literal["ood_rate"] = "ood_rate"
+    tau: float = Field(gt=0.0, le=1.0)
+    honest_rate: float = Field(default=0.01, gt=0.0, lt=1.0)
+    alpha: float = Field(default=1e-6, gt=0.0, lt=1.0)
+    min_queries: int = Field(default=64, ge=1)
+    block: bool = False
+
+    def new_detector(self) -> OodRateDetector:
+        return OodRateDetector(self.tau, self.honest_rate, self.alpha, self.min_queries)
+
+    def load_detector(self, data: bytes) -> OodRateDetector:
+        return OodRateDetector.from_bytes(data, self.tau, self.honest_rate, self.alpha, self.min_queries)
+
+
 PolicyStep = Annotated[
     Probabilities | TopK | LabelOnly | Round | GaussianNoise | ReverseSigmoid | PredictionPoisoning
-    | AdaptiveMisinformation | Watermark | PradaStep | SeatStep,
+    | AdaptiveMisinformation | Watermark | PradaStep | SeatStep | OodRateStep,
     Field(discriminator="name"),
 ]
 _STEPS: TypeAdapter[list[PolicyStep]] = TypeAdapter(list[PolicyStep])
@@ -339,9 +364,9 @@ class OutputPolicy:
         return next((s for s in self.steps if isinstance(s, PradaStep)), None)
 
     @property
-    def detectors(self) -> list[PradaStep | SeatStep]:
+    def detectors(self) -> list[PradaStep | SeatStep | OodRateStep]:
         """The per-key detectors this policy turns on."""
-        return [s for s in self.steps if isinstance(s, (PradaStep, SeatStep))]
+        return [s for s in self.steps if isinstance(s, (PradaStep, SeatStep, OodRateStep))]
 
     @property
     def needs_context(self) -> bool:
@@ -390,14 +415,14 @@ def parse_policy(spec: Sequence[dict[str, Any]] | None) -> OutputPolicy:
     except ValidationError as exc:
         names = sorted(("probabilities", "top_k", "label_only", "round", "gaussian_noise",
                         "reverse_sigmoid", "prediction_poisoning", "adaptive_misinformation",
-                        "watermark", "prada", "seat"))
+                        "watermark", "prada", "seat", "ood_rate"))
         raise ConfigError(f"invalid output policy {list(spec)!r} (steps: {names}): {exc}") from exc
     seen_label = False
     for step in steps:
-        if seen_label and not isinstance(step, (PradaStep, SeatStep, LabelOnly)):
+        if seen_label and not isinstance(step, (PradaStep, SeatStep, OodRateStep, LabelOnly)):
             raise ConfigError(f"policy step {step.name!r} cannot follow 'label_only'")
         seen_label = seen_label or isinstance(step, LabelOnly)
-    for kind in (PradaStep, SeatStep, Watermark):
+    for kind in (PradaStep, SeatStep, OodRateStep, Watermark):
         if sum(isinstance(step, kind) for step in steps) > 1:
             raise ConfigError(f"a policy may hold at most one {kind.model_fields['name'].default!r} step")
     return OutputPolicy(tuple(steps))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -169,3 +170,45 @@ def test_seat_counts_similar_pairs_across_and_within_batches() -> None:
     restored = SeatDetector.from_bytes(detector.to_bytes(), 0.1, 3, 4)
     assert restored.flagged and restored.observe(np.array([[9.0, 9.0]])) == SeatVerdict(True, 3, 6)
 
+
+
+# -- ood_rate ------------------------------------------------------------------------------------
+
+
+def test_ood_p_value_is_the_binomial_tail() -> None:
+    from defense.ood_rate import ood_p_value
+
+    # P(Binomial(10, 0.1) >= 3) = 1 - sum_{k<3} C(10, k) 0.1^k 0.9^(10-k)
+    below = sum(math.comb(10, k) * 0.1**k * 0.9 ** (10 - k) for k in range(3))
+    assert ood_p_value(3, 10, 0.1) == pytest.approx(1.0 - below)
+    assert ood_p_value(0, 10, 0.1) == 1.0
+    assert ood_p_value(10, 10, 0.1) == pytest.approx(0.1**10)
+
+
+def test_ood_rate_detector_counts_queries_under_tau_and_flags_after_min_queries() -> None:
+    from defense.ood_rate import OodRateDetector
+
+    confident = np.tile(np.array([[0.9, 0.05, 0.05]], np.float32), (30, 1))
+    unsure = np.tile(np.array([[0.4, 0.35, 0.25]], np.float32), (30, 1))
+    detector = OodRateDetector(tau=0.5, honest_rate=0.01, alpha=1e-6, min_queries=64)
+    verdict = detector.observe(confident)
+    assert (verdict.ood, verdict.queries, verdict.p_value, verdict.flagged) == (0, 30, 1.0, False)
+    verdict = detector.observe(unsure)  # 30 of 60 under tau: p tiny, but fewer than min_queries
+    assert verdict.ood == 30 and verdict.p_value < 1e-30 and not verdict.flagged
+    restored = OodRateDetector.from_bytes(detector.to_bytes(), 0.5, 0.01, 1e-6, 64)
+    verdict = restored.observe(confident[:4])  # 64 queries: tested now
+    assert verdict.flagged and (verdict.ood, verdict.queries) == (30, 64)
+    assert restored.observe(confident).flagged  # stays flagged
+    # One honest-looking miss in 64 is what the honest rate predicts: no flag.
+    honest = OodRateDetector(tau=0.5, honest_rate=0.01, alpha=1e-6, min_queries=64)
+    assert not honest.observe(np.concatenate([confident, confident, unsure[:1], confident[:3]])).flagged
+
+
+def test_ood_rate_policy_step_is_a_detector_and_checked() -> None:
+    policy = parse_policy([{"name": "label_only"}, {"name": "ood_rate", "tau": 0.6, "block": True}])
+    assert [step.name for step in policy.detectors] == ["ood_rate"]
+    assert policy.output_kind == "label"
+    with pytest.raises(ConfigError, match="ood_rate"):
+        parse_policy([{"name": "ood_rate", "tau": 1.5}])
+    with pytest.raises(ConfigError, match="at most one"):
+        parse_policy([{"name": "ood_rate", "tau": 0.5}, {"name": "ood_rate", "tau": 0.6}])

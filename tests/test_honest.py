@@ -87,3 +87,25 @@ def test_cli_reports_json_and_exits_3_when_flagged_or_refused(
     bad = subprocess.run([*command[:-1], "--split", "train"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--split must be test or validation" in bad.stderr
     assert client.get("/v1/admin/keys", headers=admin()).status_code == 200
+
+
+def test_ood_rate_detector_spares_the_honest_user_and_flags_noise(
+    victim_server: ServerProcess, client: httpx.Client, digits_checkpoint: Path
+) -> None:
+    data = load_dataset("digits")
+    victim = InProcessVictim.from_checkpoint(digits_checkpoint)
+    # tau from the validation split: 1 % of natural images fall under it.
+    tau = float(victim.query(data.x_val).max(dim=1).values.quantile(0.01))
+    policy = [{"name": "ood_rate", "tau": tau, "honest_rate": 0.01, "alpha": 1e-6, "min_queries": 64}]
+    honest_key = new_key(client, budget=len(data.y_test), policy=policy)
+    result = honest_traffic(victim_server.url, honest_key, "victim", data)
+    assert result.flags == "" and result.images == len(data.y_test)
+    noise = torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    share = float((victim.query(noise).max(dim=1).values < tau).float().mean())
+    assert share > 0.05, f"the test victim is confident on noise ({share:.2f} under tau): pick other noise"
+    thief_key = new_key(client, budget=256, policy=[{**policy[0], "block": True}])
+    from attacker.client import HttpVictim
+
+    with HttpVictim(victim_server.url, thief_key, "victim") as thief:
+        thief.query(noise)
+    assert usage_of(client, thief_key)["flags"] == ["ood_rate"]

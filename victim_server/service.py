@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from defense.policies import (
+    OodRateStep,
     OutputPolicy,
     PolicyAnswer,
     PolicyContext,
@@ -241,7 +242,12 @@ class VictimService:
         flags = key.flags
         labels = probabilities.argmax(axis=1)
         for step in policy.detectors:
-            inputs = images if isinstance(step, PradaStep) else await asyncio.to_thread(self._encode, step, images)
+            if isinstance(step, PradaStep):
+                inputs = images
+            elif isinstance(step, OodRateStep):
+                inputs = probabilities  # the served model's own answer, before the policy
+            else:
+                inputs = await asyncio.to_thread(self._encode, step, images)
             already, verdict = await self.detectors.observe(step, key.key_id, model, inputs, labels)
             if verdict.flagged and not already:
                 record = await self.store.flag(key.key_id, step.name, block=step.block)

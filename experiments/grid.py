@@ -54,9 +54,11 @@ __all__ = [
     "CellRunner",
     "DefenseCell",
     "GridSpec",
+    "append_csv",
     "cells_of",
     "defense_cells_of",
     "expected_calibration_error",
+    "finished_cells",
     "load_spec",
     "pareto_front",
     "read_csv",
@@ -356,7 +358,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _append_csv(path: Path, columns: Sequence[str], row: dict[str, Any]) -> None:
+def append_csv(path: Path, columns: Sequence[str], row: dict[str, Any]) -> None:
     new = not path.is_file()
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
@@ -366,7 +368,7 @@ def _append_csv(path: Path, columns: Sequence[str], row: dict[str, Any]) -> None
         handle.flush()
 
 
-def _finished(path: Path) -> set[str]:
+def finished_cells(path: Path) -> set[str]:
     """Cells already in the CSV with status done (failed cells are run again)."""
     return {row["cell"] for row in read_csv(path) if row.get("status", "done") == "done"}
 
@@ -600,7 +602,7 @@ def run_grid(
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
     results_path, costs_path = out / "results.csv", out / "defenses.csv"
-    todo = [cell for cell in cells_of(spec) if cell.id not in _finished(results_path)]
+    todo = [cell for cell in cells_of(spec) if cell.id not in finished_cells(results_path)]
     done_costs = {row["cell"] for row in read_csv(costs_path)}
     todo_costs = [cell for cell in defense_cells_of(spec) if cell.id not in done_costs]
     total = len(cells_of(spec))
@@ -612,10 +614,10 @@ def run_grid(
             try:
                 runner.start()
                 for cost_cell in todo_costs:
-                    _append_csv(costs_path, DEFENSE_COLUMNS, runner.defense_cost(cost_cell))
+                    append_csv(costs_path, DEFENSE_COLUMNS, runner.defense_cost(cost_cell))
                 for index, cell in enumerate(todo, start=1):
                     say(f"[{index}/{len(todo)}] {cell.id}")
-                    _append_csv(results_path, RESULT_COLUMNS, runner.run(cell))
+                    append_csv(results_path, RESULT_COLUMNS, runner.run(cell))
             finally:
                 runner.stop()
         else:
@@ -623,9 +625,9 @@ def run_grid(
 
             for kind, row in run_on_queue(spec, todo, todo_costs, redis_url, queue, poll_seconds):
                 if kind == "cost":
-                    _append_csv(costs_path, DEFENSE_COLUMNS, row)
+                    append_csv(costs_path, DEFENSE_COLUMNS, row)
                 else:
                     say(f"finished {row['cell']} ({row['status']})")
-                    _append_csv(results_path, RESULT_COLUMNS, row)
+                    append_csv(results_path, RESULT_COLUMNS, row)
     write_grid_report(out)
     return read_csv(results_path)

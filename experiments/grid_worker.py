@@ -12,6 +12,8 @@ nothing but the code and the Redis URL::
 
 Workers are rq ``SimpleWorker``s: jobs run in the worker process itself (no
 fork per job), so the victim service and the loaded data survive between jobs.
+The same workers run ``stealsim uq-study`` cells (:func:`experiments.uq_study.run_uq_job`,
+in process, no service): :func:`collect_jobs` is the queue's generic half.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ from typing import Any, Literal
 from experiments.grid import Cell, CellRunner, DefenseCell, GridSpec
 from stealsim.errors import ConfigError, StealsimError
 
-__all__ = ["WorkerOptions", "collect_jobs", "job_id", "run_cell_job", "run_defense_job", "run_grid_worker", "run_on_queue"]
+__all__ = [
+    "WorkerOptions",
+    "collect_jobs",
+    "job_id",
+    "run_cell_job",
+    "run_defense_job",
+    "run_grid_worker",
+    "run_on_queue",
+    "worker_options",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +65,15 @@ class _WorkerState:
     runners: dict[str, CellRunner] = {}  # noqa: RUF012 - process-wide on purpose, see above
 
 
-def _runner(spec: GridSpec) -> CellRunner:
-    options = _WorkerState.options
-    if options is None:
+def worker_options() -> WorkerOptions:
+    """The options of the grid worker this job runs in (any job function may ask)."""
+    if _WorkerState.options is None:
         raise ConfigError("grid jobs run inside `stealsim grid-worker` (no worker options set)")
+    return _WorkerState.options
+
+
+def _runner(spec: GridSpec) -> CellRunner:
+    options = worker_options()
     key = spec.victim_settings().cache_key()
     runner = _WorkerState.runners.get(key)
     if runner is None:

@@ -44,7 +44,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from experiments.grid import _append_csv, _finished, read_csv
+from experiments.grid import append_csv, finished_cells, read_csv
 from experiments.victims import VictimSettings, prepare_victims
 from stealsim.errors import ConfigError
 
@@ -232,11 +232,9 @@ def _run_in_child(spec_data: dict[str, Any], cell_data: dict[str, Any], work_dir
 
 def run_uq_job(spec_data: dict[str, Any], cell_data: dict[str, Any]) -> dict[str, Any]:
     """An rq job for ``stealsim grid-worker``: one study cell, in the worker's work and cache directories."""
-    from experiments.grid_worker import _WorkerState
+    from experiments.grid_worker import worker_options
 
-    options = _WorkerState.options
-    if options is None:
-        raise ConfigError("study jobs run inside `stealsim grid-worker` (no worker options set)")
+    options = worker_options()
     return run_uq_cell(UQStudySpec.model_validate(spec_data), UQCell(**cell_data), options.work_dir,
                        options.cache_dir)
 
@@ -304,7 +302,7 @@ def run_uq_study(
                               "use a new --out directory")
     spec_path.write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
     results_path = out / "results.csv"
-    finished = _finished(results_path)
+    finished = finished_cells(results_path)
     todo = [cell for cell in cells_of(spec) if cell.id not in finished]
     total = len(cells_of(spec))
     where = f"on Redis queue {queue!r}" if redis_url else f"in {jobs} local process{'es' if jobs > 1 else ''}"
@@ -315,7 +313,7 @@ def run_uq_study(
         row = result["row"]
         with (out / "curves.jsonl").open("a") as handle:
             handle.write(json.dumps({"cell": row["cell"], "history": result["curve"]}) + "\n")
-        _append_csv(results_path, UQ_COLUMNS, row)
+        append_csv(results_path, UQ_COLUMNS, row)
         say(f"[{index}/{len(todo)}] {row['cell']}: {row['status']}"
             + (f", combined fidelity {row['combined_fidelity']:.3f}" if row["status"] == "done" else
                f" ({row.get('error')})"))

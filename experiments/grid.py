@@ -498,12 +498,19 @@ def write_grid_report(out: Path) -> Path:
                 ordered = sorted(front, key=lambda i: placed[i][0])
                 axis.step([placed[i][0] for i in ordered], [placed[i][1].mean for i in ordered], where="post",
                           color=colour, alpha=0.6, linewidth=1)
+                # Defenses that change nothing here (detectors, say) share one point: one label for all.
+                names_at: dict[tuple[float, float], list[str]] = {}
+                for x, value, name in placed:
+                    names_at.setdefault((round(x, 6), round(value.mean, 6)), []).append(name)
                 for i, (x, value, name) in enumerate(placed):
                     axis.errorbar([x], [value.mean], yerr=[value.std if value.n > 1 else 0.0], capsize=3,
                                   fmt="o" if victim == "normal" else "s", color=colour,
                                   markerfacecolor=colour if i in front else "white",
                                   label=f"{attack} / {victim}" if i == 0 else None)
-                    axis.annotate(name, (x, value.mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                    shared = names_at[(round(x, 6), round(value.mean, 6))]
+                    if shared[0] == name:
+                        axis.annotate(", ".join(shared), (x, value.mean), fontsize=7, xytext=(3, 3),
+                                      textcoords="offset points")
             axis.set_xlabel(label)
             axis.grid(alpha=0.3)
         axes[0].set_ylabel(f"attacker's fidelity at budget {top:,}\n(mean over seeds, bar ±1 std)")

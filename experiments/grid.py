@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -62,6 +62,7 @@ __all__ = [
     "load_spec",
     "pareto_front",
     "read_csv",
+    "read_spec",
     "run_grid",
     "write_grid_report",
 ]
@@ -124,23 +125,31 @@ class GridSpec(BaseModel):
         return self.defenses[defense] or [{"name": "probabilities"}]
 
 
+SpecModel = TypeVar("SpecModel", bound=BaseModel)
+
+
+def read_spec(path: Path, model: type[SpecModel], what: str) -> SpecModel:
+    """A YAML file validated as ``model``; errors name the file and the bad field (``what``: "grid")."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} spec {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what} settings, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
 def load_spec(path: Path) -> GridSpec:
     """Read and validate a grid spec; errors name the file and the bad field."""
     from attacker.attacks import attack_class
     from defense.policies import parse_policy
 
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read grid spec {path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of grid settings, got {type(raw).__name__}")
-    try:
-        spec = GridSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    spec = read_spec(path, GridSpec, "grid")
     for name in spec.attacks:
         attack_class(name)
     for name, steps in spec.defenses.items():

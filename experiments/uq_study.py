@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from experiments.grid import append_csv, finished_cells, read_csv
+from experiments.grid import append_csv, finished_cells, read_csv, read_spec
 from experiments.victims import VictimSettings, prepare_victims
 from stealsim.errors import ConfigError
 
@@ -131,18 +131,7 @@ def load_uq_spec(path: Path) -> UQStudySpec:
     """Read and validate a study spec; errors name the file and the bad field."""
     from attacker.attacks.ensemble import EnsembleSettings
 
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read study spec {path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of study settings, got {type(raw).__name__}")
-    try:
-        spec = UQStudySpec.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    spec = read_spec(path, UQStudySpec, "study")
     for cell in cells_of(spec)[: len(spec.kinds) * len(spec.sources) * len(spec.diversity)]:
         try:
             EnsembleSettings(**spec.settings_of(cell))

@@ -6,6 +6,7 @@
 * :class:`RedisServer`: a ``redis-server`` of a test's own on a free port (optionally
   with an append-only file), for the tests that stop and restart Redis.
 * :class:`WorkerProcess`: ``python -m stealsim worker`` in a subprocess.
+* :func:`grid_workers`: ``stealsim grid-worker`` processes on a queue, registered before use.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,49 @@ def prefix(redis_url: str) -> Iterator[str]:
     name = "stealsim-test-" + uuid.uuid4().hex[:10]
     yield name
     delete_prefix(redis_url, name)
+
+
+@contextmanager
+def grid_workers(redis_url: str, queue: str, directory: Path, cache: Path, count: int = 1) -> Iterator[list[Path]]:
+    """``count`` ``stealsim grid-worker`` processes on ``queue``, each with work dir ``directory/worker<i>``.
+
+    Yields their log paths once rq lists every worker; on exit, SIGTERM (a worker finishes its
+    job first) and the test fails unless each exited with 0.
+    """
+    from rq import Worker
+
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    names = [f"{queue}-w{index}" for index in range(count)]
+    logs = [directory / f"worker{index}.log" for index in range(count)]
+    processes: list[subprocess.Popen[bytes]] = []
+    handles = []
+    try:
+        for index, name in enumerate(names):
+            handle = logs[index].open("wb")
+            handles.append(handle)
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "stealsim", "grid-worker", "--redis-url", redis_url, "--queue", queue,
+                 "--work-dir", str(directory / f"worker{index}"), "--cache-dir", str(cache), "--name", name],
+                stdout=handle, stderr=subprocess.STDOUT, env=environment,
+            ))
+        connection = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 120
+        while not set(names) <= {worker.name for worker in Worker.all(connection=connection)}:
+            assert time.monotonic() < deadline, "grid workers did not register"
+            assert all(p.poll() is None for p in processes), [log.read_text() for log in logs]
+            time.sleep(0.2)
+        connection.close()
+        yield logs
+    finally:
+        codes = []
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                codes.append(process.wait(timeout=60))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                codes.append(process.wait())
+        for handle in handles:
+            handle.close()
+    assert codes == [0] * count, [log.read_text() for log in logs]

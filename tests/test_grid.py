@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 import yaml
-from redis_support import delete_matching, redis_url  # noqa: F401 - fixture
+from redis_support import delete_matching, grid_workers, redis_url  # noqa: F401 - fixture
 
-from experiments.grid import RESULT_COLUMNS, cells_of, load_spec, pareto_front, run_grid, write_grid_report
+from experiments.grid import (
+    RESULT_COLUMNS,
+    cells_of,
+    load_spec,
+    pareto_front,
+    run_grid,
+    write_grid_report,
+)
 
 SPEC = {
     "dataset": "digits",
@@ -173,50 +177,16 @@ def queue(redis_url: str) -> Iterator[str]:  # noqa: F811 - the fixture above
 def test_grid_on_redis_with_two_workers_matches_in_process(
     in_process_grid: Path, grid_files: tuple[Path, Path], redis_url: str, queue: str, tmp_path: Path,  # noqa: F811
 ) -> None:
-    from rq import Worker
-
     spec, cache = grid_files
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    workers: list[subprocess.Popen[bytes]] = []
-    logs = []
-    try:
-        for index in range(2):
-            log = (tmp_path / f"worker{index}.log").open("wb")
-            logs.append(log)
-            workers.append(subprocess.Popen(
-                [sys.executable, "-m", "stealsim", "grid-worker", "--redis-url", redis_url, "--queue", queue,
-                 "--work-dir", str(tmp_path / f"worker{index}"), "--cache-dir", str(cache),
-                 "--name", f"{queue}-w{index}"],
-                stdout=log, stderr=subprocess.STDOUT, env=environment,
-            ))
-        connection = redis.Redis.from_url(redis_url)
-        deadline = time.monotonic() + 120
-        wanted = {f"{queue}-w{index}" for index in range(2)}
-        while not wanted <= {worker.name for worker in Worker.all(connection=connection)}:
-            assert time.monotonic() < deadline, "grid workers did not register"
-            assert all(w.poll() is None for w in workers), [p.read_text() for p in tmp_path.glob("worker*.log")]
-            time.sleep(0.2)
-        connection.close()
-        out = tmp_path / "out"
+    out = tmp_path / "out"
+    with grid_workers(redis_url, queue, tmp_path, cache, count=2):
         result = subprocess.run(
             [sys.executable, "-m", "stealsim", "grid", str(spec), "--out", str(out), "--redis-url", redis_url,
              "--queue", queue, "--quiet"],
             capture_output=True, text=True, timeout=500, env=environment,
         )
         assert result.returncode == 0, result.stdout + result.stderr
-    finally:
-        codes = []
-        for worker in workers:
-            worker.send_signal(signal.SIGTERM)
-        for worker in workers:
-            try:
-                codes.append(worker.wait(timeout=60))
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                codes.append(worker.wait())
-        for log in logs:
-            log.close()
-    assert codes == [0, 0], [p.read_text() for p in tmp_path.glob("worker*.log")]
     local = {row["cell"]: row for row in rows_of(in_process_grid / "results.csv")}
     remote = {row["cell"]: row for row in rows_of(out / "results.csv")}
     assert set(remote) == set(local)

@@ -6,19 +6,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 import torch
 import yaml
-from redis_support import delete_matching, redis_url  # noqa: F401 - fixture
+from redis_support import delete_matching, grid_workers, redis_url  # noqa: F401 - fixture
 
 from attacker.replay import ReplayMemory
 from attacker.uq import member_spread, spread_diagnostics
@@ -205,40 +202,15 @@ def queue(redis_url: str) -> Iterator[str]:  # noqa: F811 - the fixture above
 def test_study_on_redis_matches_in_process(
     local_study: Path, study_files: tuple[Path, Path], redis_url: str, queue: str, tmp_path: Path,  # noqa: F811
 ) -> None:
-    from rq import Worker
-
     spec, cache = study_files
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log_path = tmp_path / "worker.log"
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "stealsim", "grid-worker", "--redis-url", redis_url, "--queue", queue,
-             "--work-dir", str(tmp_path / "worker"), "--cache-dir", str(cache), "--name", f"{queue}-w"],
-            stdout=log, stderr=subprocess.STDOUT, env=environment,
+    out = tmp_path / "out"
+    with grid_workers(redis_url, queue, tmp_path, cache, count=1):
+        result = subprocess.run(
+            [sys.executable, "-m", "stealsim", "uq-study", str(spec), "--out", str(out), "--redis-url",
+             redis_url, "--queue", queue],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
-        try:
-            connection = redis.Redis.from_url(redis_url)
-            deadline = time.monotonic() + 120
-            while f"{queue}-w" not in {w.name for w in Worker.all(connection=connection)}:
-                assert time.monotonic() < deadline, "the grid worker did not register"
-                assert worker.poll() is None, log_path.read_text()
-                time.sleep(0.2)
-            connection.close()
-            out = tmp_path / "out"
-            result = subprocess.run(
-                [sys.executable, "-m", "stealsim", "uq-study", str(spec), "--out", str(out), "--redis-url",
-                 redis_url, "--queue", queue],
-                capture_output=True, text=True, timeout=300, env=environment,
-            )
-            assert result.returncode == 0, result.stdout + result.stderr
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                code = worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                code = worker.wait()
-    assert code == 0, log_path.read_text()
+        assert result.returncode == 0, result.stdout + result.stderr
     local = {row["cell"]: row for row in rows_of(local_study / "results.csv")}
     remote = {row["cell"]: row for row in rows_of(out / "results.csv")}
     assert set(remote) == set(local)
@@ -247,4 +219,4 @@ def test_study_on_redis_matches_in_process(
         for column in ("status", "queries", "combined_fidelity", "member_fidelity_best", "member_variance",
                        "query_member_variance", "variance_peak_queries"):
             assert row[column] == local[cell][column], (cell, column)
-    assert sorted(p.name for p in (tmp_path / "worker" / "runs").iterdir()) == sorted(local)
+    assert sorted(p.name for p in (tmp_path / "worker0" / "runs").iterdir()) == sorted(local)

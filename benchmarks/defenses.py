@@ -64,6 +64,19 @@ def calibrate(victim_dir: Path, dataset: str, honest_share: float) -> dict[str, 
 
 
 def spec_for(args: argparse.Namespace, tau: float, seat_threshold: float, feature_threshold: float) -> dict[str, object]:
+    spec = _all_defenses(args, tau, seat_threshold, feature_threshold)
+    defenses = spec["defenses"]
+    assert isinstance(defenses, dict)
+    unknown = set(args.defenses or ()) - set(defenses)
+    if unknown:
+        raise SystemExit(f"--defenses: unknown {sorted(unknown)}; choose from {sorted(defenses)}")
+    if args.defenses:
+        spec["defenses"] = {name: steps for name, steps in defenses.items() if name in args.defenses or name == "none"}
+    return spec
+
+
+def _all_defenses(args: argparse.Namespace, tau: float, seat_threshold: float,
+                  feature_threshold: float) -> dict[str, object]:
     return {
         "dataset": args.dataset, "victim_epochs": args.epochs, "victims": ["normal"],
         "attacks": args.attacks, "budgets": [args.budget], "seeds": list(range(args.seeds)),
@@ -124,7 +137,7 @@ def long_honest_stream(spec: GridSpec, args: argparse.Namespace) -> None:
           "(repeats included: a user re-sending an image is honest too):")
     runner = CellRunner(spec, args.out / "honest-stream", args.cache).start()
     try:
-        for detector in DETECTORS:
+        for detector in (d for d in DETECTORS if d in spec.defenses):
             url = runner.service.url if runner.service else ""
             key = create_key(url, runner.admin_key, args.honest_passes * len(data.y_test),
                              name=f"honest-stream/{detector}", models=["normal"], policy=runner.policy(detector))
@@ -170,6 +183,8 @@ def main() -> None:
     parser.add_argument("--honest-passes", type=int, default=20,
                         help="passes over the test split of the long honest stream through each detector")
     parser.add_argument("--independent", type=int, default=5)
+    parser.add_argument("--defenses", nargs="+", default=None,
+                        help="run only these defenses (and none); default: all")
     parser.add_argument("--redis-url", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -190,14 +205,16 @@ def main() -> None:
     print("\n| defense | honest accuracy | honest ECE | honest flagged | latency ms/request | "
           + " | ".join(f"{a} fidelity" for a in attacks) + " |")
     print("|---|---:|---:|---|---:|" + "---:|" * len(attacks))
-    for defense in ("none", "mad", "adaptive-misinfo", "watermark", "seat", "seat-features", "ood-rate"):
+    for defense in (d for d in ("none", "mad", "adaptive-misinfo", "watermark", "seat", "seat-features", "ood-rate")
+                    if d in costs):
         cost = costs.get(defense, {})
         cells = [mean_std([number(r["fidelity"]) for r in rows if r["defense"] == defense and r["attack"] == a])
                  for a in attacks]
         print(f"| {defense} | {number(cost.get('accuracy')):.3f} | {number(cost.get('ece')):.3f} | "
               f"{cost.get('flags') or 'no'} | {number(cost.get('latency_ms')):.1f} | " + " | ".join(cells) + " |")
 
-    for detector in DETECTORS:
+    ran = set(load_spec(spec_path).defenses)
+    for detector in (d for d in DETECTORS if d in ran):
         print(f"\n{detector} flags (queries sent when flagged):")
         for attack in attacks:
             seat = [r for r in rows if r["defense"] == detector and r["attack"] == attack]

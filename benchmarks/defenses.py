@@ -138,7 +138,7 @@ def long_honest_stream(spec: GridSpec, args: argparse.Namespace) -> None:
     runner = CellRunner(spec, args.out / "honest-stream", args.cache).start()
     try:
         for detector in (d for d in DETECTORS if d in spec.defenses):
-            url = runner.service.url if runner.service else ""
+            url = runner.url
             key = create_key(url, runner.admin_key, args.honest_passes * len(data.y_test),
                              name=f"honest-stream/{detector}", models=["normal"], policy=runner.policy(detector))
             result = honest_traffic(url, key, "normal", data, settings)

@@ -249,7 +249,9 @@ class CellRunner:
             return value
         return [{name: resolve(value) for name, value in step.items()} for step in self.spec.policy(defense)]
 
-    def _url(self) -> str:
+    @property
+    def url(self) -> str:
+        """The started service's URL."""
         if self.service is None:
             raise ConfigError("the cell runner is not started")
         return self.service.url
@@ -260,7 +262,7 @@ class CellRunner:
         from attacker.runner import RunSpec, run_attack
         from experiments.demo import attack_overrides
 
-        url = self._url()
+        url = self.url
         row: dict[str, Any] = {"cell": cell.id, **asdict(cell), "status": "failed"}
         started = time.perf_counter()
         try:
@@ -295,7 +297,7 @@ class CellRunner:
         """What an honest user of the defended key gets on one pass over the test set."""
         from stealsim.data import load_dataset
 
-        url = self._url()
+        url = self.url
         data = load_dataset(self.spec.dataset)
         key = create_key(url, self.admin_key, len(data.y_test), name=f"grid/honest/{cell.id}",
                          models=[cell.victim], policy=self.policy(cell.defense))

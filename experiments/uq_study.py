@@ -132,6 +132,7 @@ def load_uq_spec(path: Path) -> UQStudySpec:
     from attacker.attacks.ensemble import EnsembleSettings
 
     spec = read_spec(path, UQStudySpec, "study")
+    # The settings differ by kind, source and diversity, not by seed: the first seed's cells cover them.
     for cell in cells_of(spec)[: len(spec.kinds) * len(spec.sources) * len(spec.diversity)]:
         try:
             EnsembleSettings(**spec.settings_of(cell))

@@ -55,12 +55,14 @@ def reports_errors(command: F) -> F:
 def _configure(
     log_level: Annotated[str, typer.Option(help="Logging level (DEBUG, INFO, WARNING).")] = "INFO",
 ) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     logging.basicConfig(
         level=log_level.upper(),
         format="%(name)s: %(message)s",
-        handlers=[RichHandler(show_path=False, console=None)],
+        # stderr: stdout holds only a command's result (tables, --json objects).
+        handlers=[RichHandler(show_path=False, console=Console(stderr=True))],
     )
 
 
@@ -691,8 +693,7 @@ def honest(
     from experiments.honest import HonestSettings, honest_traffic
     from stealsim.data import load_dataset
 
-    for name in ("httpx", "attacker.client"):  # stdout holds the result only
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if split not in ("test", "validation"):
         raise ConfigError(f"--split must be test or validation, got {split!r}")
     settings = HonestSettings(split=split, batch=batch, rate=rate, passes=passes, shuffle=shuffle,  # type: ignore[arg-type]

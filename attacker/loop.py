@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from attacker.losses import SoftLoss
+from attacker.replay import REPLAY_POLICIES
 from attacker.rundir import Ledger, RunDirectory
 from attacker.students import Students, StudentSettings
 from attacker.victims import BudgetedVictim, Victim, VictimInfo
@@ -55,6 +56,9 @@ class AttackSettings:
         ema_decay: moving average of the clones' weights (the average is evaluated).
         soft_loss: ``l1`` on recovered logits (the papers') or ``kl``.
         replay: size of the clones' replay memory of answered images (0: none).
+        replay_policy: what a full replay memory keeps: ``ring``, the last ``replay`` answers
+            (the default), or ``reservoir``, a uniform sample of every answer so far
+            (:class:`attacker.replay.ReplayMemory`).
         updates_per_batch: training effort: clone updates per answered batch. The first
             trains on the fresh batch joined with as many replayed answers, the others on
             twice as many replayed answers alone (the fresh batch again when ``replay`` is 0).
@@ -72,12 +76,15 @@ class AttackSettings:
     ema_decay: float = 0.995
     soft_loss: SoftLoss = "l1"
     replay: int = 20_000
+    replay_policy: Literal["ring", "reservoir"] = "ring"
     updates_per_batch: int = 1
     memory_format: Literal["channels_last", "contiguous"] = "channels_last"
 
     def __post_init__(self) -> None:
         if self.memory_format not in ("channels_last", "contiguous"):
             raise AttackError(f"memory_format must be channels_last or contiguous, got {self.memory_format!r}")
+        if self.replay_policy not in REPLAY_POLICIES:
+            raise AttackError(f"replay_policy must be one of {', '.join(REPLAY_POLICIES)}, got {self.replay_policy!r}")
         if (self.batch_size < 1 or self.student_lr <= 0 or not 0 <= self.ema_decay < 1
                 or self.updates_per_batch < 1 or self.replay < 0):
             raise AttackError(f"invalid attack settings: {self}")
@@ -90,6 +97,7 @@ class AttackSettings:
             ema_decay=self.ema_decay,
             soft_loss=self.soft_loss,
             replay=self.replay,
+            replay_policy=self.replay_policy,
             updates_per_batch=self.updates_per_batch,
             memory_format=self.memory_format,
         )

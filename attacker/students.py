@@ -46,6 +46,8 @@ class StudentSettings:
         replay: answered images kept in a replay memory; each update also trains on
             as many of them (drawn at random) as it has fresh ones (0: no replay).
             Replay reuses answers already paid for: it costs compute, not queries.
+        replay_policy: ``ring`` (the last ``replay`` answers) or ``reservoir`` (a uniform
+            sample of all answers so far).
         updates_per_batch: updates per :meth:`Students.train_step`: the first on the
             fresh batch (joined with replay), the others on ``2 * batch`` replayed
             answers (on the fresh batch again without replay).
@@ -62,6 +64,7 @@ class StudentSettings:
     min_lr_fraction: float = 0.02
     soft_loss: SoftLoss = "l1"
     replay: int = 0
+    replay_policy: Literal["ring", "reservoir"] = "ring"
     updates_per_batch: int = 1
     schedule: Literal["cosine", "multistep"] = "cosine"
     milestones: tuple[float, ...] = (0.1, 0.3, 0.5)
@@ -149,7 +152,7 @@ class Students(nn.Module):
             average.requires_grad_(False)
         self.optimizers = [self._optimizer(member) for member in self.members]
         self.updates = 0
-        self.memory = ReplayMemory(settings.replay)
+        self.memory = ReplayMemory(settings.replay, settings.replay_policy)
 
     def _optimizer(self, member: nn.Module) -> torch.optim.Optimizer:
         s = self.settings

@@ -119,6 +119,38 @@ def test_replay_memory_keeps_the_latest_answers_and_joins_replayed_ones() -> Non
     assert restored.filled == 2 and torch.equal(restored.state_dict()["targets"], memory.state_dict()["targets"])
 
 
+
+def test_reservoir_replay_keeps_a_uniform_sample_of_everything_added() -> None:
+    torch.manual_seed(0)
+    capacity, batches, batch = 100, 50, 40  # 2,000 items through a memory of 100
+    counts = torch.zeros(batches)
+    for _ in range(40):  # repeat: which batch each kept item came from
+        memory = ReplayMemory(capacity, policy="reservoir")
+        for b in range(batches):
+            memory.add(torch.zeros(batch, 1, 1, 1), torch.full((batch,), b))
+        assert memory.filled == capacity and memory.seen == batches * batch
+        counts += torch.bincount(memory.stored()[1], minlength=batches).float()
+    # Uniform: every batch keeps about capacity / batches = 2 items per memory, the first as
+    # the last (a ring would keep only the last 2.5 batches).
+    first_half, second_half = counts[: batches // 2].sum(), counts[batches // 2:].sum()
+    assert abs(float(first_half - second_half)) / float(counts.sum()) < 0.1
+    assert float(counts[:5].sum()) > 0.5 * 40 * capacity * 5 / batches
+    restored = ReplayMemory(capacity, policy="reservoir")
+    restored.load_state_dict(memory.state_dict())
+    assert restored.seen == memory.seen and torch.equal(restored.stored()[1], memory.stored()[1])
+    with pytest.raises(ValueError, match="replay policy"):
+        ReplayMemory(4, policy="fifo")  # type: ignore[arg-type]
+
+
+def test_ring_replay_forgets_what_a_reservoir_keeps() -> None:
+    torch.manual_seed(0)
+    ring, reservoir = ReplayMemory(10, "ring"), ReplayMemory(10, "reservoir")
+    for b in range(20):
+        for memory in (ring, reservoir):
+            memory.add(torch.zeros(5, 1, 1, 1), torch.full((5,), b))
+    assert set(ring.stored()[1].tolist()) == {18, 19}
+    assert min(reservoir.stored()[1].tolist()) < 18
+
 # -- the zeroth-order estimator ----------------------------------------------------------------
 
 

@@ -10,13 +10,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from attacker.attacks._common import GeneratorTrainer, frozen
-from attacker.loop import Attack, AttackSettings
+from attacker.loop import Attack, AttackSettings, Evaluates
 from attacker.losses import class_balance_loss, disagreement_loss, victim_targets
+from attacker.replay import ReplayMemory
 from attacker.students import Students, StudentSettings
 from attacker.victims import BudgetedVictim, VictimInfo
 from stealsim.errors import AttackError
 
 __all__ = ["DualStudent", "DualStudentSettings"]
+
+PROBE = 2048
+"""Answered queries kept for the diagnostics: the run's first ``PROBE`` and its last ``PROBE``."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,10 @@ class DualStudent(Attack):
         self.track_students(self.students)
         self.track("generator", self.gen.generator)
         self.track("generator_optimizer", self.gen.optimizer)
+        # Diagnostics only (not checkpointed: after a resume they start afresh).
+        self.first_answers = ReplayMemory(PROBE)
+        self.last_answers = ReplayMemory(PROBE)
+        self.answer_counts = torch.zeros(info.num_classes, dtype=torch.long)
 
     def step(self, victim: BudgetedVictim) -> dict[str, float]:
         self.students.schedule(self.progress)
@@ -193,7 +201,9 @@ class DualStudent(Attack):
             if count == 0:
                 break
             images = self.gen.sample(count, eval_mode=self.s.generator_when_sampling == "eval")
-            targets = self._targets(victim.query(images.cpu())).to(self.device)
+            answers = victim.query(images.cpu())
+            self._remember(images, answers)
+            targets = self._targets(answers).to(self.device)
             student_loss += self.students.train_step(images, targets)
             steps += 1
         return {"generator": float(generator_loss.detach()), "student": student_loss / max(1, steps)}
@@ -207,3 +217,70 @@ class DualStudent(Attack):
 
     def clone(self) -> nn.Module:
         return self.students.clone(0).eval()
+
+    def _remember(self, images: torch.Tensor, answers: torch.Tensor) -> None:
+        labels = answers if answers.dim() == 1 else answers.argmax(dim=1)
+        labels = labels.long().cpu()
+        self.answer_counts += torch.bincount(labels, minlength=self.info.num_classes)
+        room = PROBE - self.first_answers.filled
+        if room > 0:
+            self.first_answers.add(images[:room].cpu(), labels[:room])
+        self.last_answers.add(images.cpu(), labels)
+
+    def diagnostics(self, evaluator: Evaluates) -> dict[str, float]:
+        """What tells a late decline's cause apart, at each evaluation (no victim queries).
+
+        - ``student_disagreement``: the two averaged students' arg-max disagree, on the
+          evaluation split; ``second_fidelity``: the second student's fidelity there.
+        - ``first_agreement`` / ``last_agreement``: the clone's agreement with the victim's
+          labels on the run's first / last 2,048 answered queries (forgetting shows as the
+          first falling while the last holds).
+        - ``answer_entropy`` (``log K`` = 1) and ``answer_top_share``: the class histogram of
+          the victim's answers since the previous evaluation (``answer_share_<k>`` per class).
+        - ``generator_spread``: RMS pixel distance between pairs of 256 generated images;
+          ``generator_class_entropy``: the clone's class histogram on them (1 = uniform).
+        """
+        from attacker.evaluation import Evaluator, predict_labels
+
+        result: dict[str, float] = {}
+        clone, second = self.students.clone(0), self.students.clone(1)
+        if isinstance(evaluator, Evaluator):
+            first_labels = predict_labels(clone, evaluator.images)
+            second_labels = predict_labels(second, evaluator.images)
+            result["student_disagreement"] = float((first_labels != second_labels).float().mean())
+            result["second_fidelity"] = float((second_labels == evaluator.victim_labels()).float().mean())
+        for name, memory in (("first", self.first_answers), ("last", self.last_answers)):
+            if memory.filled > 0:
+                images, labels = memory.stored()
+                result[f"{name}_agreement"] = float((predict_labels(clone, images) == labels).float().mean())
+        total = int(self.answer_counts.sum())
+        if total > 0:
+            shares = self.answer_counts.double() / total
+            result["answer_entropy"] = normalised_entropy(shares)
+            result["answer_top_share"] = float(shares.max())
+            result.update({f"answer_share_{k}": float(share) for k, share in enumerate(shares)})
+            self.answer_counts.zero_()
+        result.update(self._generator_diagnostics(clone))
+        return result
+
+    @torch.no_grad()
+    def _generator_diagnostics(self, clone: nn.Module, count: int = 256) -> dict[str, float]:
+        """Generator spread and class entropy, leaving the RNG and the batch-norm statistics as they were."""
+        from attacker.evaluation import predict_labels
+
+        buffers = [b.clone() for b in self.gen.generator.buffers()]
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            images = self.gen.sample(count, eval_mode=self.s.generator_when_sampling == "eval")
+        for saved, buffer in zip(buffers, self.gen.generator.buffers(), strict=True):
+            buffer.copy_(saved)
+        flat = images.flatten(1).float().cpu()
+        pairs = torch.cdist(flat, flat).pow(2) / flat.shape[1]
+        spread = float(pairs.sum() / (count * (count - 1))) ** 0.5
+        classes = torch.bincount(predict_labels(clone, images), minlength=self.info.num_classes).double()
+        return {"generator_spread": spread, "generator_class_entropy": normalised_entropy(classes / count)}
+
+
+def normalised_entropy(shares: torch.Tensor) -> float:
+    """Entropy of a class histogram (shares summing to 1) over ``log K``: 1 when uniform, 0 on one class."""
+    nonzero = shares[shares > 0]
+    return float(-(nonzero * nonzero.log()).sum() / torch.log(torch.tensor(float(len(shares)))))

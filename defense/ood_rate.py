@@ -19,7 +19,13 @@ falls below ``alpha`` after at least ``min_queries`` queries. The test is
 repeated after every request, so ``alpha`` is per look, not family-wise: keep it
 small (1e-6) and measure false positives on honest traffic (``stealsim honest``).
 
-This combination (an MSP threshold turned into a per-account sequential binomial
+``score="mahalanobis"`` counts a query as out-of-distribution when its
+Mahalanobis distance in the victim's feature space (:mod:`defense.mahalanobis`,
+Lee et al. 2018) exceeds ``tau`` instead: data-free generators learn to make the
+victim confident (on mnist5k Dual Student's images have a median MSP of 0.998),
+and the feature-space distance still tells them apart.
+
+This combination (an OOD score turned into a per-account sequential binomial
 test) is stealsim's own, not a published detector; it differs from PRADA (which
 tests the distribution of distances between an account's queries) and from SEAT
 (which counts near-duplicate pairs).
@@ -28,6 +34,8 @@ Usage::
 
     detector = OodRateDetector(tau=0.57, honest_rate=0.01, alpha=1e-6, min_queries=64)
     verdict = detector.observe(probabilities)   # [N, K] of the served model
+    detector = OodRateDetector(tau=412.0, honest_rate=0.01, alpha=1e-6, min_queries=64, score="mahalanobis")
+    verdict = detector.observe(distances)       # [N] Mahalanobis distances
     verdict.flagged, verdict.ood, verdict.queries, verdict.p_value
 """
 
@@ -35,18 +43,22 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy.stats import binom
 
-__all__ = ["OodRateDetector", "OodRateVerdict", "ood_p_value"]
+__all__ = ["OOD_SCORES", "OodRateDetector", "OodRateVerdict", "ood_p_value"]
+
+OodScore = Literal["msp", "mahalanobis"]
+OOD_SCORES: tuple[OodScore, ...] = ("msp", "mahalanobis")
 
 
 @dataclass(frozen=True)
 class OodRateVerdict:
     flagged: bool
     ood: int
-    """Queries so far whose MSP fell under ``tau``."""
+    """Queries so far scored out-of-distribution (MSP under ``tau``, or distance over it)."""
     queries: int
     """Queries seen so far."""
     p_value: float
@@ -61,11 +73,18 @@ def ood_p_value(ood: int, queries: int, honest_rate: float) -> float:
 
 
 class OodRateDetector:
-    """One account's OOD count; feed it the served model's probabilities for every query, in order."""
+    """One account's OOD count; feed it every query's score input, in order.
 
-    def __init__(self, tau: float, honest_rate: float, alpha: float, min_queries: int) -> None:
-        if not 0 < tau <= 1 or not 0 < honest_rate < 1 or not 0 < alpha < 1 or min_queries < 1:
-            raise ValueError(f"bad OOD-rate settings: {tau=} {honest_rate=} {alpha=} {min_queries=}")
+    ``score="msp"``: the served model's probabilities ``[N, K]`` (OOD: max under ``tau``);
+    ``score="mahalanobis"``: distances ``[N]`` (OOD: over ``tau``).
+    """
+
+    def __init__(self, tau: float, honest_rate: float, alpha: float, min_queries: int,
+                 score: OodScore = "msp") -> None:
+        if (score not in OOD_SCORES or tau <= 0 or (score == "msp" and tau > 1) or not 0 < honest_rate < 1
+                or not 0 < alpha < 1 or min_queries < 1):
+            raise ValueError(f"bad OOD-rate settings: {score=} {tau=} {honest_rate=} {alpha=} {min_queries=}")
+        self.score = score
         self.tau = tau
         self.honest_rate = honest_rate
         self.alpha = alpha
@@ -78,11 +97,15 @@ class OodRateDetector:
     def flagged(self) -> bool:
         return self._flagged
 
-    def observe(self, probabilities: np.ndarray, labels: np.ndarray | None = None) -> OodRateVerdict:
-        """Count the new queries (``[N, K]`` probabilities) under ``tau``, then test the account."""
-        msp = np.asarray(probabilities, dtype=np.float64).reshape(len(probabilities), -1).max(axis=1)
-        self._ood += int(np.sum(msp < self.tau))
-        self._queries += len(msp)
+    def observe(self, values: np.ndarray, labels: np.ndarray | None = None) -> OodRateVerdict:
+        """Count the new queries' OOD ones (see the class), then test the account."""
+        values = np.asarray(values, dtype=np.float64)
+        if self.score == "msp":
+            ood = values.reshape(len(values), -1).max(axis=1) < self.tau
+        else:
+            ood = values.reshape(-1) > self.tau
+        self._ood += int(np.sum(ood))
+        self._queries += len(ood)
         p_value = ood_p_value(self._ood, self._queries, self.honest_rate)
         # Once flagged, stays flagged, like PRADA and SEAT.
         self._flagged = self._flagged or (self._queries >= self.min_queries and p_value < self.alpha)
@@ -96,8 +119,8 @@ class OodRateDetector:
 
     @classmethod
     def from_bytes(cls, data: bytes, tau: float, honest_rate: float, alpha: float,
-                   min_queries: int) -> OodRateDetector:
-        detector = cls(tau, honest_rate, alpha, min_queries)
+                   min_queries: int, score: OodScore = "msp") -> OodRateDetector:
+        detector = cls(tau, honest_rate, alpha, min_queries, score)
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             ood, queries, flagged = arrays["state"].tolist()
         detector._ood, detector._queries, detector._flagged = int(ood), int(queries), bool(flagged)

@@ -22,6 +22,7 @@ whose marked rows come back in :attr:`PolicyAnswer.marks` for the server's recor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from defense import misinformation, poisoning, watermark
+from defense.mahalanobis import FeatureGaussian
 from defense.ood_rate import OodRateDetector
 from defense.prada import PradaDetector
 from defense.seat import SeatDetector
@@ -311,24 +313,59 @@ class SeatStep(_Step):
 class OodRateStep(_Step):
     """Turn on the per-account OOD-rate detector; see :mod:`defense.ood_rate`.
 
-    ``tau``: the MSP under which a query counts as out-of-distribution (choose it on
-    validation images); ``honest_rate``: the share of natural images under ``tau``
-    (the quantile ``tau`` was chosen at); ``alpha``: the binomial test's level per look;
-    ``min_queries``: queries before the first test; ``block``: refuse the key once flagged.
+    ``score``: ``msp`` (the served model's maximum softmax probability; a query under
+    ``tau`` is out-of-distribution) or ``mahalanobis`` (the distance in ``encoder``'s
+    penultimate features to the nearest class, with the ``statistics`` that
+    ``stealsim ood-fit`` wrote for it; a query over ``tau`` is out-of-distribution;
+    ``tau`` defaults to the statistics' own). ``tau``: choose it on validation images;
+    ``honest_rate``: the share of natural images past ``tau`` the test allows;
+    ``alpha``: the binomial test's level per look; ``min_queries``: queries before the
+    first test; ``block``: refuse the key once flagged.
     """
 
     name: Literal["ood_rate"] = "ood_rate"
-    tau: float = Field(gt=0.0, le=1.0)
+    score: Literal["msp", "mahalanobis"] = "msp"
+    tau: float | None = Field(default=None, gt=0.0)
+    encoder: Path | None = None
+    statistics: Path | None = None
     honest_rate: float = Field(default=0.01, gt=0.0, lt=1.0)
     alpha: float = Field(default=1e-6, gt=0.0, lt=1.0)
     min_queries: int = Field(default=64, ge=1)
     block: bool = False
 
+    @model_validator(mode="after")
+    def _score_settings(self) -> OodRateStep:
+        if self.score == "msp":
+            if self.tau is None or self.tau > 1:
+                raise ValueError("score msp needs tau, a maximum softmax probability in (0, 1]")
+            if self.encoder is not None or self.statistics is not None:
+                raise ValueError("encoder and statistics belong to score mahalanobis")
+        elif self.encoder is None or self.statistics is None:
+            raise ValueError("score mahalanobis needs encoder (a checkpoint) and statistics "
+                             "(its `stealsim ood-fit` file)")
+        return self
+
+    def checkpoints(self) -> list[Path]:
+        return [] if self.encoder is None else [self.encoder]
+
+    def threshold(self) -> float:
+        if self.tau is not None:
+            return self.tau
+        assert self.statistics is not None
+        return _statistics_tau(str(Path(self.statistics).resolve()))
+
     def new_detector(self) -> OodRateDetector:
-        return OodRateDetector(self.tau, self.honest_rate, self.alpha, self.min_queries)
+        return OodRateDetector(self.threshold(), self.honest_rate, self.alpha, self.min_queries, self.score)
 
     def load_detector(self, data: bytes) -> OodRateDetector:
-        return OodRateDetector.from_bytes(data, self.tau, self.honest_rate, self.alpha, self.min_queries)
+        return OodRateDetector.from_bytes(data, self.threshold(), self.honest_rate, self.alpha,
+                                          self.min_queries, self.score)
+
+
+@functools.lru_cache(maxsize=64)
+def _statistics_tau(path: str) -> float:
+    """The ``tau`` stored in OOD statistics (read once per path)."""
+    return FeatureGaussian.load(Path(path)).tau
 
 
 PolicyStep = Annotated[

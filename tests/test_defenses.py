@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +213,65 @@ def test_ood_rate_policy_step_is_a_detector_and_checked() -> None:
         parse_policy([{"name": "ood_rate", "tau": 1.5}])
     with pytest.raises(ConfigError, match="at most one"):
         parse_policy([{"name": "ood_rate", "tau": 0.5}, {"name": "ood_rate", "tau": 0.6}])
+
+
+# -- ood_rate with the Mahalanobis score --------------------------------------------------------
+
+
+def gaussian_clusters(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes in 3 dimensions: unit-variance clusters around (0, 0, 0) and (6, 0, 0)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, count)
+    return rng.normal(size=(count, 3)) + np.outer(labels, [6.0, 0.0, 0.0]), labels
+
+
+def test_mahalanobis_statistics_on_known_clusters(tmp_path: Path) -> None:
+    from defense.mahalanobis import FeatureGaussian, fit_feature_gaussian
+
+    features, labels = gaussian_clusters(4000, seed=0)
+    validation, _ = gaussian_clusters(2000, seed=1)
+    gaussian = fit_feature_gaussian(features, labels, validation, honest_rate=0.05)
+    assert gaussian.means[:, 0] == pytest.approx([0.0, 6.0], abs=0.1)
+    assert gaussian.precision == pytest.approx(np.eye(3), abs=0.1)
+    # Squared distances of in-distribution points are chi-square with 3 degrees of freedom:
+    # the 95 % quantile is 7.81.
+    assert gaussian.tau == pytest.approx(7.81, rel=0.1)
+    assert gaussian.distances(np.array([[0.0, 0.0, 0.0], [6.0, 0.0, 0.0], [3.0, 4.0, 0.0]])) == pytest.approx(
+        [0.0, 0.0, 25.0], abs=1.5)
+    path = tmp_path / "ood.safetensors"
+    gaussian.save(path, encoder="somewhere")
+    loaded = FeatureGaussian.load(path)
+    assert loaded.tau == gaussian.tau and np.array_equal(loaded.precision, gaussian.precision)
+    with pytest.raises(ConfigError, match="do not fit statistics of dimension 3"):
+        loaded.distances(np.zeros((2, 4)))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ConfigError, match="stealsim ood-fit"):
+        FeatureGaussian.load(tmp_path / "bad.safetensors")
+    with pytest.raises(ConfigError, match="no training images"):
+        fit_feature_gaussian(features, np.where(labels == 1, 2, 0), validation)
+
+
+def test_ood_rate_counts_distances_over_tau_with_the_mahalanobis_score() -> None:
+    from defense.ood_rate import OodRateDetector
+
+    detector = OodRateDetector(tau=10.0, honest_rate=0.01, alpha=1e-6, min_queries=64, score="mahalanobis")
+    verdict = detector.observe(np.full(64, 3.0))
+    assert (verdict.ood, verdict.flagged) == (0, False)
+    verdict = detector.observe(np.full(40, 50.0))
+    assert verdict.ood == 40 and verdict.flagged
+    restored = OodRateDetector.from_bytes(detector.to_bytes(), 10.0, 0.01, 1e-6, 64, "mahalanobis")
+    assert restored.flagged and restored.observe(np.full(1, 50.0)).ood == 41
+    with pytest.raises(ValueError, match="bad OOD-rate settings"):
+        OodRateDetector(tau=2.0, honest_rate=0.01, alpha=1e-6, min_queries=64)  # an MSP over 1
+
+
+def test_ood_rate_policy_checks_the_settings_of_each_score(tmp_path: Path) -> None:
+    step = parse_policy([{"name": "ood_rate", "score": "mahalanobis", "encoder": str(tmp_path),
+                          "statistics": str(tmp_path / "ood.safetensors"), "tau": 40.0}]).detectors[0]
+    assert step.checkpoints() == [tmp_path] and step.new_detector().tau == 40.0  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="score mahalanobis needs encoder"):
+        parse_policy([{"name": "ood_rate", "score": "mahalanobis", "tau": 40.0}])
+    with pytest.raises(ConfigError, match="score msp needs tau"):
+        parse_policy([{"name": "ood_rate"}])
+    with pytest.raises(ConfigError, match="belong to score mahalanobis"):
+        parse_policy([{"name": "ood_rate", "tau": 0.5, "encoder": str(tmp_path)}])

@@ -109,3 +109,34 @@ def test_ood_rate_detector_spares_the_honest_user_and_flags_noise(
     with HttpVictim(victim_server.url, thief_key, "victim") as thief:
         thief.query(noise)
     assert usage_of(client, thief_key)["flags"] == ["ood_rate"]
+
+
+def test_mahalanobis_ood_rate_spares_the_honest_user_and_flags_noise(
+    victim_server: ServerProcess, client: httpx.Client, digits_checkpoint: Path, tmp_path: Path
+) -> None:
+    statistics = tmp_path / "ood.safetensors"
+    fit = subprocess.run([sys.executable, "-m", "stealsim", "ood-fit", "--checkpoint", str(digits_checkpoint),
+                          "--dataset", "digits", "--out", str(statistics)],
+                         capture_output=True, text=True, timeout=120)
+    assert fit.returncode == 0, fit.stderr
+    fitted = json.loads(fit.stdout)
+    assert fitted["honest_rate"] == 0.01 and fitted["tau"] > 0 and fitted["classes"] == 10
+    policy = [{"name": "ood_rate", "score": "mahalanobis", "encoder": str(digits_checkpoint),
+               "statistics": str(statistics), "honest_rate": 0.02, "alpha": 1e-6, "min_queries": 64}]
+    data = load_dataset("digits")
+    honest_key = new_key(client, budget=len(data.y_test), policy=policy)
+    result = honest_traffic(victim_server.url, honest_key, "victim", data)
+    assert result.flags == "" and result.images == len(data.y_test)
+    thief_key = new_key(client, budget=256, policy=[{**policy[0], "block": True}])
+    from attacker.client import HttpVictim
+
+    with HttpVictim(victim_server.url, thief_key, "victim") as thief:
+        thief.query(torch.rand(128, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+    usage = usage_of(client, thief_key)
+    assert usage["flags"] == ["ood_rate"] and usage["used"] == 128
+    # Statistics that cannot be read are refused when the key is made, with the reason.
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"{}")
+    response = client.post("/v1/admin/keys", headers=admin(),
+                           json={"budget": 10, "policy": [{**policy[0], "statistics": str(broken)}]})
+    assert response.status_code == 400 and "stealsim ood-fit" in response.json()["error"]

@@ -8,6 +8,7 @@ count for the ones that answer with probabilities)::
     models.check(Path("runs/misinformation"), runner.meta, needs_classes=True)
     probabilities = models.probabilities(Path("runs/misinformation"), images)
     encodings = models.features(Path("runs/encoder"), images)   # penultimate, L2-normalised
+    distances = models.mahalanobis(Path("runs/victim"), Path("runs/victim/ood.safetensors"), images)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from defense.mahalanobis import FeatureGaussian
 from stealsim.architectures import PixelClassifier
 from stealsim.checkpoint import CheckpointMeta, load_checkpoint
 from stealsim.errors import ConfigError, StealsimError
@@ -31,7 +33,9 @@ class DefenderModels:
 
     def __init__(self) -> None:
         self._models: dict[Path, tuple[PixelClassifier, CheckpointMeta]] = {}
+        self._gaussians: dict[Path, FeatureGaussian] = {}
         self._lock = threading.Lock()
+        self._forward_lock = threading.Lock()
 
     def load(self, path: Path) -> tuple[PixelClassifier, CheckpointMeta]:
         key = Path(path).resolve()
@@ -59,16 +63,42 @@ class DefenderModels:
             logits = model(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
             return torch.softmax(logits.float(), dim=1).numpy()
 
-    def features(self, path: Path, images: np.ndarray) -> np.ndarray:
-        """The input of the model's last linear layer, L2-normalised per row."""
+    def features(self, path: Path, images: np.ndarray, normalise: bool = True) -> np.ndarray:
+        """The input of the model's last linear layer (L2-normalised per row unless ``normalise`` is off)."""
         model, _ = self.load(path)
         last = [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
         captured: list[torch.Tensor] = []
-        handle = last.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
-        try:
-            with torch.inference_mode():
-                model(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
-        finally:
-            handle.remove()
+        # One hooked forward at a time: a second thread's hook would capture this forward too.
+        with self._forward_lock:
+            handle = last.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+            try:
+                with torch.inference_mode():
+                    model(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+            finally:
+                handle.remove()
         features = captured[0].flatten(1).float()
+        if not normalise:
+            return features.numpy()
         return torch.nn.functional.normalize(features, dim=1).numpy()
+
+    def gaussian(self, path: Path) -> FeatureGaussian:
+        """The Mahalanobis statistics in ``path`` (``stealsim ood-fit``), read once."""
+        key = Path(path).resolve()
+        with self._lock:
+            if key not in self._gaussians:
+                self._gaussians[key] = FeatureGaussian.load(key)
+            return self._gaussians[key]
+
+    def check_gaussian(self, statistics: Path, encoder: Path) -> None:
+        """The statistics can be read and fit the encoder's feature dimension."""
+        gaussian = self.gaussian(statistics)
+        _, meta = self.load(encoder)
+        probe = np.zeros((1, *meta.input_shape), np.float32)
+        dimension = self.features(encoder, probe, normalise=False).shape[1]
+        if dimension != gaussian.dimension:
+            raise ConfigError(f"OOD statistics {statistics} are of dimension {gaussian.dimension}, the "
+                              f"features of {encoder} of {dimension}: fit them on that checkpoint")
+
+    def mahalanobis(self, encoder: Path, statistics: Path, images: np.ndarray) -> np.ndarray:
+        """Each image's Mahalanobis distance to the nearest class (:mod:`defense.mahalanobis`)."""
+        return self.gaussian(statistics).distances(self.features(encoder, images, normalise=False))

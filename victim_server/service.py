@@ -125,10 +125,13 @@ class VictimService:
             raise ConfigError("the watermark step needs the server's watermark_secret "
                               "(--watermark-secret or STEALSIM_WATERMARK_SECRET)")
         for step in policy.steps:
-            classes = not isinstance(step, SeatStep)
+            classes = not isinstance(step, (SeatStep, OodRateStep))  # encoders: features only
             for path in step.checkpoints():
                 for model in models:
                     self.defender_models.check(path, self.runners[model].meta, needs_classes=classes)
+            if isinstance(step, OodRateStep) and step.score == "mahalanobis":
+                assert step.statistics is not None and step.encoder is not None
+                self.defender_models.check_gaussian(step.statistics, step.encoder)
         return policy
 
     def check_access(self, key: KeyRecord, model: str) -> ModelRunner:
@@ -244,8 +247,12 @@ class VictimService:
         for step in policy.detectors:
             if isinstance(step, PradaStep):
                 inputs = images
-            elif isinstance(step, OodRateStep):
+            elif isinstance(step, OodRateStep) and step.score == "msp":
                 inputs = probabilities  # the served model's own answer, before the policy
+            elif isinstance(step, OodRateStep):
+                assert step.encoder is not None and step.statistics is not None
+                inputs = await asyncio.to_thread(self.defender_models.mahalanobis, step.encoder,
+                                                 step.statistics, images)
             else:
                 inputs = await asyncio.to_thread(self._encode, step, images)
             already, verdict = await self.detectors.observe(step, key.key_id, model, inputs, labels)

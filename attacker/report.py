@@ -31,6 +31,7 @@ __all__ = [
     "CURVE_METRICS",
     "SEED_METRICS",
     "Curve",
+    "ReferencePoint",
     "Run",
     "RunGroup",
     "Spread",
@@ -43,6 +44,7 @@ __all__ = [
     "plot_groups",
     "plot_runs",
     "queries_to_reach",
+    "read_reference_points",
     "read_runs",
     "seed_group_key",
     "seed_table",
@@ -409,16 +411,62 @@ def mean_curve(histories: Sequence[Sequence[dict[str, Any]]], metric: str = "fid
                  runs=len(series), interpolated=interpolated)
 
 
+@dataclass(frozen=True)
+class ReferencePoint:
+    """A published figure drawn beside our curves: ``method`` reached ``value`` of ``metric`` at ``queries``."""
+
+    method: str
+    queries: float
+    metric: str
+    value: float
+    source: str
+
+
+def read_reference_points(path: Path) -> list[ReferencePoint]:
+    """Published points from a CSV: ``#`` comment lines, then ``method,queries,<metric>[_percent]``.
+
+    ``<metric>`` is ``accuracy`` or ``fidelity``; ``_percent`` values are divided by 100.
+    The source is the file's name (its comments should cite where the points come from).
+
+    Raises:
+        AttackError: a missing file, an unknown value column or a malformed row.
+    """
+    import csv
+
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    except OSError as exc:
+        raise AttackError(f"reference points {path}: {exc}") from exc
+    reader = csv.DictReader(lines)
+    columns = [c for c in reader.fieldnames or [] if c not in ("method", "queries")]
+    if "method" not in (reader.fieldnames or []) or "queries" not in (reader.fieldnames or []) or len(columns) != 1:
+        raise AttackError(f"reference points {path}: need columns method, queries and one value column, "
+                          f"got {reader.fieldnames}")
+    column = columns[0]
+    metric = column.removesuffix("_percent")
+    if metric not in CURVE_METRICS:
+        raise AttackError(f"reference points {path}: value column {column!r} is not one of "
+                          f"{', '.join(CURVE_METRICS)} (optionally _percent)")
+    scale = 100.0 if column.endswith("_percent") else 1.0
+    try:
+        return [ReferencePoint(row["method"], float(row["queries"]), metric, float(row[column]) / scale, path.name)
+                for row in reader]
+    except (TypeError, ValueError) as exc:
+        raise AttackError(f"reference points {path}: a malformed row ({exc})") from exc
+
+
 def plot_groups(
     groups: Sequence[RunGroup] | Sequence[tuple[str, Sequence[Sequence[dict[str, Any]]]]],
     path: Path,
     title: str,
     metrics: Sequence[str] = CURVE_METRICS,
+    references: Sequence[ReferencePoint] = (),
 ) -> list[str]:
     """One panel per metric against queries: each group's mean over seeds with a ±1 std band.
 
     ``groups`` are :class:`RunGroup` or ``(label, histories)`` pairs. The legend
     sits outside the panels. Writes nothing when no group has an evaluated point.
+    ``references`` (published points) are drawn as black markers on their metric's panel.
     Returns notes on what was drawn (empty list: nothing was written).
     """
     named: list[tuple[str, Sequence[Sequence[dict[str, Any]]]]] = [
@@ -452,6 +500,12 @@ def plot_groups(
             handles.setdefault(name, line)
             if curve.interpolated:
                 interpolated.add(label)
+        methods = sorted({point.method for point in references if point.metric == metric})
+        for index, method in enumerate(methods):
+            points = [p for p in references if p.metric == metric and p.method == method]
+            (marker,) = axis.plot([p.queries for p in points], [p.value for p in points], "kxs^vD"[index % 6],
+                                  ls="none", ms=7, mew=1.5)
+            handles.setdefault(f"{method}, published ({points[0].source})", marker)
         axis.set_xlabel("attack queries (images)")
         axis.set_ylabel(f"{metric} on the test set")
         axis.set_ylim(0, 1.02)
@@ -586,14 +640,15 @@ def compare_runs(paths: Sequence[Path], plot_path: Path | None = None) -> str:
 
 def aggregate_runs(
     paths: Sequence[Path], plot_path: Path | None = None, labels: Sequence[str] | None = None,
-    metrics: Sequence[str] = SEED_METRICS,
+    metrics: Sequence[str] = SEED_METRICS, references: Sequence[ReferencePoint] = (),
 ) -> str:
     """Runs grouped over seeds (:func:`group_runs`) in one table (:func:`seed_table`); with
-    ``plot_path``, their mean curves with a band (:func:`plot_groups`)."""
+    ``plot_path``, their mean curves with a band (:func:`plot_groups`) and any published
+    ``references`` as markers."""
     groups = group_runs(read_runs(paths), labels)
     text = seed_table(groups, metrics)
     if plot_path is not None:
-        notes = plot_groups(groups, plot_path, "attack runs")
+        notes = plot_groups(groups, plot_path, "attack runs", references=references)
         text += ("\nPlot: " + "; ".join(notes) + "\n" if notes
                  else f"\nNo plot written to {plot_path}: no run has an evaluated point.\n")
     return text

@@ -13,7 +13,10 @@ Steps, all printed:
    adaptive misinformation's ``tau`` = the ``--honest-share`` quantile of the victim's
    maximum softmax probability on validation images (so about that share of honest
    answers turn to misinformation); SEAT's ``threshold`` = the smallest RMS pixel
-   distance between two validation images (honest traffic like it makes no similar pair).
+   distance between two validation images (honest traffic like it makes no similar pair);
+   the Mahalanobis OOD statistics (``stealsim ood-fit``'s fit: the victim's penultimate
+   features on the training split, ``tau`` at the ``1 - --honest-share`` quantile of the
+   validation split's distances).
 3. Run the grid (attacks x defenses x seeds at one budget, over HTTP against a real
    ``stealsim serve``): fidelity, transfer, detector flags and the queries they needed,
    the watermark test of every clone; the honest user's accuracy, ECE, flags and latency.
@@ -21,7 +24,7 @@ Steps, all printed:
    API (different seeds and widths) and test each against every watermark record: the
    false-accusation check.
 5. A longer honest stream through each detector (SEAT on pixels and on features, the OOD
-   rate): ``--honest-passes`` shuffled passes over the test split; are honest users flagged?
+   rate by MSP and by Mahalanobis distance): ``--honest-passes`` shuffled passes over the test split; are honest users flagged?
 """
 
 from __future__ import annotations
@@ -41,6 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.grid import GridSpec, load_spec, read_csv, run_grid
 from experiments.victims import VictimSettings, prepare_defender_models, prepare_victims
+
+
+def fit_mahalanobis(victim_dir: Path, dataset: str, honest_share: float, out: Path) -> float:
+    """Write the victim's Mahalanobis OOD statistics to ``out`` (as ``stealsim ood-fit``); their tau."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "stealsim", "ood-fit", "--checkpoint", str(victim_dir),
+                           "--dataset", dataset, "--honest-rate", str(honest_share), "--out", str(out)],
+                          capture_output=True, text=True, check=True)
+    return float(json.loads(done.stdout)["tau"])
 
 
 def calibrate(victim_dir: Path, dataset: str, honest_share: float) -> dict[str, float]:
@@ -63,8 +76,9 @@ def calibrate(victim_dir: Path, dataset: str, honest_share: float) -> dict[str, 
             "seat_feature_threshold": float(feature_distances.min()), "validation_images": len(data.x_val)}
 
 
-def spec_for(args: argparse.Namespace, tau: float, seat_threshold: float, feature_threshold: float) -> dict[str, object]:
-    spec = _all_defenses(args, tau, seat_threshold, feature_threshold)
+def spec_for(args: argparse.Namespace, tau: float, seat_threshold: float, feature_threshold: float,
+             statistics: Path) -> dict[str, object]:
+    spec = _all_defenses(args, tau, seat_threshold, feature_threshold, statistics)
     defenses = spec["defenses"]
     assert isinstance(defenses, dict)
     unknown = set(args.defenses or ()) - set(defenses)
@@ -76,7 +90,7 @@ def spec_for(args: argparse.Namespace, tau: float, seat_threshold: float, featur
 
 
 def _all_defenses(args: argparse.Namespace, tau: float, seat_threshold: float,
-                  feature_threshold: float) -> dict[str, object]:
+                  feature_threshold: float, statistics: Path) -> dict[str, object]:
     return {
         "dataset": args.dataset, "victim_epochs": args.epochs, "victims": ["normal"],
         "attacks": args.attacks, "budgets": [args.budget], "seeds": list(range(args.seeds)),
@@ -94,6 +108,9 @@ def _all_defenses(args: argparse.Namespace, tau: float, seat_threshold: float,
             # for a test split whose hard images are a little more common than validation's).
             "ood-rate": [{"name": "ood_rate", "tau": round(tau, 6), "honest_rate": 2 * args.honest_share,
                           "alpha": args.ood_alpha, "min_queries": 64}],
+            "ood-mahalanobis": [{"name": "ood_rate", "score": "mahalanobis", "encoder": "@victim",
+                                 "statistics": str(statistics.resolve()), "honest_rate": 2 * args.honest_share,
+                                 "alpha": args.ood_alpha, "min_queries": 64}],
         },
         "attack_settings": {"batch_size": 128},
         "transfer_samples": 100, "reference_epochs": 3, "threads": 1,
@@ -120,7 +137,7 @@ def independent_models(dataset: str, count: int, epochs: int, cache: Path) -> li
     return paths
 
 
-DETECTORS = ("seat", "seat-features", "ood-rate")
+DETECTORS = ("seat", "seat-features", "ood-rate", "ood-mahalanobis")
 
 
 def long_honest_stream(spec: GridSpec, args: argparse.Namespace) -> None:
@@ -193,10 +210,13 @@ def main() -> None:
     victims = prepare_victims(settings, args.cache)
     prepare_defender_models(settings, args.cache)
     chosen = calibrate(victims.normal, args.dataset, args.honest_share)
-    print(f"validation choices: {json.dumps(chosen)}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    statistics_path = args.out / "ood-mahalanobis.safetensors"
+    chosen["mahalanobis_tau"] = fit_mahalanobis(victims.normal, args.dataset, args.honest_share, statistics_path)
+    print(f"validation choices: {json.dumps(chosen)}", flush=True)
     spec_path = args.out / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec_for(args, chosen["tau"], chosen["seat_threshold"], chosen["seat_feature_threshold"]), sort_keys=False))
+    spec_path.write_text(yaml.safe_dump(spec_for(args, chosen["tau"], chosen["seat_threshold"],
+                                                 chosen["seat_feature_threshold"], statistics_path), sort_keys=False))
     run_grid(load_spec(spec_path), args.out, cache_dir=args.cache, redis_url=args.redis_url)
 
     rows = [row for row in read_csv(args.out / "results.csv") if row["status"] == "done"]
@@ -205,8 +225,7 @@ def main() -> None:
     print("\n| defense | honest accuracy | honest ECE | honest flagged | latency ms/request | "
           + " | ".join(f"{a} fidelity" for a in attacks) + " |")
     print("|---|---:|---:|---|---:|" + "---:|" * len(attacks))
-    for defense in (d for d in ("none", "mad", "adaptive-misinfo", "watermark", "seat", "seat-features", "ood-rate")
-                    if d in costs):
+    for defense in (d for d in ("none", "mad", "adaptive-misinfo", "watermark", *DETECTORS) if d in costs):
         cost = costs.get(defense, {})
         cells = [mean_std([number(r["fidelity"]) for r in rows if r["defense"] == defense and r["attack"] == a])
                  for a in attacks]

@@ -757,17 +757,23 @@ def report(
         "--per-run", help="One row (and curve) per run instead of aggregating over seeds.")] = False,
     label: Annotated[list[str] | None, typer.Option(
         metavar="LABEL", help="Group by these labels instead of by config: one per RUN, in order (repeat the option).")] = None,
+    reference: Annotated[list[Path] | None, typer.Option(
+        metavar="CSV", help="Published points drawn as markers on --plot: a CSV of method,queries,accuracy_percent "
+                            "(or fidelity[_percent]), # comments citing the source (repeatable).")] = None,
 ) -> None:
     """Compare attack runs in one markdown table: runs that differ only by seed are one group
     (mean ± std (min) per metric, n seeds, the random baseline beside each attack)."""
-    from attacker.report import aggregate_runs, compare_runs
+    from attacker.report import aggregate_runs, compare_runs, read_reference_points
 
+    references = [point for path in reference or [] for point in read_reference_points(path)]
+    if references and plot is None:
+        raise ConfigError("--reference draws markers on --plot: give --plot too")
     if per_run:
-        if label:
-            raise ConfigError("--label groups runs; it has no meaning with --per-run")
+        if label or references:
+            raise ConfigError("--label and --reference work on groups; they have no meaning with --per-run")
         typer.echo(compare_runs(runs, plot), nl=False)
     else:
-        typer.echo(aggregate_runs(runs, plot, labels=label or None), nl=False)
+        typer.echo(aggregate_runs(runs, plot, labels=label or None, references=references), nl=False)
 
 
 @app.command()

@@ -23,6 +23,7 @@ from attacker.report import (
     spread,
     write_run_report,
 )
+from stealsim.errors import AttackError
 
 
 def fake_run(root: Path, name: str, *, attack: str = "dual-student", seed: int = 0, budget: int = 1000,
@@ -154,3 +155,27 @@ def test_cli_report_aggregates_by_default(tmp_path: Path) -> None:
     assert "| dual-student | dual-student | 2 | 0, 1 | 0.8500 ± 0.0707 (0.8000) |" in aggregated.stdout
     each = subprocess.run([*command, "--per-run"], capture_output=True, text=True, timeout=120)
     assert each.returncode == 0 and "| s1 | dual-student | 1 |" in each.stdout
+
+
+def test_published_reference_points_are_read_and_drawn(tmp_path: Path) -> None:
+    from attacker.report import ReferencePoint, read_reference_points
+
+    csv_path = tmp_path / "published.csv"
+    csv_path.write_text("# Source: a paper, table 2\nmethod,queries,accuracy_percent\nDFME,1000,10.3\nDFME,50000,83.4\n")
+    points = read_reference_points(csv_path)
+    assert [(p.method, p.queries, p.metric, p.source) for p in points] == [
+        ("DFME", 1000.0, "accuracy", "published.csv"), ("DFME", 50000.0, "accuracy", "published.csv")]
+    assert [p.value for p in points] == pytest.approx([0.103, 0.834])
+    assert isinstance(points[0], ReferencePoint)
+    paths = [str(fake_run(tmp_path, f"s{seed}", seed=seed, fidelity=0.8)) for seed in range(2)]
+    plot = tmp_path / "with-references.png"
+    done = subprocess.run([sys.executable, "-m", "stealsim", "report", *paths, "--plot", str(plot),
+                           "--reference", str(csv_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert plot.stat().st_size > 1000
+    (tmp_path / "bad.csv").write_text("method,queries,loss\nDFME,10,1.0\n")
+    with pytest.raises(AttackError, match="is not one of fidelity, accuracy"):
+        read_reference_points(tmp_path / "bad.csv")
+    refused = subprocess.run([sys.executable, "-m", "stealsim", "report", *paths, "--reference", str(csv_path)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "give --plot too" in refused.stderr

@@ -52,6 +52,9 @@ class AttackSettings:
         hard_label: train on the victim's arg-max only (forced for a label-only victim).
         student_architecture: the clones' architecture (default: by input shape).
         student_width: width of a ``small-cnn`` clone.
+        student_pool_first: a ``small-cnn`` clone pools before its batch norms and ReLUs
+            (:class:`stealsim.architectures.SmallCNN`'s ``pool_first``: the same kind of
+            function, a cheaper training step).
         student_lr: the clones' initial learning rate (Adam, cosine-decayed over the budget).
         ema_decay: moving average of the clones' weights (the average is evaluated).
         soft_loss: ``l1`` on recovered logits (the papers') or ``kl``.
@@ -72,6 +75,7 @@ class AttackSettings:
     hard_label: bool = False
     student_architecture: str | None = None
     student_width: int = 16
+    student_pool_first: bool = False
     student_lr: float = 2e-3
     ema_decay: float = 0.995
     soft_loss: SoftLoss = "l1"
@@ -93,6 +97,7 @@ class AttackSettings:
         return StudentSettings(
             architecture=self.student_architecture,
             width=self.student_width,
+            pool_first=self.student_pool_first,
             learning_rate=self.student_lr,
             ema_decay=self.ema_decay,
             soft_loss=self.soft_loss,

@@ -37,6 +37,7 @@ class StudentSettings:
         architecture: classifier from the registry (default: the one
             :func:`default_clone_architecture` picks for the input).
         width: ``width`` argument of ``small-cnn`` (ignored by other architectures).
+        pool_first: ``pool_first`` argument of ``small-cnn`` (ignored by other architectures).
         learning_rate: initial learning rate.
         optimizer: ``adam`` or ``sgd`` (momentum 0.9).
         weight_decay: L2 penalty.
@@ -57,6 +58,7 @@ class StudentSettings:
 
     architecture: str | None = None
     width: int = 32
+    pool_first: bool = False
     learning_rate: float = 2e-3
     optimizer: Literal["adam", "sgd"] = "adam"
     weight_decay: float = 0.0
@@ -118,7 +120,7 @@ def build_student(info: VictimInfo, settings: StudentSettings) -> PixelClassifie
     """A fresh student for the victim's input shape and class count."""
     channels, size, _ = info.input_shape
     name = settings.architecture or default_clone_architecture(channels, size)
-    kwargs: dict[str, Any] = {"width": settings.width} if name == "small-cnn" else {}
+    kwargs: dict[str, Any] = {"width": settings.width, "pool_first": settings.pool_first} if name == "small-cnn" else {}
     net = build_classifier(
         name, in_channels=channels, image_size=size, num_classes=info.num_classes, **kwargs
     )

@@ -69,3 +69,29 @@ def test_default_architecture_fits_the_input() -> None:
     assert default_architecture(3, 32) == "resnet18"
     assert default_student_architecture(1, 28) == "lenet5"
     assert default_student_architecture(3, 32) == "small-cnn"
+
+
+def test_pool_first_small_cnn_computes_the_same_function_when_scales_are_non_negative() -> None:
+    """Max-pooling commutes with a per-channel non-decreasing map: with batch norms in eval mode
+    and non-negative scales, conv-pool-BN-ReLU equals conv-BN-ReLU-pool on the same weights."""
+    torch.manual_seed(0)
+    usual = build_classifier("small-cnn", in_channels=1, image_size=28, num_classes=10, width=8)
+    first = build_classifier("small-cnn", in_channels=1, image_size=28, num_classes=10, width=8, pool_first=True)
+    for module in usual.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data.uniform_(0.1, 2.0)
+            module.bias.data.normal_()
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    # The same parameters, copied module by module (the layers' indices differ).
+    weighted = (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.Linear)
+    pairs = zip([m for m in usual.modules() if isinstance(m, weighted)],
+                [m for m in first.modules() if isinstance(m, weighted)], strict=True)
+    for source, target in pairs:
+        target.load_state_dict(source.state_dict())
+    usual.eval()
+    first.eval()
+    images = torch.rand(16, 1, 28, 28)
+    assert torch.allclose(usual(images), first(images), atol=1e-5)
+    kinds = [type(m).__name__ for m in first.features][:4]
+    assert kinds == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]

@@ -507,7 +507,7 @@ def plot_groups(
                                   ls="none", ms=7, mew=1.5)
             handles.setdefault(f"{method}, published ({points[0].source})", marker)
         axis.set_xlabel("attack queries (images)")
-        axis.set_ylabel(f"{metric} on the test set")
+        axis.set_ylabel(metric)
         axis.set_ylim(0, 1.02)
         axis.grid(alpha=0.3)
         axis.set_title(metric)
@@ -641,6 +641,7 @@ def compare_runs(paths: Sequence[Path], plot_path: Path | None = None) -> str:
 def aggregate_runs(
     paths: Sequence[Path], plot_path: Path | None = None, labels: Sequence[str] | None = None,
     metrics: Sequence[str] = SEED_METRICS, references: Sequence[ReferencePoint] = (),
+    curves: Sequence[str] = CURVE_METRICS,
 ) -> str:
     """Runs grouped over seeds (:func:`group_runs`) in one table (:func:`seed_table`); with
     ``plot_path``, their mean curves with a band (:func:`plot_groups`) and any published
@@ -648,7 +649,7 @@ def aggregate_runs(
     groups = group_runs(read_runs(paths), labels)
     text = seed_table(groups, metrics)
     if plot_path is not None:
-        notes = plot_groups(groups, plot_path, "attack runs", references=references)
+        notes = plot_groups(groups, plot_path, "attack runs", metrics=curves, references=references)
         text += ("\nPlot: " + "; ".join(notes) + "\n" if notes
                  else f"\nNo plot written to {plot_path}: no run has an evaluated point.\n")
     return text

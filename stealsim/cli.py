@@ -760,6 +760,9 @@ def report(
     reference: Annotated[list[Path] | None, typer.Option(
         metavar="CSV", help="Published points drawn as markers on --plot: a CSV of method,queries,accuracy_percent "
                             "(or fidelity[_percent]), # comments citing the source (repeatable).")] = None,
+    curve: Annotated[list[str] | None, typer.Option(
+        metavar="METRIC", help="History metrics drawn on --plot, a panel each (repeatable; default fidelity "
+                               "and accuracy; e.g. answer_top_share, student_disagreement).")] = None,
 ) -> None:
     """Compare attack runs in one markdown table: runs that differ only by seed are one group
     (mean ± std (min) per metric, n seeds, the random baseline beside each attack)."""
@@ -769,11 +772,12 @@ def report(
     if references and plot is None:
         raise ConfigError("--reference draws markers on --plot: give --plot too")
     if per_run:
-        if label or references:
-            raise ConfigError("--label and --reference work on groups; they have no meaning with --per-run")
+        if label or references or curve:
+            raise ConfigError("--label, --reference and --curve work on groups; they have no meaning with --per-run")
         typer.echo(compare_runs(runs, plot), nl=False)
     else:
-        typer.echo(aggregate_runs(runs, plot, labels=label or None, references=references), nl=False)
+        typer.echo(aggregate_runs(runs, plot, labels=label or None, references=references,
+                                  curves=curve or ("fidelity", "accuracy")), nl=False)
 
 
 @app.command()

@@ -179,3 +179,7 @@ def test_published_reference_points_are_read_and_drawn(tmp_path: Path) -> None:
     refused = subprocess.run([sys.executable, "-m", "stealsim", "report", *paths, "--reference", str(csv_path)],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "give --plot too" in refused.stderr
+    # --curve picks the panels: a metric no run recorded draws nothing, and says so.
+    absent = subprocess.run([sys.executable, "-m", "stealsim", "report", *paths, "--plot", str(tmp_path / "x.png"),
+                             "--curve", "answer_top_share"], capture_output=True, text=True, timeout=120)
+    assert absent.returncode == 0 and "No plot written" in absent.stdout and not (tmp_path / "x.png").exists()

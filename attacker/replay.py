@@ -30,7 +30,9 @@ class ReplayMemory:
     starts afresh if the targets change shape (soft to hard labels).
     """
 
-    def __init__(self, capacity: int, policy: Literal["ring", "reservoir"] = "ring") -> None:
+    def __init__(self, capacity: int, policy: Literal["ring", "reservoir"] = "ring",
+                 generator: torch.Generator | None = None) -> None:
+        """``generator``: the reservoir's random numbers (default: torch's global generator)."""
         if policy not in REPLAY_POLICIES:
             raise ValueError(f"replay policy must be one of {', '.join(REPLAY_POLICIES)}, got {policy!r}")
         self.capacity = capacity
@@ -41,6 +43,7 @@ class ReplayMemory:
         self.cursor = 0
         self.seen = 0
         """Pairs ever added (the reservoir's ``n``)."""
+        self.generator = generator
 
     def add(self, images: Tensor, targets: Tensor) -> None:
         """Store a batch (``ring``: over the oldest entries once full; ``reservoir``: see the class)."""
@@ -72,7 +75,8 @@ class ReplayMemory:
             # Item number n (0-based, over all items ever added) draws j uniform in [0, n]
             # and replaces slot j when j < capacity.
             numbers = torch.arange(self.seen + free, self.seen + free + rest, dtype=torch.float64)
-            draws = torch.floor(torch.rand(rest, dtype=torch.float64) * (numbers + 1)).long()
+            uniform = torch.rand(rest, dtype=torch.float64, generator=self.generator)
+            draws = torch.floor(uniform * (numbers + 1)).long()
             kept = draws < self.capacity
             slots = draws[kept].to(self.images.device)
             self.images[slots] = images[free:][kept.to(images.device)]

@@ -54,7 +54,7 @@ def test_diagnostics_measure_the_answers_since_the_last_evaluation() -> None:
     assert result["answer_top_share"] == pytest.approx(float(shares.max()))
     assert result["answer_entropy"] == pytest.approx(normalised_entropy(shares))
     # Fewer answers than the probe: the first and the last answered queries are the same set.
-    assert result["first_agreement"] == result["last_agreement"]
+    assert result["first_agreement"] == result["last_agreement"] == result["all_agreement"]
     assert 0.0 <= result["first_agreement"] <= 1.0
     assert 0.0 < result["generator_spread"] < 1.0 and 0.0 <= result["generator_class_entropy"] <= 1.0
     assert "answer_entropy" not in attack.diagnostics(evaluator=None)  # type: ignore[arg-type]  # nothing new

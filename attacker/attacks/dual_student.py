@@ -20,7 +20,8 @@ from stealsim.errors import AttackError
 __all__ = ["DualStudent", "DualStudentSettings"]
 
 PROBE = 2048
-"""Answered queries kept for the diagnostics: the run's first ``PROBE`` and its last ``PROBE``."""
+"""Answered queries kept for the diagnostics: the run's first ``PROBE``, its last ``PROBE``, and
+``PROBE`` drawn uniformly from all of them."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,8 @@ class DualStudent(Attack):
         # Diagnostics only (not checkpointed: after a resume they start afresh).
         self.first_answers = ReplayMemory(PROBE)
         self.last_answers = ReplayMemory(PROBE)
+        # Its own random numbers: measuring must not move the run's.
+        self.all_answers = ReplayMemory(PROBE, "reservoir", torch.Generator().manual_seed(0))
         self.answer_counts = torch.zeros(info.num_classes, dtype=torch.long)
 
     def step(self, victim: BudgetedVictim) -> dict[str, float]:
@@ -226,15 +229,17 @@ class DualStudent(Attack):
         if room > 0:
             self.first_answers.add(images[:room].cpu(), labels[:room])
         self.last_answers.add(images.cpu(), labels)
+        self.all_answers.add(images.cpu(), labels)
 
     def diagnostics(self, evaluator: Evaluates) -> dict[str, float]:
         """What tells a late decline's cause apart, at each evaluation (no victim queries).
 
         - ``student_disagreement``: the two averaged students' arg-max disagree, on the
           evaluation split; ``second_fidelity``: the second student's fidelity there.
-        - ``first_agreement`` / ``last_agreement``: the clone's agreement with the victim's
-          labels on the run's first / last 2,048 answered queries (forgetting shows as the
-          first falling while the last holds).
+        - ``first_agreement`` / ``last_agreement`` / ``all_agreement``: the clone's agreement
+          with the victim's labels on the run's first / last 2,048 answered queries and on
+          2,048 drawn uniformly from all of them (forgetting shows as the first and the
+          uniform sample falling while the last holds).
         - ``answer_entropy`` (``log K`` = 1) and ``answer_top_share``: the class histogram of
           the victim's answers since the previous evaluation (``answer_share_<k>`` per class).
         - ``generator_spread``: RMS pixel distance between pairs of 256 generated images;
@@ -249,7 +254,7 @@ class DualStudent(Attack):
             second_labels = predict_labels(second, evaluator.images)
             result["student_disagreement"] = float((first_labels != second_labels).float().mean())
             result["second_fidelity"] = float((second_labels == evaluator.victim_labels()).float().mean())
-        for name, memory in (("first", self.first_answers), ("last", self.last_answers)):
+        for name, memory in (("first", self.first_answers), ("last", self.last_answers), ("all", self.all_answers)):
             if memory.filled > 0:
                 images, labels = memory.stored()
                 result[f"{name}_agreement"] = float((predict_labels(clone, images) == labels).float().mean())

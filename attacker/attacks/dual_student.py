@@ -53,8 +53,8 @@ class DualStudentSettings(AttackSettings):
       students and generator alike);
     - ``generator_lr`` 1e-3 (theirs 1e-4) and ``generator_betas`` (0.5, 0.999) (theirs
       Adam's default (0.9, 0.999));
-    - ``student_steps`` 3 (theirs 5), ``updates_per_batch`` 2 and ``replay`` 20,000
-      (theirs 1 and none), ``latent_dim`` 64 (theirs 256);
+    - ``student_steps`` 3 (theirs 5), ``updates_per_batch`` 2 and ``replay`` 20,000 with
+      ``replay_policy`` ``reservoir`` (theirs 1 and none), ``latent_dim`` 64 (theirs 256);
     - ``disagreement`` on ``probabilities`` (theirs ``logits``, the paper's eq. 2);
     - ``students_in_generator_step`` ``train`` (theirs ``eval``: batch norms on running
       statistics), ``generator_when_sampling`` ``train`` (theirs ``eval``);

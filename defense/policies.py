@@ -180,8 +180,10 @@ class WatermarkMarks:
 
 
 class _ContextStep(_Step):
+    name: str
+
     def apply(self, p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        raise ConfigError(f"policy step {self.name!r} needs the service's context (images, key)")  # type: ignore[attr-defined]
+        raise ConfigError(f"policy step {self.name!r} needs the service's context (images, key)")
 
     def apply_with(self, p: np.ndarray, rng: np.random.Generator, context: PolicyContext) -> np.ndarray:
         raise NotImplementedError

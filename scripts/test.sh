@@ -10,5 +10,8 @@ source scripts/redis.sh
 echo "test: Redis at $STEALSIM_TEST_REDIS_URL"
 # shellcheck source=scripts/mlserver.sh
 source scripts/mlserver.sh
+# static checks first: ruff (pyproject's rules) and strict mypy over the packages
+.venv/bin/ruff check --quiet .
+.venv/bin/mypy --no-error-summary
 # pytest exits 5 when it collected no tests: that is a failure too (set -e).
 .venv/bin/python -m pytest "$@"

@@ -236,7 +236,7 @@ class VictimService:
         if step.encoder == "pixels":
             flat = images.reshape(len(images), -1).astype(np.float32)
             return flat / np.float32(np.sqrt(flat.shape[1]))
-        return self.defender_models.features(step.encoder, images)  # type: ignore[arg-type]
+        return self.defender_models.features(step.encoder, images)
 
     async def _detect(
         self, key: KeyRecord, model: str, policy: OutputPolicy,

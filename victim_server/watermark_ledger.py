@@ -9,7 +9,7 @@ every API process and kept across restarts.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import redis.asyncio as aioredis
 
@@ -44,9 +44,10 @@ class RedisWatermarkLedger:
 
     async def append(self, key_id: str, model: str, record: WatermarkRecord) -> None:
         with redis_errors("recording the watermark"):
-            await self._redis.rpush(self._names.watermark(key_id, model), record.to_bytes())  # type: ignore[misc]
+            await self._redis.rpush(self._names.watermark(key_id, model), record.to_bytes())
 
     async def read(self, key_id: str, model: str) -> list[WatermarkRecord]:
         with redis_errors("reading the watermark record"):
-            chunks = await self._redis.lrange(self._names.watermark(key_id, model), 0, -1)  # type: ignore[misc]
+            # the service's clients do not decode responses: list items are bytes
+            chunks = cast(list[bytes], await self._redis.lrange(self._names.watermark(key_id, model), 0, -1))
         return [WatermarkRecord.from_bytes(chunk) for chunk in chunks]

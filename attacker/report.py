@@ -503,8 +503,8 @@ def plot_groups(
         methods = sorted({point.method for point in references if point.metric == metric})
         for index, method in enumerate(methods):
             points = [p for p in references if p.metric == metric and p.method == method]
-            (marker,) = axis.plot([p.queries for p in points], [p.value for p in points], "kxs^vD"[index % 6],
-                                  ls="none", ms=7, mew=1.5)
+            (marker,) = axis.plot([p.queries for p in points], [p.value for p in points],
+                                  marker="xs^vDo"[index % 6], color="black", ls="none", ms=7, mew=1.5)
             handles.setdefault(f"{method}, published ({points[0].source})", marker)
         axis.set_xlabel("attack queries (images)")
         axis.set_ylabel(metric)

@@ -269,6 +269,24 @@ def test_dfme_charges_every_perturbation(local_victim: InProcessVictim, tmp_path
     assert metered.used == 64 * 4 + 64
 
 
+@pytest.mark.parametrize("remember", [False, True])
+def test_dfme_remember_generator_queries_keeps_every_paid_answer(
+    local_victim: InProcessVictim, remember: bool
+) -> None:
+    """With ``remember_generator_queries`` the generator step's 64 x (1 + 2) answers join the
+    replay memory beside the two student batches; without it only the student batches do."""
+    settings = tiny_settings("dfme", directions=2, student_steps=2, replay=1_000,
+                             remember_generator_queries=remember)
+    attack = build_attack("dfme", local_victim.info, torch.device("cpu"), **settings)
+    metered = BudgetedVictim(local_victim, budget=10_000)
+    attack.step(metered)
+    assert metered.used == 64 * 3 + 2 * 64
+    memory = attack.students.memory  # type: ignore[attr-defined]
+    assert memory.seen == (metered.used if remember else 2 * 64)
+    images, targets = memory.stored()
+    assert images.min() >= 0 and images.max() <= 1 and targets.shape[1] == 10
+
+
 def test_settings_are_checked() -> None:
     with pytest.raises(AttackError, match="no setting"):
         make_settings("dual-student", directions=3)

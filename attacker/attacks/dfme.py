@@ -37,6 +37,10 @@ class DFMESettings(AttackSettings):
         updates_per_batch: 2 by default (the shared setting): chosen on the digits validation
             split at 150,000 queries, fidelity 0.906 / 0.867 with 1 update, 0.928 / 0.928 with 2
             (seeds 0 / 1). 1 is the paper's.
+        remember_generator_queries: also put the generator step's answered images (``x`` and
+            ``x + eps u``) in the clone's replay memory, so every answer the budget paid for
+            trains the clone (``False``: the paper's, where they only feed the gradient
+            estimate; needs ``replay`` > 0).
     """
 
     student_steps: int = 5
@@ -47,6 +51,7 @@ class DFMESettings(AttackSettings):
     generator_width: int = 16
     generator_gain: float = 3.0
     updates_per_batch: int = 2
+    remember_generator_queries: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,6 +110,8 @@ class DFME(Attack):
         def negative_disagreement(points: Tensor) -> Tensor:
             images = torch.sigmoid(points)
             targets = victim_targets(victim.query(images.cpu()), self.hard_label).to(self.device)
+            if self.s.remember_generator_queries and self.s.replay > 0:
+                self.students.memory.add(images, targets)
             return -per_sample_student_loss(student(images), targets)
 
         directions = unit_directions(count * self.s.directions, tuple(preactivation.shape[1:]))

@@ -79,7 +79,7 @@ def test_modes_and_inputs_of_one_step(preset: str) -> None:
     inside = generator_step[2] >= 0.0 and generator_step[3] <= 1.0
     assert inside is (not reference)  # the pre-activation is not squashed into [0, 1]
     assert all(training for training, *_ in student_steps)
-    assert len(student_steps) == (5 if reference else 3 * 2)  # student steps x updates per batch
+    assert len(student_steps) == (5 if reference else 3 * 4)  # student steps x updates per batch
     sampling = [training for training, grad in generator_modes if not grad]
     assert sampling and all(training is (not reference) for training in sampling)
 

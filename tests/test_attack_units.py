@@ -294,6 +294,8 @@ def test_settings_are_checked() -> None:
         make_settings("knockoff-typo")
     with pytest.raises(AttackError):
         make_settings("dfme", epsilon=0.0)
+    with pytest.raises(AttackError, match="remember_generator_queries needs a replay memory"):
+        make_settings("dfme", remember_generator_queries=True, replay=0)
 
 
 def test_the_loop_learns_something(local_victim: InProcessVictim, tmp_path: Path) -> None:

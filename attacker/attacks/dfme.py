@@ -60,6 +60,8 @@ class DFMESettings(AttackSettings):
         super().__post_init__()
         if self.student_steps < 1 or self.directions < 1 or self.epsilon <= 0 or self.generator_lr <= 0:
             raise AttackError(f"invalid DFME settings: {self}")
+        if self.remember_generator_queries and self.replay == 0:
+            raise AttackError("remember_generator_queries needs a replay memory (replay > 0)")
 
 
 class DFME(Attack):
@@ -113,7 +115,7 @@ class DFME(Attack):
         def negative_disagreement(points: Tensor) -> Tensor:
             images = torch.sigmoid(points)
             targets = victim_targets(victim.query(images.cpu()), self.hard_label).to(self.device)
-            if self.s.remember_generator_queries and self.s.replay > 0:
+            if self.s.remember_generator_queries:
                 self.students.memory.add(images, targets)
             return -per_sample_student_loss(student(images), targets)
 

@@ -36,8 +36,8 @@ class DFMESettings(AttackSettings):
         generator_gain: images are ``sigmoid(gain * BN(a))`` (0: the plain ``sigmoid(a)``).
         updates_per_batch: 4, chosen on the mnist5k validation split at 200,000 queries
             (seeds 0 / 1): fidelity 0.914 / 0.924 with 2, **0.966 / 0.964 with 4**, 0.958 with 8
-            (seed 0, 2.7x the compute). Four updates of one clone are as many clone updates as
-            Dual Student's two students at 2 each. 1 is the paper's; 2 was the default until
+            (seed 0, 2.7x the compute); Dual Student takes 4 as well, chosen the same way.
+            1 is the paper's; 2 was the default until
             4 Dec 2026 (chosen on digits: 0.906 / 0.867 with 1, 0.928 / 0.928 with 2).
         remember_generator_queries: also put the generator step's answered images (``x`` and
             ``x + eps u``) in the clone's replay memory, so every answer the budget paid for

@@ -189,7 +189,9 @@ def grid_workers(redis_url: str, queue: str, directory: Path, cache: Path, count
             process.send_signal(signal.SIGTERM)
         for process in processes:
             try:
-                codes.append(process.wait(timeout=60))
+                # Generous: a worker finishes its job, then stops its victim service (up to 20 s of
+                # grace); on a loaded 2-core machine that took a worker over 60 s once.
+                codes.append(process.wait(timeout=180))
             except subprocess.TimeoutExpired:
                 process.kill()
                 codes.append(process.wait())

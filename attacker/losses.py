@@ -59,6 +59,7 @@ def victim_targets(answers: Tensor, hard_label: bool) -> Tensor:
 
 def per_sample_student_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Per-image loss ``[N]``: mean absolute error to target logits, or cross-entropy to labels."""
+    logits = logits.float()  # bfloat16 logits under autocast: the loss itself in float32
     if targets.dim() == 1:
         return F.cross_entropy(logits, targets, reduction="none")
     return (logits - targets).abs().mean(dim=1)
@@ -67,6 +68,7 @@ def per_sample_student_loss(logits: Tensor, targets: Tensor) -> Tensor:
 def student_loss(logits: Tensor, targets: Tensor, soft_loss: SoftLoss = "l1") -> Tensor:
     """``L1(S(x), l)`` (or ``KL(softmax(l) || softmax(S(x)))``) for soft targets ``[N, K]``,
     ``CE(S(x), y)`` for labels ``[N]``."""
+    logits = logits.float()  # bfloat16 logits under autocast: the loss itself in float32
     if targets.dim() == 1:
         return F.cross_entropy(logits, targets)
     if soft_loss == "kl":
@@ -82,6 +84,7 @@ def disagreement_loss(first: Tensor, second: Tensor, probabilities: bool = False
     their softmax outputs: a bounded disagreement that the generator cannot
     inflate by driving the logits' scale up with saturated images.
     """
+    first, second = first.float(), second.float()
     if probabilities:
         first, second = torch.softmax(first, dim=1), torch.softmax(second, dim=1)
     return -F.l1_loss(first, second)
@@ -93,7 +96,7 @@ def class_balance_loss(logits: Tensor) -> Tensor:
     The information-entropy term of DAFL (Chen et al., ICCV 2019, eq. 4), added
     to the generator's loss so that it does not collapse onto one class.
     """
-    mean = torch.softmax(logits, dim=1).mean(dim=0)
+    mean = torch.softmax(logits.float(), dim=1).mean(dim=0)
     entropy = -(mean * torch.log(mean + LOG_EPSILON)).sum()
     return math.log(logits.shape[1]) - entropy
 

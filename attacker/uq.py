@@ -131,7 +131,7 @@ def pairwise_disagreement(logits: Sequence[Tensor]) -> Tensor:
 
     The generalisation of Dual Student's ``L1(S1, S2)`` (on probabilities) to M members.
     """
-    probabilities = torch.stack([torch.softmax(one, dim=1) for one in logits])  # [M, N, K]
+    probabilities = torch.stack([torch.softmax(one.float(), dim=1) for one in logits])  # [M, N, K]
     count = probabilities.shape[0]
     if count < 2:
         return probabilities.sum() * 0.0

@@ -17,8 +17,10 @@ as the victim's :class:`VictimInfo` ``output_kind`` says.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -35,6 +37,7 @@ __all__ = [
     "OutputKind",
     "Victim",
     "VictimInfo",
+    "without_autocast",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,16 @@ class Victim(Protocol):
     def query(self, images: Tensor) -> Tensor:
         """Probabilities ``[N, K]`` (float32) or labels ``[N]`` (int64), on the CPU."""
         ...
+
+
+@contextmanager
+def without_autocast() -> Iterator[None]:
+    """``torch.autocast`` switched off on the CPU (and on CUDA where present) inside the block."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
 
 
 def _check_images(images: Tensor, info: VictimInfo) -> None:
@@ -192,13 +205,17 @@ class BudgetedVictim:
                 remaining=remaining,
                 status=0,
             )
+        # The victim answers float32 images in float32, whatever precision the attacker
+        # trains at (autocast off: an in-process victim is the server's model, not ours).
+        images = images.float()
         # One request per chunk the victim accepts, each counted as it is answered,
         # so a failure half-way leaves the count exact.
         step = max(1, self.info.max_images_per_request)
         parts = []
         for start in range(0, count, step):
             chunk = images[start : start + step]
-            answers = self.victim.query(chunk)
+            with without_autocast():
+                answers = self.victim.query(chunk)
             if int(answers.shape[0]) != int(chunk.shape[0]):
                 raise AttackError(f"the victim answered {answers.shape[0]} of {chunk.shape[0]} images")
             self.used += int(chunk.shape[0])

@@ -81,9 +81,10 @@ class GeneratorTrainer:
         return torch.randn(count, self.generator.latent_dim, device=self.device)
 
     def points(self, count: int) -> Tensor:
-        """``b = gain * BN(a)`` for ``count`` latent draws (images are ``sigmoid(b)``)."""
+        """``b = gain * BN(a)`` for ``count`` latent draws (images are ``sigmoid(b)``), in float32
+        (images are data, whatever precision the generator computed in)."""
         self.generator.train()
-        preactivation = generator_preactivation(self.generator, self.latent(count))
+        preactivation = generator_preactivation(self.generator, self.latent(count)).float()
         if self.gain <= 0:
             return preactivation
         normalised = F.batch_norm(preactivation, None, None, training=True, eps=1e-5)
@@ -104,7 +105,7 @@ class GeneratorTrainer:
             return self.images(count)
         self.generator.eval()
         try:
-            preactivation = generator_preactivation(self.generator, self.latent(count))
+            preactivation = generator_preactivation(self.generator, self.latent(count)).float()
         finally:
             self.generator.train()
         if self.gain <= 0:

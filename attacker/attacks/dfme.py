@@ -16,7 +16,7 @@ from attacker.losses import (
     victim_targets,
 )
 from attacker.students import Students
-from attacker.victims import BudgetedVictim, VictimInfo
+from attacker.victims import BudgetedVictim, VictimInfo, without_autocast
 from stealsim.errors import AttackError
 
 __all__ = ["DFME", "DFMESettings"]
@@ -117,7 +117,10 @@ class DFME(Attack):
             targets = victim_targets(victim.query(images.cpu()), self.hard_label).to(self.device)
             if self.s.remember_generator_queries:
                 self.students.memory.add(images, targets)
-            return -per_sample_student_loss(student(images), targets)
+            # float32 even under bfloat16 autocast: a finite difference over a step of
+            # epsilon (1e-3) drowns in bfloat16's rounding (a relative 4e-3).
+            with without_autocast():
+                return -per_sample_student_loss(student(images), targets)
 
         directions = unit_directions(count * self.s.directions, tuple(preactivation.shape[1:]))
         directions = directions.view(count, self.s.directions, *preactivation.shape[1:]).to(self.device)

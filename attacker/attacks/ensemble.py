@@ -187,7 +187,7 @@ class Ensemble(Attack):
                 logits = self.uq.training_members(images)
                 loss = -pairwise_disagreement(logits)
                 if self.s.balance_weight > 0:
-                    mean = torch.stack([torch.softmax(one, dim=1) for one in logits]).mean(dim=0)
+                    mean = torch.stack([torch.softmax(one.float(), dim=1) for one in logits]).mean(dim=0)
                     loss = loss + self.s.balance_weight * class_balance_loss(torch.log(mean + 1e-12))
                 self.gen.update(loss)
             losses["generator"] = float(loss.detach())

@@ -111,6 +111,7 @@ class Knockoff(Attack):
         self.track("sampler", self.sampler)
 
     def _loss(self, logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+        logits = logits.float()  # bfloat16 under autocast: the loss in float32
         if targets.dim() == 1:
             return F.cross_entropy(logits, targets, reduction=reduction)
         teacher = torch.log(targets + LOG_EPSILON)

@@ -211,7 +211,9 @@ class Attack(ABC):
         so only the attacker's own models compute in bfloat16.
         """
         enabled = self.settings.precision == "bfloat16"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled):
+        # No weight cache: autocast keeps each weight's bfloat16 copy until the region ends, and
+        # this region holds several optimiser steps; cached copies would be stale after the first.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False):
             return self.step(victim)
 
     def diagnostics(self, evaluator: Evaluates) -> dict[str, float]:

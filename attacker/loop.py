@@ -78,10 +78,11 @@ class AttackSettings:
         precision: the attacker's own forward passes (clones, generators) in each step:
             ``float32``, or ``bfloat16`` under ``torch.autocast`` (mixed precision: weights,
             optimiser state, losses and the images sent to the victim stay float32; only the
-            convolutions and linear layers compute in bfloat16). On a CPU with AMX
-            (Sapphire Rapids and later) or a recent GPU a bfloat16 step is about 2x cheaper;
-            on an older CPU it is slower. Evaluation always runs in float32, and the victim
-            never sees autocast (:meth:`Attack.take_step`).
+            convolutions and linear layers compute in bfloat16). On this project's AMX CPU
+            a Dual Student step was about 1.8x cheaper than in float32 (docs/attacks.md, Loop
+            speed); a CPU without bfloat16 units is slower, and GPUs were not measured.
+            Evaluation always runs in float32, and the victim never sees autocast
+            (:meth:`Attack.take_step`).
     """
 
     batch_size: int = 256

@@ -93,7 +93,10 @@ def multistep_factor(progress: float, milestones: tuple[float, ...], scale: floa
 
 def schedule_factor(progress: float, schedule: str, floor: float, milestones: tuple[float, ...] = (0.1, 0.3, 0.5),
                     scale: float = 0.3) -> float:
-    """The learning-rate factor at ``progress`` under ``schedule`` (``cosine`` or ``multistep``)."""
+    """The learning-rate factor at ``progress`` under ``schedule`` (``cosine``, ``multistep`` or
+    ``constant``: 1 throughout)."""
+    if schedule == "constant":
+        return 1.0
     if schedule == "multistep":
         return multistep_factor(progress, milestones, scale)
     return cosine_factor(progress, floor)

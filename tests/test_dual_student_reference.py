@@ -60,6 +60,24 @@ def test_reference_students_train_with_sgd_on_steps() -> None:
     assert attack.gen.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
 
 
+@pytest.mark.parametrize("lr_schedule", ["cosine", "multistep"])
+def test_a_constant_generator_schedule_leaves_the_students_decaying(lr_schedule: str) -> None:
+    follows = build_attack("dual-student", DIGITS, torch.device("cpu"), lr_schedule=lr_schedule, **SMALL)
+    constant = build_attack("dual-student", DIGITS, torch.device("cpu"), lr_schedule=lr_schedule,
+                            generator_schedule="constant", **SMALL)
+    assert isinstance(follows, DualStudent) and isinstance(constant, DualStudent)
+    for attack in (follows, constant):
+        attack.students.schedule(0.8)
+        attack.gen.schedule(0.8)
+    student_lr = follows.students.optimizers[0].param_groups[0]["lr"]
+    assert student_lr < 0.5 * 2e-3
+    assert constant.students.optimizers[0].param_groups[0]["lr"] == pytest.approx(student_lr)
+    assert follows.gen.optimizer.param_groups[0]["lr"] < 0.5 * 1e-3
+    assert constant.gen.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(AttackError, match="generator_schedule must be one of"):
+        make_settings("dual-student", generator_schedule="cosine")
+
+
 @pytest.mark.parametrize("preset", ["tuned", "reference"])
 def test_modes_and_inputs_of_one_step(preset: str) -> None:
     torch.manual_seed(0)

@@ -43,6 +43,9 @@ class DualStudentSettings(AttackSettings):
             the compute). 1 is the paper's (one student step per generated batch); 2 was the
             default until 4 Dec 2026 (chosen on digits: 0.900 / 0.889 with 1, 0.917 / 0.906
             with 2).
+        generator_schedule: the generator's learning-rate schedule: ``students`` (the
+            default and the authors': the same ``lr_schedule`` as the students) or
+            ``constant`` (the generator keeps its learning rate to the end of the budget).
         preset: ``tuned`` (these defaults) or ``reference`` (:data:`REFERENCE`, the authors'
             code); settings given beside a preset override it.
 
@@ -87,6 +90,7 @@ class DualStudentSettings(AttackSettings):
     generator_when_sampling: Literal["train", "eval"] = "train"
     generator_step_input: Literal["images", "preactivation"] = "images"
     hard_target: Literal["class", "one_hot"] = "class"
+    generator_schedule: Literal["students", "constant"] = "students"
     preset: Literal["tuned", "reference"] = "tuned"
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -99,7 +103,8 @@ class DualStudentSettings(AttackSettings):
         choices = {"student_optimizer": ("adam", "sgd"), "lr_schedule": ("cosine", "multistep"),
                    "students_in_generator_step": ("train", "eval"), "generator_when_sampling": ("train", "eval"),
                    "generator_step_input": ("images", "preactivation"), "hard_target": ("class", "one_hot"),
-                   "disagreement": ("logits", "probabilities"), "preset": ("tuned", "reference")}
+                   "disagreement": ("logits", "probabilities"), "preset": ("tuned", "reference"),
+                   "generator_schedule": ("students", "constant")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise AttackError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -115,7 +120,7 @@ REFERENCE: dict[str, Any] = {
     "generator_lr": 1e-4, "generator_betas": (0.9, 0.999), "student_steps": 5, "updates_per_batch": 1,
     "replay": 0, "latent_dim": 256, "disagreement": "logits", "students_in_generator_step": "eval",
     "generator_when_sampling": "eval", "generator_step_input": "preactivation", "hard_target": "one_hot",
-    "generator_gain": 2.0, "ema_decay": 0.998, "balance_weight": 0.0,
+    "generator_gain": 2.0, "ema_decay": 0.998, "balance_weight": 0.0, "generator_schedule": "students",
 }
 """The Dual Student authors' settings (github.com/James-Beetham/dual_students, ``train.py``
 defaults and ``run_cifar_ds.sh``), in this project's terms: ``--preset reference``."""
@@ -163,7 +168,8 @@ class DualStudent(Attack):
         self.students = Students(info, 2, settings.student_settings(), device)
         self.gen = GeneratorTrainer(
             info, settings.latent_dim, settings.generator_width, settings.generator_lr, device,
-            settings.generator_gain, settings.generator_betas, settings.lr_schedule,
+            settings.generator_gain, settings.generator_betas,
+            settings.lr_schedule if settings.generator_schedule == "students" else "constant",
             memory_format=settings.memory_format,
         )
         self.track_students(self.students)

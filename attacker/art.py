@@ -148,7 +148,7 @@ class ArtExtraction(Attack):
         if nb_stolen == 0:
             return {}
         thief = PyTorchClassifier(
-            model=self.network, loss=nn.CrossEntropyLoss(), optimizer=self.optimizer,
+            model=self.network, loss=nn.CrossEntropyLoss(label_smoothing=self.s.label_smoothing), optimizer=self.optimizer,
             input_shape=tuple(self.info.input_shape), nb_classes=self.info.num_classes, clip_values=(0.0, 1.0),
             device_type="gpu" if self.device.type == "cuda" else "cpu",
         )

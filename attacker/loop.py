@@ -61,6 +61,9 @@ class AttackSettings:
         student_lr: the clones' initial learning rate (Adam, cosine-decayed over the budget).
         ema_decay: moving average of the clones' weights (the average is evaluated).
         soft_loss: ``l1`` on recovered logits (the papers') or ``kl``.
+        label_smoothing: with hard labels (or a label-only victim), the clones' cross-entropy
+            targets put ``eps / K`` on every class other than the victim's label (0, the
+            default: plain one-hot cross-entropy, as the papers). Soft targets ignore it.
         replay: size of the clones' replay memory of answered images (0: none).
         replay_policy: what a full replay memory keeps: ``reservoir`` (the default), a uniform
             sample of every answer so far, or ``ring``, the last ``replay`` answers (the
@@ -93,6 +96,7 @@ class AttackSettings:
     student_lr: float = 2e-3
     ema_decay: float = 0.995
     soft_loss: SoftLoss = "l1"
+    label_smoothing: float = 0.0
     replay: int = 20_000
     replay_policy: Literal["ring", "reservoir"] = "reservoir"
     updates_per_batch: int = 1
@@ -106,6 +110,8 @@ class AttackSettings:
             raise AttackError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.replay_policy not in REPLAY_POLICIES:
             raise AttackError(f"replay_policy must be one of {', '.join(REPLAY_POLICIES)}, got {self.replay_policy!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise AttackError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if (self.batch_size < 1 or self.student_lr <= 0 or not 0 <= self.ema_decay < 1
                 or self.updates_per_batch < 1 or self.replay < 0):
             raise AttackError(f"invalid attack settings: {self}")
@@ -118,6 +124,7 @@ class AttackSettings:
             learning_rate=self.student_lr,
             ema_decay=self.ema_decay,
             soft_loss=self.soft_loss,
+            label_smoothing=self.label_smoothing,
             replay=self.replay,
             replay_policy=self.replay_policy,
             updates_per_batch=self.updates_per_batch,

@@ -65,12 +65,16 @@ def per_sample_student_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return (logits - targets).abs().mean(dim=1)
 
 
-def student_loss(logits: Tensor, targets: Tensor, soft_loss: SoftLoss = "l1") -> Tensor:
+def student_loss(logits: Tensor, targets: Tensor, soft_loss: SoftLoss = "l1", label_smoothing: float = 0.0) -> Tensor:
     """``L1(S(x), l)`` (or ``KL(softmax(l) || softmax(S(x)))``) for soft targets ``[N, K]``,
-    ``CE(S(x), y)`` for labels ``[N]``."""
+    ``CE(S(x), y)`` for labels ``[N]``.
+
+    ``label_smoothing`` (labels only): the cross-entropy's target puts ``1 - eps + eps / K``
+    on ``y`` and ``eps / K`` on every other class (Szegedy et al., CVPR 2016, Sec. 7).
+    """
     logits = logits.float()  # bfloat16 logits under autocast: the loss itself in float32
     if targets.dim() == 1:
-        return F.cross_entropy(logits, targets)
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     if soft_loss == "kl":
         return F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(targets, dim=1),
                         reduction="batchmean", log_target=True)

@@ -44,6 +44,7 @@ class StudentSettings:
         ema_decay: decay of the moving average (0 disables it).
         min_lr_fraction: the cosine schedule ends at this fraction of the initial rate.
         soft_loss: ``l1`` (on recovered logits) or ``kl`` for soft targets.
+        label_smoothing: smoothing ``eps`` of the cross-entropy on label targets (0: none).
         replay: answered images kept in a replay memory; each update also trains on
             as many of them (drawn at random) as it has fresh ones (0: no replay).
             Replay reuses answers already paid for: it costs compute, not queries.
@@ -65,6 +66,7 @@ class StudentSettings:
     ema_decay: float = 0.995
     min_lr_fraction: float = 0.02
     soft_loss: SoftLoss = "l1"
+    label_smoothing: float = 0.0
     replay: int = 0
     replay_policy: Literal["ring", "reservoir"] = "ring"
     updates_per_batch: int = 1
@@ -196,7 +198,7 @@ class Students(nn.Module):
         total = 0.0
         for member, optimizer in zip(self.members, self.optimizers, strict=True):
             member.train()
-            loss = student_loss(member(images), targets, self.settings.soft_loss)
+            loss = student_loss(member(images), targets, self.settings.soft_loss, self.settings.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

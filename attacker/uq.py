@@ -83,6 +83,7 @@ class UQSettings:
         learning_rate: Adam's initial rate (cosine-decayed; cyclic for ``snapshot``).
         min_lr_fraction: the cosine schedule's floor.
         soft_loss: the student loss on soft targets.
+        label_smoothing: smoothing of the cross-entropy on label targets (0: none).
         dropout: dropout rate of ``mc-dropout`` (and of every member when > 0 elsewhere: 0).
         swag_start: fraction of the budget after which SWAG collects moments.
         swag_scale: scale of SWAG's sampled deviation (0.5 in Maddox et al.).
@@ -98,6 +99,7 @@ class UQSettings:
     learning_rate: float = 2e-3
     min_lr_fraction: float = 0.02
     soft_loss: SoftLoss = "l1"
+    label_smoothing: float = 0.0
     dropout: float = 0.25
     swag_start: float = 0.5
     swag_scale: float = 0.5
@@ -261,7 +263,8 @@ class UQModel(nn.Module):
     def _update(self, images: Tensor, targets: Tensor, unlabelled: Tensor | None) -> float:
         for net in self.networks:
             net.train()
-        fits = [student_loss(logits, targets, self.settings.soft_loss) for logits in self._fit_logits(images)]
+        fits = [student_loss(logits, targets, self.settings.soft_loss, self.settings.label_smoothing)
+                for logits in self._fit_logits(images)]
         loss = torch.stack(fits).sum()
         if self.settings.diversity_weight > 0 and unlabelled is not None:
             loss = loss - self.settings.diversity_weight * pairwise_disagreement(self.training_members(unlabelled))

@@ -72,6 +72,18 @@ def test_student_losses_match_their_formulas() -> None:
     assert student_loss(logits, soft, "kl").item() == pytest.approx(kl.item(), rel=1e-5)
 
 
+def test_label_smoothing_spreads_eps_over_the_classes_of_label_targets_only() -> None:
+    logits = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+    labels = torch.tensor([0, 1])
+    eps, classes = 0.3, 3
+    target = F.one_hot(labels, classes).float() * (1 - eps) + eps / classes
+    manual = -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    assert student_loss(logits, labels, label_smoothing=eps).item() == pytest.approx(manual.item())
+    assert student_loss(logits, labels, label_smoothing=eps).item() > student_loss(logits, labels).item()
+    soft = torch.tensor([[0.5, -1.0, 0.5], [1.0, 1.0, -2.0]])
+    assert student_loss(logits, soft, label_smoothing=eps).item() == student_loss(logits, soft).item()
+
+
 def test_disagreement_and_class_balance() -> None:
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     b = torch.tensor([[0.0, 0.0], [1.0, 1.0]])

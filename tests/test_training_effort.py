@@ -75,3 +75,27 @@ def test_knockoff_reads_the_shared_setting() -> None:
 def test_updates_per_batch_must_be_positive() -> None:
     with pytest.raises(AttackError, match="invalid attack settings"):
         make_settings("random", updates_per_batch=0)
+
+
+@pytest.mark.parametrize("name", ["dual-student", "dfme", "random", "ensemble"])
+def test_label_smoothing_reaches_the_clones_loss(name: str) -> None:
+    attack = build_attack(name, DIGITS, torch.device("cpu"), hard_label=True, label_smoothing=0.1)
+    trained = attack.uq.settings if name == "ensemble" else attack.students.settings  # type: ignore[attr-defined]
+    assert trained.label_smoothing == 0.1
+    assert make_settings(name).label_smoothing == 0.0
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_label_smoothing_outside_zero_one_is_refused_by_name(value: float) -> None:
+    with pytest.raises(AttackError, match="label_smoothing must be in"):
+        make_settings("dual-student", label_smoothing=value)
+
+
+def test_knockoff_smooths_its_label_cross_entropy() -> None:
+    attack = build_attack("knockoff", DIGITS, torch.device("cpu"), hard_label=True, label_smoothing=0.2)
+    logits = torch.tensor([[1.0, -2.0, 0.5] + [0.0] * 7])
+    labels = torch.tensor([2])
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+    assert attack._loss(logits, labels).item() == pytest.approx(expected.item())  # type: ignore[attr-defined]
+    assert attack._loss(logits, labels).item() != pytest.approx(  # type: ignore[attr-defined]
+        torch.nn.functional.cross_entropy(logits, labels).item())

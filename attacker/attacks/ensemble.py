@@ -90,7 +90,8 @@ class EnsembleSettings(AttackSettings):
         architectures = self.architectures or ((self.student_architecture,) if self.student_architecture else ())
         return UQSettings(
             kind=self.uq, members=self.members, architectures=architectures, width=self.student_width,
-            learning_rate=self.student_lr, soft_loss=self.soft_loss, dropout=self.dropout,
+            learning_rate=self.student_lr, soft_loss=self.soft_loss, label_smoothing=self.label_smoothing,
+            dropout=self.dropout,
             swag_start=self.swag_start, swag_scale=self.swag_scale, laplace_prior=self.laplace_prior,
             diversity_weight=self.diversity_weight, replay=self.replay,
         )

@@ -113,7 +113,7 @@ class Knockoff(Attack):
     def _loss(self, logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         logits = logits.float()  # bfloat16 under autocast: the loss in float32
         if targets.dim() == 1:
-            return F.cross_entropy(logits, targets, reduction=reduction)
+            return F.cross_entropy(logits, targets, reduction=reduction, label_smoothing=self.s.label_smoothing)
         teacher = torch.log(targets + LOG_EPSILON)
         if reduction == "none":
             t = self.s.temperature

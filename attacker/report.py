@@ -121,16 +121,39 @@ class Run:
 
 
 def load_run(path: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """``(config, metrics, history)`` of a finished run directory."""
+    """``(config, metrics, history)`` of a run directory.
+
+    A run that was stopped (or is still running) has no ``metrics.json``: its metrics
+    are its last evaluation in ``metrics.jsonl``, with ``stopped_at`` (the queries
+    spent then) added, so tables can say the row is not a finished run.
+    """
     try:
         config = json.loads((path / "config.json").read_text())
-        metrics = json.loads((path / "metrics.json").read_text())
         history_path = path / "metrics.jsonl"
         lines = history_path.read_text().splitlines() if history_path.is_file() else []
         history = [json.loads(line) for line in lines if line.strip()]
+        metrics_path = path / "metrics.json"
+        if metrics_path.is_file():
+            metrics = json.loads(metrics_path.read_text())
+        else:
+            evaluated = [entry for entry in history if "fidelity" in entry]
+            if not evaluated:
+                raise AttackError(f"{path} is not an attack run with results: no metrics.json and no "
+                                  "evaluation in metrics.jsonl")
+            metrics = {**evaluated[-1], "stopped_at": evaluated[-1].get("queries")}
     except (OSError, json.JSONDecodeError) as exc:
-        raise AttackError(f"{path} is not a finished attack run: {exc}") from exc
+        raise AttackError(f"{path} is not an attack run with results: {exc}") from exc
     return config, metrics, history
+
+
+def stopped_runs_note(runs: Sequence[Run]) -> str | None:
+    """The note naming runs reported from their last evaluation (no ``metrics.json``)."""
+    stopped = [f"{run.path.name} at {_format(run.metrics['stopped_at'])} queries"
+               for run in runs if "stopped_at" in run.metrics]
+    if not stopped:
+        return None
+    return ("Not finished (stopped or still running; values from the last evaluation, no final "
+            f"transfer): {', '.join(stopped)}.")
 
 
 def read_runs(paths: Sequence[Path]) -> list[Run]:
@@ -349,6 +372,9 @@ def seed_table(groups: Sequence[RunGroup], metrics: Sequence[str] = SEED_METRICS
     if any(baselines[index] is None for index in range(len(groups))):
         notes.append(f"No baseline: run `stealsim attack {BASELINE_ATTACK}` with the same victim, budget "
                      "and evaluation set beside those groups.")
+    stopped = stopped_runs_note([run for group in groups for run in group.runs])
+    if stopped:
+        notes.append(stopped)
     for group in groups:
         for run in group.runs:
             if run.metrics.get("evaluation_error"):
@@ -632,6 +658,9 @@ def compare_runs(paths: Sequence[Path], plot_path: Path | None = None) -> str:
         cells = " | ".join(_format(run.metrics.get(name)) for name in COMPARED_METRICS)
         lines.append(f"| {run.path.name} | {run.config.get('attack')} | {run.seed} | {cells} |")
     text = "\n".join(lines) + "\n"
+    stopped = stopped_runs_note(runs)
+    if stopped:
+        text += "\n" + stopped + "\n"
     if plot_path is not None and not plot_runs([(run.path.name, run.history) for run in runs],
                                                plot_path, "attack runs"):
         text += f"\nNo plot written to {plot_path}: no run has an evaluated point.\n"

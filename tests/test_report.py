@@ -183,3 +183,23 @@ def test_published_reference_points_are_read_and_drawn(tmp_path: Path) -> None:
     absent = subprocess.run([sys.executable, "-m", "stealsim", "report", *paths, "--plot", str(tmp_path / "x.png"),
                              "--curve", "answer_top_share"], capture_output=True, text=True, timeout=120)
     assert absent.returncode == 0 and "No plot written" in absent.stdout and not (tmp_path / "x.png").exists()
+
+
+def test_stopped_runs_are_reported_from_their_last_evaluation_and_named(tmp_path: Path) -> None:
+    finished = fake_run(tmp_path, "done", seed=0, fidelity=0.9)
+    stopped = fake_run(tmp_path, "stopped", seed=1, history=[
+        {"queries": 500, "fidelity": 0.3, "accuracy": 0.2}, {"queries": 700, "loss": 1.0},
+        {"queries": 800, "fidelity": 0.5, "accuracy": 0.4}, {"queries": 900, "loss": 0.9}])
+    (stopped / "metrics.json").unlink()
+    runs = read_runs([finished, stopped])
+    assert runs[1].metrics["fidelity"] == 0.5 and runs[1].metrics["stopped_at"] == 800
+    assert "stopped_at" not in runs[0].metrics
+    table = seed_table(group_runs(runs), ("fidelity",))
+    assert "0.7000 ± 0.2828 (0.5000)" in table
+    assert "Not finished" in table and "stopped at 800 queries" in table
+    assert "stopped at 800 queries" in compare_runs([finished, stopped])
+    assert "Not finished" not in compare_runs([finished])
+    empty = fake_run(tmp_path, "empty", history=[{"queries": 100, "loss": 2.0}])
+    (empty / "metrics.json").unlink()
+    with pytest.raises(AttackError, match=r"no metrics\.json and no evaluation"):
+        read_runs([empty])

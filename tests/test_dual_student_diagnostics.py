@@ -75,3 +75,54 @@ def test_measuring_leaves_the_run_unchanged() -> None:
     measured, plain = run(measure=True), run(measure=False)
     for a, b in zip(measured.clone().parameters(), plain.clone().parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def one_class(images: Tensor) -> Tensor:
+    """A victim that answers class 3 to every image: the dead start ``generator_restart`` detects."""
+    return torch.nn.functional.one_hot(torch.full((len(images),), 3), 10).float()
+
+
+def restarting_attack(window: int) -> DualStudent:
+    torch.manual_seed(0)
+    attack = build_attack("dual-student", DIGITS, torch.device("cpu"), hard_label=True, generator_restart=window, **SMALL)
+    assert isinstance(attack, DualStudent)
+    return attack
+
+
+def test_a_dead_start_draws_a_fresh_generator_once_per_window() -> None:
+    attack = restarting_attack(window=64)  # one step answers 3 batches of 32: 96 queries, past the window
+    victim = BudgetedVictim(FunctionVictim(one_class, DIGITS), budget=10_000)
+    before = [p.detach().clone() for p in attack.gen.generator.parameters()]
+    attack.step(victim)
+    assert attack.generator_restarts == 1
+    assert int(attack.window_counts.sum()) == 0
+    assert not attack.gen.optimizer.state  # Adam's moments start afresh with the generator
+    # Not the generator that one Adam step would have made: drawn anew (its weights moved by more than a step).
+    moved = max(float((a - b.detach()).abs().max()) for a, b in zip(before, attack.gen.generator.parameters(), strict=True))
+    assert moved > 10 * attack.s.generator_lr
+    attack.step(victim)
+    assert attack.generator_restarts == 2
+    assert attack.diagnostics(evaluator=None)["generator_restarts"] == 2.0  # type: ignore[arg-type]
+    assert victim.used == 6 * 32  # restarting spends no query
+
+
+def test_varied_answers_or_the_default_never_restart() -> None:
+    varied = restarting_attack(window=64)
+    victim = BudgetedVictim(FunctionVictim(answers, DIGITS), budget=10_000)
+    shares = []
+    for _ in range(3):
+        varied.step(victim)
+        shares.append(float(varied.answer_counts.max()) / float(varied.answer_counts.sum()))
+    assert max(shares) < 0.99 and varied.generator_restarts == 0
+    default = fresh_attack()
+    assert default.s.generator_restart == 0
+    default.step(BudgetedVictim(FunctionVictim(one_class, DIGITS), budget=10_000))
+    assert default.generator_restarts == 0 and "generator_restarts" not in default.diagnostics(evaluator=None)  # type: ignore[arg-type]
+
+
+def test_a_negative_restart_window_is_refused() -> None:
+    from attacker.attacks import make_settings
+    from stealsim.errors import AttackError
+
+    with pytest.raises(AttackError, match="invalid Dual Student settings"):
+        make_settings("dual-student", generator_restart=-1)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attacker.attacks._common import GeneratorTrainer, frozen
+from attacker.attacks._common import GeneratorTrainer, frozen, make_generator
 from attacker.loop import Attack, AttackSettings, Evaluates
 from attacker.losses import class_balance_loss, disagreement_loss, victim_targets
 from attacker.replay import ReplayMemory
@@ -22,6 +22,9 @@ __all__ = ["DualStudent", "DualStudentSettings"]
 PROBE = 2048
 """Answered queries kept for the diagnostics: the run's first ``PROBE``, its last ``PROBE``, and
 ``PROBE`` drawn uniformly from all of them."""
+
+DEAD_START_SHARE = 0.99
+"""``generator_restart``: the victim's top class's share of a window's answers that counts as a dead start."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,14 @@ class DualStudentSettings(AttackSettings):
         generator_schedule: the generator's learning-rate schedule: ``students`` (the
             default and the authors': the same ``lr_schedule`` as the students) or
             ``constant`` (the generator keeps its learning rate to the end of the budget).
+        generator_restart: queries per check for a dead start (0, the default: never, as the
+            paper). When the victim gave one class to at least 99 % of the last
+            ``generator_restart`` answers, the generator and its optimiser state are drawn
+            afresh. With hard labels a generator whose images all get one answer is a near
+            fixed point: the students learn that constant class with a saturated softmax, their
+            disagreement and its gradient vanish (losses of order 1e-6), and nothing moves
+            the generator off the images (a width-32 mnist5k run sat at fidelity 0.099 for
+            200,000 queries; docs/attacks.md). Not in the paper or the authors' code.
         preset: ``tuned`` (these defaults) or ``reference`` (:data:`REFERENCE`, the authors'
             code); settings given beside a preset override it.
 
@@ -91,6 +102,7 @@ class DualStudentSettings(AttackSettings):
     generator_step_input: Literal["images", "preactivation"] = "images"
     hard_target: Literal["class", "one_hot"] = "class"
     generator_schedule: Literal["students", "constant"] = "students"
+    generator_restart: int = 0
     preset: Literal["tuned", "reference"] = "tuned"
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -98,7 +110,8 @@ class DualStudentSettings(AttackSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.student_steps < 1 or self.generator_lr <= 0 or self.student_weight_decay < 0:
+        if (self.student_steps < 1 or self.generator_lr <= 0 or self.student_weight_decay < 0
+                or self.generator_restart < 0):
             raise AttackError(f"invalid Dual Student settings: {self}")
         choices = {"student_optimizer": ("adam", "sgd"), "lr_schedule": ("cosine", "multistep"),
                    "students_in_generator_step": ("train", "eval"), "generator_when_sampling": ("train", "eval"),
@@ -181,6 +194,9 @@ class DualStudent(Attack):
         # Its own random numbers: measuring must not move the run's.
         self.all_answers = ReplayMemory(PROBE, "reservoir", torch.Generator().manual_seed(0))
         self.answer_counts = torch.zeros(info.num_classes, dtype=torch.long)
+        # The victim's answers since the last dead-start check (``generator_restart``).
+        self.window_counts = torch.zeros(info.num_classes, dtype=torch.long)
+        self.generator_restarts = 0
 
     def step(self, victim: BudgetedVictim) -> dict[str, float]:
         self.students.schedule(self.progress)
@@ -217,7 +233,19 @@ class DualStudent(Attack):
             targets = self._targets(answers).to(self.device)
             student_loss += self.students.train_step(images, targets)
             steps += 1
+        self._restart_if_dead()
         return {"generator": float(generator_loss.detach()), "student": student_loss / max(1, steps)}
+
+    def _restart_if_dead(self) -> None:
+        """Draw the generator afresh when one class took >= 99 % of the last ``generator_restart`` answers."""
+        if self.s.generator_restart == 0 or int(self.window_counts.sum()) < self.s.generator_restart:
+            return
+        if int(self.window_counts.max()) >= DEAD_START_SHARE * int(self.window_counts.sum()):
+            fresh = make_generator(self.info, self.s.latent_dim, self.s.generator_width, self.device)
+            self.gen.generator.load_state_dict(fresh.state_dict())
+            self.gen.optimizer.state.clear()
+            self.generator_restarts += 1
+        self.window_counts.zero_()
 
     def _targets(self, answers: torch.Tensor) -> torch.Tensor:
         """Training targets; ``hard_target="one_hot"`` turns labels into one-hot vectors (the authors')."""
@@ -233,6 +261,7 @@ class DualStudent(Attack):
         labels = answers if answers.dim() == 1 else answers.argmax(dim=1)
         labels = labels.long().cpu()
         self.answer_counts += torch.bincount(labels, minlength=self.info.num_classes)
+        self.window_counts += torch.bincount(labels, minlength=self.info.num_classes)
         room = PROBE - self.first_answers.filled
         if room > 0:
             self.first_answers.add(images[:room].cpu(), labels[:room])
@@ -250,6 +279,8 @@ class DualStudent(Attack):
           uniform sample falling while the last holds).
         - ``answer_entropy`` (``log K`` = 1) and ``answer_top_share``: the class histogram of
           the victim's answers since the previous evaluation (``answer_share_<k>`` per class).
+        - ``generator_restarts`` (with ``generator_restart``): generators drawn afresh so far
+          (counted from the start of this process: a resumed run counts again from 0).
         - ``generator_spread``: RMS pixel distance between pairs of 256 generated images;
           ``generator_class_entropy``: the clone's class histogram on them (1 = uniform).
         """
@@ -274,6 +305,8 @@ class DualStudent(Attack):
             result.update({f"answer_share_{k}": float(share) for k, share in enumerate(shares)})
             self.answer_counts.zero_()
         result.update(self._generator_diagnostics(clone))
+        if self.s.generator_restart > 0:
+            result["generator_restarts"] = float(self.generator_restarts)
         return result
 
     @torch.no_grad()

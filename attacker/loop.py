@@ -54,10 +54,12 @@ class AttackSettings:
         batch_size: images per victim request (large batches: few round-trips).
         hard_label: train on the victim's arg-max only (forced for a label-only victim).
         student_architecture: the clones' architecture (default: by input shape).
-        student_width: width of a ``small-cnn`` clone. With ``hard_label``, Dual Student on the
-            mnist5k validation split needed 32 (with ``student_pool_first``, about 0.8x the
-            queries/s of width 16): 0.764 / 0.926 against 0.464 / 0.710 at 160k queries,
-            seeds 3 / 4 (docs/attacks.md). Like ``replay``, it does not follow the label mode.
+        student_width: width of a ``small-cnn`` clone. With ``hard_label``, Dual Student at width
+            32 (with ``student_pool_first``, about 0.8x the queries/s of width 16) was ahead on
+            the mnist5k validation split (0.764 / 0.926 against 0.464 / 0.710 at 160k queries,
+            seeds 3 / 4), but on 3 test seeds at 1M it ended at 0.702 +- 0.289, one seed stuck
+            in a dead start (``DualStudentSettings.generator_restart``; docs/attacks.md). Like
+            ``replay``, it does not follow the label mode.
         student_pool_first: a ``small-cnn`` clone pools before its batch norms and ReLUs
             (:class:`stealsim.architectures.SmallCNN`'s ``pool_first``: the same kind of
             function, a cheaper training step).

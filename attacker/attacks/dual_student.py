@@ -56,9 +56,9 @@ class DualStudentSettings(AttackSettings):
             ``generator_restart`` answers, the generator and its optimiser state are drawn
             afresh. With hard labels a generator whose images all get one answer is a near
             fixed point: the students learn that constant class with a saturated softmax, their
-            disagreement and its gradient vanish (losses of order 1e-6), and nothing moves
-            the generator off the images (a width-32 mnist5k run sat at fidelity 0.099 for
-            200,000 queries; docs/attacks.md). Not in the paper or the authors' code.
+            disagreement and its gradient vanish (generator losses of order 1e-6), and nothing
+            moves the generator off the images (a width-32 mnist5k run sat at fidelity 0.099
+            for 260,000 queries; docs/attacks.md). Not in the paper or the authors' code.
         preset: ``tuned`` (these defaults) or ``reference`` (:data:`REFERENCE`, the authors'
             code); settings given beside a preset override it.
 

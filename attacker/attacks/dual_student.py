@@ -262,8 +262,9 @@ class DualStudent(Attack):
     def _remember(self, images: torch.Tensor, answers: torch.Tensor) -> None:
         labels = answers if answers.dim() == 1 else answers.argmax(dim=1)
         labels = labels.long().cpu()
-        self.answer_counts += torch.bincount(labels, minlength=self.info.num_classes)
-        self.window_counts += torch.bincount(labels, minlength=self.info.num_classes)
+        counts = torch.bincount(labels, minlength=self.info.num_classes)
+        self.answer_counts += counts
+        self.window_counts += counts
         room = PROBE - self.first_answers.filled
         if room > 0:
             self.first_answers.add(images[:room].cpu(), labels[:room])

@@ -112,8 +112,9 @@ class DualStudentSettings(AttackSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (self.student_steps < 1 or self.generator_lr <= 0 or self.student_weight_decay < 0
-                or self.generator_restart < 0):
+        if self.generator_restart < 0:
+            raise AttackError(f"generator_restart must be 0 (never) or a number of queries per check, got {self.generator_restart}")
+        if self.student_steps < 1 or self.generator_lr <= 0 or self.student_weight_decay < 0:
             raise AttackError(f"invalid Dual Student settings: {self}")
         choices = {"student_optimizer": ("adam", "sgd"), "lr_schedule": ("cosine", "multistep"),
                    "students_in_generator_step": ("train", "eval"), "generator_when_sampling": ("train", "eval"),

@@ -36,12 +36,11 @@ from attacker.endpoint import (
     negotiate,
 )
 from stealsim.errors import AttackError, BudgetExhaustedError, VictimAPIError
+from stealsim.wire import API_KEY_HEADER, HEADER_LENGTH, USAGE_PATH
 
 __all__ = ["HEADER_LENGTH", "HttpVictim", "RetryPolicy"]
 
 logger = logging.getLogger(__name__)
-
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 _RETRIED_STATUSES = (429, 503)
 
@@ -134,7 +133,7 @@ class HttpVictim:
         self.retries = 0
         sent = dict(headers or {})
         if api_key:
-            sent["X-API-Key"] = api_key
+            sent[API_KEY_HEADER] = api_key
         self._client = httpx.Client(
             base_url=self.url,
             headers=sent,
@@ -240,4 +239,4 @@ class HttpVictim:
         if self.metering != "server":
             raise AttackError(f"{self.url} does not meter keys (no {METERING_EXTENSION} extension): "
                               "the budget is counted on the client alone")
-        return cast(dict[str, Any], self._request("GET", "/v1/usage").json())
+        return cast(dict[str, Any], self._request("GET", USAGE_PATH).json())

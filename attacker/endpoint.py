@@ -44,6 +44,7 @@ from torch import Tensor
 
 from attacker.victims import VictimInfo
 from stealsim.errors import AttackError, VictimAPIError
+from stealsim.wire import BINARY_CONTENT_TYPE, HEADER_LENGTH, JSON_CONTENT_TYPE
 
 __all__ = [
     "BINARY_EXTENSION",
@@ -275,14 +276,13 @@ def encode_request(endpoint: Endpoint, images: Tensor) -> tuple[bytes, dict[str,
         body: dict[str, Any] = {"inputs": [tensor]}
         if output:
             body["outputs"] = [output]
-        return json.dumps(body).encode(), {"Content-Type": "application/json"}
+        return json.dumps(body).encode(), {"Content-Type": JSON_CONTENT_TYPE}
     payload = array.tobytes()
     tensor["parameters"] = {"binary_data_size": len(payload)}
     if output:
         output["parameters"] = {"binary_data": True}
     header = json.dumps({"inputs": [tensor], **({"outputs": [output]} if output else {})}).encode()
-    return header + payload, {"Content-Type": "application/octet-stream",
-                              "Inference-Header-Content-Length": str(len(header))}
+    return header + payload, {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
 
 
 def _mismatch(endpoint: Endpoint, message: str) -> VictimAPIError:

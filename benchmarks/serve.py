@@ -58,8 +58,15 @@ import httpx
 import numpy as np
 import torch
 
+from stealsim.wire import (
+    API_KEY_HEADER,
+    BINARY_CONTENT_TYPE,
+    HEADER_LENGTH,
+    JSON_CONTENT_TYPE,
+    infer_path,
+)
+
 ADMIN_KEY = "bench-admin"
-HEADER_LENGTH = "Inference-Header-Content-Length"
 MODEL = "bench"
 
 
@@ -203,7 +210,7 @@ def binary_body(images: np.ndarray) -> tuple[bytes, dict[str, str]]:
                     "parameters": {"binary_data_size": len(raw)}}],
         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
     }).encode()
-    return header + raw, {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
+    return header + raw, {HEADER_LENGTH: str(len(header)), "Content-Type": BINARY_CONTENT_TYPE}
 
 
 def json_body(images: np.ndarray) -> bytes:
@@ -246,9 +253,9 @@ def bench_http(url: str, key: str, images: np.ndarray, seconds: float, binary: b
             if binary:
                 content, headers = binary_body(images)
             else:
-                content, headers = json_body(images), {"Content-Type": "application/json"}
-            response = client.post(f"/v2/models/{MODEL}/infer", content=content,
-                                   headers={"X-API-Key": key, **headers})
+                content, headers = json_body(images), {"Content-Type": JSON_CONTENT_TYPE}
+            response = client.post(infer_path(MODEL), content=content,
+                                   headers={API_KEY_HEADER: key, **headers})
             response.raise_for_status()
             return len(images)
         return timed(seconds, step)
@@ -278,7 +285,7 @@ def bench_concurrent(url: str, key: str, image: np.ndarray, clients: int, second
     content, headers = binary_body(image)
     host, port = url.removeprefix("http://").split(":")
     request = (
-        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {key}\r\n"
+        f"POST {infer_path(MODEL)} HTTP/1.1\r\nHost: {host}\r\n{API_KEY_HEADER}: {key}\r\n"
         + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         + f"Content-Length: {len(content)}\r\n\r\n"
     ).encode() + content
@@ -359,11 +366,11 @@ def wrk_load(server: Server, images: np.ndarray, connections: int, seconds: floa
     body = scratch / f"body-{len(images)}.bin"
     body.write_bytes(content)
     script = scratch / f"wrk-{len(images)}.lua"
-    all_headers = {"X-API-Key": server.key, **headers}
+    all_headers = {API_KEY_HEADER: server.key, **headers}
     script.write_text(_WRK_SCRIPT.format(body=body, headers="\n".join(
         f'wrk.headers["{name}"] = "{value}"' for name, value in all_headers.items())))
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(script),
-               f"{server.url}/v2/models/{MODEL}/infer"]
+               server.url + infer_path(MODEL)]
     subprocess.run([*command[:3], "-d1s", *command[4:]], check=True, capture_output=True)  # warm-up
     before, started = cpu_seconds(server.pid), time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -412,8 +419,8 @@ def bench_worker_kill(server: Server, workers: list[subprocess.Popen[bytes]], ar
         nonlocal served
         while time.perf_counter() < stop_at:
             started = time.perf_counter()
-            response = await http.post(f"/v2/models/{MODEL}/infer", content=content,
-                                       headers={"X-API-Key": key, **headers})
+            response = await http.post(infer_path(MODEL), content=content,
+                                       headers={API_KEY_HEADER: key, **headers})
             latencies.append(time.perf_counter() - started)
             if response.status_code == 200:
                 served += len(images)

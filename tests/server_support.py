@@ -26,9 +26,10 @@ from stealsim.checkpoint import save_checkpoint
 from stealsim.data import load_dataset
 from stealsim.processes import child_environment
 from stealsim.training import TrainConfig, train_classifier
+from stealsim.wire import ADMIN_KEYS_PATH, API_KEY_HEADER, BINARY_CONTENT_TYPE, READY_PATH
+from stealsim.wire import HEADER_LENGTH as HEADER_LENGTH  # the tests import it from here
 
 ADMIN_KEY = "test-admin-key"
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 def free_port() -> int:
@@ -102,15 +103,15 @@ class ServerProcess(LoggedProcess):
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 90.0) -> None:
-        self.wait_until_ready([f"{self.url}/v2/health/ready"], timeout, "server")
+        self.wait_until_ready([self.url + READY_PATH], timeout, "server")
 
 
 def admin() -> dict[str, str]:
-    return {"X-API-Key": ADMIN_KEY}
+    return {API_KEY_HEADER: ADMIN_KEY}
 
 
 def new_key(client: httpx.Client, budget: int = 1000, **fields: Any) -> str:
-    response = client.post("/v1/admin/keys", json={"budget": budget, **fields}, headers=admin())
+    response = client.post(ADMIN_KEYS_PATH, json={"budget": budget, **fields}, headers=admin())
     assert response.status_code == 201, response.text
     return str(response.json()["api_key"])
 
@@ -127,7 +128,7 @@ def binary_request(images: np.ndarray, binary_output: bool = True, output: str =
     if binary_output:
         header["outputs"] = [{"name": output, "parameters": {"binary_data": True}}]
     head = json.dumps(header).encode()
-    return head + raw, {HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
+    return head + raw, {HEADER_LENGTH: str(len(head)), "Content-Type": BINARY_CONTENT_TYPE}
 
 
 def decode_binary_response(response: httpx.Response) -> tuple[dict[str, Any], np.ndarray]:

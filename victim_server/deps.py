@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from stealsim.errors import ForbiddenError, UnauthorizedError
+from stealsim.wire import API_KEY_HEADER, AUTHORIZATION_HEADER, BEARER_SCHEME
 from victim_server.service import VictimService
 from victim_server.store import KeyRecord
 
@@ -23,11 +24,11 @@ ServiceDep = Annotated[VictimService, Depends(get_service)]
 
 def presented_secret(request: Request) -> str | None:
     """The key sent as ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``."""
-    secret = request.headers.get("x-api-key")
+    secret = request.headers.get(API_KEY_HEADER)
     if secret:
         return secret.strip()
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
+    scheme, _, token = request.headers.get(AUTHORIZATION_HEADER, "").partition(" ")
+    if scheme.lower() == BEARER_SCHEME.lower() and token.strip():
         return token.strip()
     return None
 

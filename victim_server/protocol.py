@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 
 from stealsim.errors import InvalidRequestError, PayloadTooLargeError
+from stealsim.wire import HEADER_LENGTH
 
 __all__ = [
     "HEADER_LENGTH",
@@ -27,7 +28,6 @@ __all__ = [
     "json_bytes",
 ]
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 INPUT_NAME = "input"
 _FP32 = np.dtype("<f4")
 

@@ -8,6 +8,7 @@ Redis, HTTP) are wrapped at the boundary where they occur (``raise X(...) from e
 from __future__ import annotations
 
 __all__ = [
+    "APIRequestError",
     "ArchitectureError",
     "BudgetExceededError",
     "CheckpointError",
@@ -72,6 +73,20 @@ class BudgetExhaustedError(VictimAPIError):
     def __init__(self, message: str, *, remaining: int = 0, status: int = 429) -> None:
         super().__init__(message, status=status, code="budget_exhausted")
         self.remaining = remaining
+
+
+class APIRequestError(StealsimError):
+    """A call of stealsim's own API (health, keys, usage, audit, watermark records) failed.
+
+    Raised by :class:`stealsim.service_client.ServiceClient`. ``status`` is the HTTP
+    status (0 when no response arrived) and ``code`` the API's machine-readable
+    error code (``unauthorized``, ``key_not_found``, ...; empty when the answer had none).
+    """
+
+    def __init__(self, message: str, *, status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 # --- victim service -------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Where the per-key query detectors (PRADA, SEAT) keep their state: this process, or Redis.
+"""Where the per-key query detectors (PRADA, SEAT, OOD rate) keep their state: this process, or Redis.
 
 :class:`DetectorStates` feeds one key's queries to its detector of one kind for
 one model and says whether the key was flagged before. A detector is anything
-with ``flagged``, ``observe(inputs, labels) -> verdict`` and ``to_bytes()``; the
-policy step that turns it on (:mod:`defense.policies`) knows how to make a new
-one and how to load one from bytes. With several API processes the state must
+with ``flagged``, ``observe(inputs, labels) -> verdict`` and ``to_bytes()``
+(:class:`defense.steps.Detector`); the policy step that turns it on
+(:class:`defense.steps.DetectorStep`) knows how to make a new one and how to
+load one from bytes. With several API processes the state must
 be shared and updated one request at a time: :class:`RedisDetectorStates` holds
 it in ``PREFIX:KIND:KEY:MODEL`` and updates it under a Redis lock of that name,
 so it also survives an API restart.
@@ -18,20 +19,11 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import LockError
 
+from defense.steps import Detector as StatefulDetector
 from stealsim.errors import UnavailableError
 from victim_server.redis_keys import RedisNames, redis_errors
 
 __all__ = ["DetectorFactory", "DetectorStates", "MemoryDetectorStates", "RedisDetectorStates", "StatefulDetector"]
-
-
-@runtime_checkable
-class StatefulDetector(Protocol):
-    @property
-    def flagged(self) -> bool: ...
-
-    def observe(self, inputs: np.ndarray, labels: np.ndarray) -> Any: ...
-
-    def to_bytes(self) -> bytes: ...
 
 
 class DetectorFactory(Protocol):

@@ -17,16 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from defense.policies import (
-    OodRateStep,
-    OutputPolicy,
-    PolicyAnswer,
-    PolicyContext,
-    PradaStep,
-    SeatStep,
-    Watermark,
-    parse_policy,
-)
+from defense.policies import OutputPolicy, PolicyAnswer, PolicyContext, parse_policy
+from defense.steps import DetectorInput
 from defense.watermark import WatermarkRecord
 from stealsim import __version__
 from stealsim.errors import (
@@ -53,6 +45,12 @@ __all__ = ["InferenceResult", "VictimService"]
 logger = logging.getLogger(__name__)
 
 EXTENSIONS = ["binary_tensor_data", "stealsim_metering", "stealsim_output_policies"]
+
+
+def _pixel_encoding(images: np.ndarray) -> np.ndarray:
+    """Images flattened and scaled by ``1/sqrt(C*H*W)``: Euclidean distances become RMS pixel differences."""
+    flat = images.reshape(len(images), -1).astype(np.float32)
+    return flat / np.float32(np.sqrt(flat.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -121,17 +119,18 @@ class VictimService:
         Raises:
             ConfigError: a checkpoint that cannot be loaded or does not fit; a watermark without secret.
         """
-        if any(isinstance(step, Watermark) for step in policy.steps) and self.settings.watermark_secret is None:
+        if policy.needs_watermark_secret and self.settings.watermark_secret is None:
             raise ConfigError("the watermark step needs the server's watermark_secret "
                               "(--watermark-secret or STEALSIM_WATERMARK_SECRET)")
         for step in policy.steps:
-            classes = not isinstance(step, (SeatStep, OodRateStep))  # encoders: features only
             for path in step.checkpoints():
                 for model in models:
-                    self.defender_models.check(path, self.runners[model].meta, needs_classes=classes)
-            if isinstance(step, OodRateStep) and step.score == "mahalanobis":
-                assert step.statistics is not None and step.encoder is not None
-                self.defender_models.check_gaussian(step.statistics, step.encoder)
+                    self.defender_models.check(path, self.runners[model].meta,
+                                               needs_classes=step.checkpoints_have_classes)
+            need = step.observes()
+            if need is not None and need.kind == "mahalanobis":
+                assert need.statistics is not None and need.encoder is not None
+                self.defender_models.check_gaussian(need.statistics, need.encoder)
         return policy
 
     def check_access(self, key: KeyRecord, model: str) -> ModelRunner:
@@ -231,12 +230,19 @@ class VictimService:
         )
         return await asyncio.to_thread(policy.apply, probabilities, self._rng, context)
 
-    def _encode(self, step: SeatStep, images: np.ndarray) -> np.ndarray:
-        """SEAT's encoder: RMS-scaled pixels, or a defender checkpoint's penultimate features."""
-        if step.encoder == "pixels":
-            flat = images.reshape(len(images), -1).astype(np.float32)
-            return flat / np.float32(np.sqrt(flat.shape[1]))
-        return self.defender_models.features(step.encoder, images)
+    async def _observed(self, need: DetectorInput, images: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+        """What a detector observes of the queries (:data:`~defense.steps.DetectorInputKind`)."""
+        if need.kind == "images":
+            return images
+        if need.kind == "probabilities":
+            return probabilities  # the served model's own answer, before the policy
+        if need.kind == "pixels":
+            return await asyncio.to_thread(_pixel_encoding, images)
+        assert need.encoder is not None
+        if need.kind == "features":
+            return await asyncio.to_thread(self.defender_models.features, need.encoder, images)
+        assert need.statistics is not None
+        return await asyncio.to_thread(self.defender_models.mahalanobis, need.encoder, need.statistics, images)
 
     async def _detect(
         self, key: KeyRecord, model: str, policy: OutputPolicy,
@@ -245,16 +251,7 @@ class VictimService:
         flags = key.flags
         labels = probabilities.argmax(axis=1)
         for step in policy.detectors:
-            if isinstance(step, PradaStep):
-                inputs = images
-            elif isinstance(step, OodRateStep) and step.score == "msp":
-                inputs = probabilities  # the served model's own answer, before the policy
-            elif isinstance(step, OodRateStep):
-                assert step.encoder is not None and step.statistics is not None
-                inputs = await asyncio.to_thread(self.defender_models.mahalanobis, step.encoder,
-                                                 step.statistics, images)
-            else:
-                inputs = await asyncio.to_thread(self._encode, step, images)
+            inputs = await self._observed(step.observes(), images, probabilities)
             already, verdict = await self.detectors.observe(step, key.key_id, model, inputs, labels)
             if verdict.flagged and not already:
                 record = await self.store.flag(key.key_id, step.name, block=step.block)

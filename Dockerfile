@@ -22,6 +22,7 @@ COPY victim_server ./victim_server
 COPY defense ./defense
 COPY attacker ./attacker
 COPY experiments ./experiments
+COPY cli ./cli
 COPY examples ./examples
 RUN pip install . && stealsim --help > /dev/null
 

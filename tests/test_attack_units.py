@@ -488,7 +488,7 @@ def test_ledger_round_trip(tmp_path: Path) -> None:
 def test_report_command_compares_runs(digits_checkpoint: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from stealsim.cli import app
+    from cli.main import app
 
     out = tmp_path / "run"
     runner = CliRunner()

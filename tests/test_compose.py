@@ -13,7 +13,7 @@ import typer
 import typer.main
 import yaml
 
-from stealsim.cli import app
+from cli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.gpu.yml")
@@ -105,7 +105,7 @@ def test_dockerfile_pins_torch_from_the_cpu_index() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert text.count("FROM python:3.11-slim") == 1
     assert '"torch==2.13.0"' in text and "https://download.pytorch.org/whl/cpu" in text
-    for package in ("stealsim", "victim_server", "defense", "attacker", "experiments"):
+    for package in ("stealsim", "victim_server", "defense", "attacker", "experiments", "cli"):
         assert f"COPY {package} ./{package}" in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and "runs" in ignored

@@ -133,7 +133,7 @@ def test_planned_evaluation_queries_equal_those_spent(
 def test_cli_refuses_bad_evaluation_flags(digits_checkpoint: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from stealsim.cli import app
+    from cli.main import app
 
     base = ["attack", "random", "--victim-checkpoint", str(digits_checkpoint), "--budget", "10"]
     runner = CliRunner()

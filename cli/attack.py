@@ -1,0 +1,219 @@
+"""The attacker's command: steal a victim within a query budget."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cli.options import DeviceOption
+from stealsim.errors import ConfigError, StealsimError
+
+__all__ = ["attack"]
+
+
+def _interrupted_message(out: Path, budget: int, resumed: bool) -> str:
+    """Where an interrupted attack stopped, read back from its run directory, and how to go on."""
+    from attacker.rundir import RunDirectory
+
+    run_dir = RunDirectory(out)
+    if not (out / "config.json").is_file():
+        return "interrupted before the run started: nothing was written"
+    try:
+        used = run_dir.read_ledger().attack_queries
+        history = run_dir.read_history()
+    except (StealsimError, ValueError, TypeError):
+        return f"interrupted; rerun the same command with --resume to continue the run in {out}"
+    checkpoint = "no checkpoint yet (training restarts, the query count does not)"
+    if (out / "checkpoint.pt").is_file() and history:
+        checkpoint = f"training resumes from its checkpoint at {int(history[-1]['queries']):,} queries"
+    again = "the same command" if resumed else "the same command with --resume"
+    return (f"interrupted at {used:,} of {budget:,} queries; {checkpoint}. "
+            f"Rerun {again} to continue the run in {out}.")
+
+
+def _numbers(flag: str, text: str, count: tuple[int, ...], kind: type = float) -> tuple[Any, ...]:
+    try:
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if len(values) not in count:
+        wanted = " or ".join(str(n) for n in count)
+        raise ConfigError(f"{flag} {text!r}: expected {wanted} numbers separated by commas")
+    return values
+
+
+def _endpoint_options(wire: str, input_shape: str | None, input_range: str | None, output_kind: str | None,
+                      output_name: str | None, num_classes: int | None) -> Any:
+    """The ``stealsim attack`` flags that describe an endpoint, checked (see :mod:`attacker.endpoint`)."""
+    from attacker.endpoint import EndpointOptions
+
+    if wire not in ("auto", "json", "binary"):
+        raise ConfigError(f"--wire {wire!r}: choose auto, json or binary")
+    if output_kind not in (None, "probabilities", "logits", "label"):
+        raise ConfigError(f"--output-kind {output_kind!r}: choose probabilities, logits or label")
+    shape = _numbers("--input-shape", input_shape, (1, 2, 3), int) if input_shape is not None else None
+    if shape is not None and min(shape) < 1:
+        raise ConfigError(f"--input-shape {input_shape!r}: every dimension must be at least 1")
+    pixel_range = _numbers("--input-range", input_range, (2,)) if input_range is not None else None
+    if pixel_range is not None and not pixel_range[0] < pixel_range[1]:
+        raise ConfigError(f"--input-range {input_range!r}: LOW must be below HIGH")
+    return EndpointOptions(wire=wire, input_shape=shape, input_range=pixel_range,  # type: ignore[arg-type]
+                           output_kind=output_kind, num_classes=num_classes,  # type: ignore[arg-type]
+                           output_name=output_name)
+
+
+def _parse_headers(texts: list[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--header {text!r}: expected NAME=VALUE, e.g. Authorization=Bearer TOKEN")
+        headers[name.strip()] = value
+    return headers
+
+
+def attack(
+    name: Annotated[str, typer.Argument(help="dual-student, dfme, random, ensemble or knockoff.")],
+    out: Annotated[Path, typer.Option(help="Run directory to write (or resume).")],
+    budget: Annotated[int, typer.Option(min=1, help="Attack queries (images) to spend.")],
+    url: Annotated[str | None, typer.Option(help="Base URL of the victim: stealsim's server or any Open Inference Protocol v2 server.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="STEALSIM_API_KEY", help="The attack's API key, sent as X-API-Key (none: no key).")] = None,
+    model: Annotated[str, typer.Option(help="Model name on the service.")] = "victim",
+    header: Annotated[
+        list[str] | None, typer.Option("--header", metavar="NAME=VALUE", help="Extra header on every request (a gateway's auth), repeatable.")
+    ] = None,
+    wire: Annotated[str, typer.Option(help="auto (binary tensors where the server advertises them), json or binary.")] = "auto",
+    input_shape: Annotated[
+        str | None, typer.Option(metavar="C,H,W", help="Per-example input shape where the metadata does not tell it: C,H,W, H,W or D.")
+    ] = None,
+    input_range: Annotated[
+        str | None, typer.Option(metavar="LOW,HIGH", help="Pixel range the model takes (default: the metadata's, else 0,1).")
+    ] = None,
+    output_kind: Annotated[
+        str | None, typer.Option(help="probabilities, logits or label (default: the metadata's, else by datatype).")
+    ] = None,
+    output_name: Annotated[str | None, typer.Option(help="Output to request where the metadata declares none.")] = None,
+    num_classes: Annotated[int | None, typer.Option(min=2, help="Classes, where the metadata does not tell them.")] = None,
+    victim_checkpoint: Annotated[
+        Path | None, typer.Option(help="Attack a checkpoint in this process instead of --url.")
+    ] = None,
+    label_only: Annotated[bool, typer.Option(help="In-process victim answers labels only.")] = False,
+    eval_dataset: Annotated[
+        str | None, typer.Option(help="Labelled test set (default: the built-in of the victim's shape).")
+    ] = None,
+    eval_api_key: Annotated[
+        str | None, typer.Option(envvar="STEALSIM_EVAL_API_KEY", help="Key charged for evaluation queries (default: --api-key).")
+    ] = None,
+    eval_every: Annotated[int, typer.Option(min=0, help="Queries between evaluations (0: budget/20).")] = 0,
+    seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    hard_label: Annotated[bool, typer.Option(help="Train on the victim's arg-max only.")] = False,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per victim request.")] = None,
+    setting: Annotated[
+        list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="KEY=VALUE attack setting (JSON value), repeatable.")
+    ] = None,
+    eval_split: Annotated[
+        str, typer.Option(help="Split evaluated: test (report) or validation (choosing settings).")
+    ] = "test",
+    transfer_epsilons: Annotated[
+        str | None, typer.Option(help="L-inf PGD budgets of the transfer sweep, e.g. 0.05,0.1,0.15 (default by input).")
+    ] = None,
+    transfer_epsilon: Annotated[
+        float | None, typer.Option(help="One L-inf PGD budget (a sweep of one; see --transfer-epsilons).")
+    ] = None,
+    transfer_samples: Annotated[int, typer.Option(min=1, help="Images of the split attacked by PGD.")] = 500,
+    reference_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the transfer reference model.")] = 15,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads for training.")] = None,
+    device: DeviceOption = "cpu",
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    uq: Annotated[str | None, typer.Option(help="ensemble: deep-ensemble, mc-dropout, snapshot, swag or laplace.")] = None,
+    members: Annotated[int | None, typer.Option(min=1, help="ensemble: number of members.")] = None,
+    member_arch: Annotated[
+        list[str] | None, typer.Option("--member-arch", metavar="ARCH", help="ensemble: members' architectures (repeatable, cycled).")
+    ] = None,
+    diversity: Annotated[float | None, typer.Option(min=0.0, help="ensemble: weight of the diversity term.")] = None,
+    source: Annotated[str | None, typer.Option(help="ensemble: queries from the generator or surrogate data.")] = None,
+    surrogate: Annotated[
+        str | None, typer.Option(help="ensemble/knockoff: dataset name or image directory (default: the other built-in).")
+    ] = None,
+    surrogate_dir: Annotated[str | None, typer.Option(help="--data-dir of an on-disk surrogate dataset.")] = None,
+    surrogate_split: Annotated[str | None, typer.Option(help="train, test or all of the surrogate dataset.")] = None,
+    sampling: Annotated[str | None, typer.Option(help="knockoff: random or adaptive (bandit over classes).")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="dual-student: tuned (our defaults) or reference (the authors' code's settings).")
+    ] = None,
+) -> None:
+    """Steal a victim model within a query budget; write a run directory with metrics and a report.
+
+    Over HTTP the run is refused (exit 2, nothing charged or written) when the keys
+    cannot cover --budget plus the planned evaluation; a final evaluation that still
+    fails leaves the run directory written and exits 1.
+    """
+    import torch
+
+    from attacker.endpoint import EndpointOptions
+    from attacker.evaluation import EvalConfig
+    from attacker.runner import RunSpec, run_attack
+
+    overrides: dict[str, Any] = {"hard_label": hard_label or None, "batch_size": batch_size}
+    overrides.update(uq=uq, members=members, architectures=member_arch or None, diversity_weight=diversity,
+                     source=source, surrogate=surrogate, surrogate_dir=surrogate_dir,
+                     surrogate_split=surrogate_split, sampling=sampling, preset=preset)
+    for text in setting or []:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
+        try:
+            overrides[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.replace("-", "_")] = value
+    if eval_split not in ("test", "validation"):
+        raise ConfigError(f"--eval-split {eval_split!r}: choose test or validation")
+    if transfer_epsilons is not None and transfer_epsilon is not None:
+        raise ConfigError("give --transfer-epsilons or --transfer-epsilon, not both")
+    epsilons: tuple[float, ...] | None = None
+    if transfer_epsilons is not None:
+        try:
+            epsilons = tuple(float(text) for text in transfer_epsilons.split(",") if text.strip())
+        except ValueError as exc:
+            raise ConfigError(
+                f"--transfer-epsilons {transfer_epsilons!r}: expected numbers separated by commas, e.g. 0.05,0.1,0.15"
+            ) from exc
+    endpoint = _endpoint_options(wire, input_shape, input_range, output_kind, output_name, num_classes)
+    headers = _parse_headers(header or [])
+    if url is None and (header or endpoint != EndpointOptions()):
+        raise ConfigError("--header, --wire, --input-shape, --input-range, --output-kind, --output-name and "
+                          "--num-classes describe an HTTP victim: give --url")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    try:
+        metrics = run_attack(
+            RunSpec(
+                attack=name, out=out, budget=budget, url=url, api_key=api_key, model=model,
+                endpoint=endpoint, headers=headers,
+                victim_checkpoint=victim_checkpoint,
+                victim_output="label" if label_only else "probabilities",
+                eval_dataset=eval_dataset, eval_api_key=eval_api_key, eval_every=eval_every,
+                seed=seed, device=device, resume=resume, show_progress=not quiet,
+                settings=overrides,
+                evaluation=EvalConfig(split="validation" if eval_split == "validation" else "test",
+                                      transfer_epsilons=epsilons,
+                                      transfer_epsilon=transfer_epsilon, transfer_samples=transfer_samples,
+                                      reference_epochs=reference_epochs),
+            )
+        )
+    except KeyboardInterrupt:
+        typer.echo(_interrupted_message(out, budget, resume), err=True)
+        raise typer.Exit(code=130) from None
+    shown = ("queries_used", "fidelity", "accuracy", "victim_accuracy", "transfer_success_rate",
+             "eval_queries", "planned_eval_queries", "stop_reason")
+    typer.echo(f"{out}: " + " ".join(f"{k}={metrics.get(k)}" for k in shown))
+    if metrics.get("evaluation_error"):
+        typer.echo(f"error: final evaluation failed: {metrics['evaluation_error']} "
+                   f"(the run directory {out} holds what was measured)", err=True)
+        raise typer.Exit(code=1)

@@ -1,0 +1,234 @@
+"""The defenses' commands: distillation checks, the Nasty Teacher study, DAWN watermark
+verification and the Mahalanobis OOD fit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cli.options import (
+    DataDirOption,
+    DatasetOption,
+    DeviceOption,
+    check_out_dir,
+    parse_seeds,
+    write_json,
+)
+from stealsim.errors import ConfigError
+
+__all__ = ["distill", "nasty_study", "ood_fit", "verify_watermark"]
+
+
+def distill(
+    teacher: Annotated[Path, typer.Option(help="Checkpoint directory of the teacher.")],
+    dataset: DatasetOption,
+    out: Annotated[Path, typer.Option(help="Directory for metrics.json and softmax.png.")],
+    student: Annotated[
+        str | None, typer.Option(help="Student architecture; default: a smaller net than the teacher.")
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="Weight of the KD term.")] = 0.9,
+    temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 4.0,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    seed: int = 0,
+    compare_teacher: Annotated[
+        Path | None, typer.Option(help="Another teacher to plot beside this one (normal vs nasty).")
+    ] = None,
+    device: DeviceOption = "auto",
+    data_dir: DataDirOption = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Distil a student from a teacher; compare with the same student trained on labels."""
+    from stealsim.architectures import default_student_architecture
+    from stealsim.checkpoint import load_checkpoint
+    from stealsim.data import load_dataset
+    from stealsim.distill import DistillConfig, distillation_check
+    from stealsim.plots import one_image_per_class, plot_softmax_distributions
+    from stealsim.training import TrainConfig, augmentation_shift, resolve_device
+
+    check_out_dir(out)
+    torch_device = resolve_device(device)
+    data = load_dataset(dataset, data_dir)
+    teachers = {"teacher": load_checkpoint(teacher, torch_device)}
+    if compare_teacher is not None:
+        teachers["compared"] = load_checkpoint(compare_teacher, torch_device)
+    for path, (_, meta) in zip((teacher, compare_teacher), teachers.values(), strict=False):
+        if tuple(meta.input_shape) != data.input_shape or meta.num_classes != data.num_classes:
+            raise ConfigError(
+                f"teacher {path} takes {tuple(meta.input_shape)} with {meta.num_classes} classes; "
+                f"dataset {dataset} has {data.input_shape} with {data.num_classes}"
+            )
+    channels, size, _ = data.input_shape
+    config = DistillConfig(
+        alpha, temperature,
+        TrainConfig(epochs=epochs, seed=seed, max_shift=augmentation_shift(size)),
+    )
+    architecture = student or default_student_architecture(channels, size)
+    model = teachers["teacher"][0]
+    result = distillation_check(model, data, architecture, config, torch_device, not quiet)
+    metrics = result.as_metrics() | {"alpha": alpha, "temperature": temperature}
+    write_json(out / "metrics.json", {**metrics, "student_architecture": architecture})
+    picks = one_image_per_class(data.y_test, 4)
+    names = {"teacher": teacher.name, "compared": compare_teacher.name if compare_teacher else ""}
+    plot_softmax_distributions(
+        {names[key]: loaded[0] for key, loaded in teachers.items()},
+        data.x_test[picks], data.y_test[picks], data.class_names, temperature, out / "softmax.png",
+    )
+    typer.echo(
+        f"teacher {result.teacher_accuracy:.4f}  student {result.student_accuracy:.4f}  "
+        f"baseline student {result.baseline_student_accuracy:.4f}  -> {out / 'metrics.json'}"
+    )
+
+
+def nasty_study(
+    dataset: DatasetOption,
+    out: Annotated[Path, typer.Option(help="Directory for checkpoints, results.json, table.md, softmax.png.")],
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
+    arch: Annotated[str | None, typer.Option(help="Teacher architecture.")] = None,
+    student: Annotated[str | None, typer.Option(help="Student architecture.")] = None,
+    tau: Annotated[float | None, typer.Option(help="Nasty Teacher temperature.")] = None,
+    omega: Annotated[float | None, typer.Option(help="Nasty Teacher KL weight.")] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="Students' KD weight (default: the dataset's, else 0.9).")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Students' KD temperature T (default: the dataset's, else the Nasty tau).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Teachers' epochs (and students', unless set apart).")] = 30,
+    student_epochs: Annotated[
+        int | None, typer.Option(min=1, help="Students' epochs, KD and labels-only (default: the dataset's, else --epochs).")
+    ] = None,
+    device: DeviceOption = "auto",
+    data_dir: DataDirOption = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Train normal and Nasty teachers and compare students distilled from each."""
+    from defense.nasty_study import markdown_table, run_nasty_study
+    from defense.nasty_teacher import settings_for
+    from stealsim.architectures import default_architecture, default_student_architecture
+    from stealsim.data import load_dataset
+    from stealsim.distill import DistillConfig
+    from stealsim.training import TrainConfig, augmentation_shift, resolve_device
+
+    check_out_dir(out)
+    seed_list = parse_seeds(seeds)
+    torch_device = resolve_device(device)
+    data = load_dataset(dataset, data_dir)
+    protocol: dict[str, Any] = {"kd_alpha": alpha, "kd_temperature": temperature, "student_epochs": student_epochs}
+    settings = replace(settings_for(data.name, tau, omega), **{k: v for k, v in protocol.items() if v is not None})
+    channels, size, _ = data.input_shape
+    architecture = arch or default_architecture(channels, size)
+    config = DistillConfig(
+        settings.student_alpha, settings.student_temperature,
+        TrainConfig(epochs=epochs, max_shift=augmentation_shift(size)),
+    )
+    results = run_nasty_study(
+        data, architecture, student or default_student_architecture(channels, size), settings,
+        config, seed_list, out,
+        torch_device, not quiet,
+    )
+    typer.echo(markdown_table(results))
+
+
+def verify_watermark(
+    suspects: Annotated[list[Path], typer.Argument(
+        help="Suspected clones: run directories of `stealsim attack` (clone.ts), TorchScript files, "
+             "or checkpoint directories (model.json).")],
+    record: Annotated[Path | None, typer.Option(
+        help="The key's watermark record (.npz), as saved by --save-record.")] = None,
+    url: Annotated[str | None, typer.Option(help="Fetch the record from this victim service instead.")] = None,
+    admin_key: Annotated[str | None, typer.Option(envvar="STEALSIM_ADMIN_KEY", help="Admin key of --url.")] = None,
+    key_id: Annotated[str | None, typer.Option(help="The suspected thief's key id (key_...).")] = None,
+    model: Annotated[str | None, typer.Option(help="The model name at --url.")] = None,
+    save_record: Annotated[Path | None, typer.Option(help="Write the fetched record here (.npz).")] = None,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Significance level of the verdict.")] = 1e-3,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per suspect instead of a table.")] = False,
+) -> None:
+    """Test suspected clones for the DAWN watermark a key was served (Szyller et al., 2021):
+    matches of the watermark labels against Binomial(n, 1/(K-1)), one-sided p-value."""
+    import httpx
+
+    from defense.watermark import WatermarkRecord, load_suspect, verify
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if (record is None) == (url is None):
+        raise ConfigError("give either --record FILE or --url (with --admin-key, --key-id and --model)")
+    if url is not None:
+        if not (admin_key and key_id and model):
+            raise ConfigError("--url needs --admin-key, --key-id and --model")
+        try:
+            response = httpx.get(f"{url.rstrip('/')}/v1/admin/keys/{key_id}/watermark", params={"model": model},
+                                 headers={"X-API-Key": admin_key}, timeout=60.0)
+        except httpx.TransportError as exc:
+            raise ConfigError(f"cannot reach {url}: {exc}") from exc
+        if response.status_code != 200:
+            raise ConfigError(f"fetching the watermark record failed: {response.status_code} {response.text[:300]}")
+        data = response.content
+        if save_record is not None:
+            save_record.write_bytes(data)
+    else:
+        assert record is not None
+        if not record.is_file():
+            raise ConfigError(f"--record {record}: no such file")
+        data = record.read_bytes()
+    try:
+        marked = WatermarkRecord.from_bytes(data).distinct()
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"not a watermark record: {exc}") from exc
+    if len(marked) == 0:
+        raise ConfigError("the record holds no watermarked answers: nothing to verify")
+    rows = []
+    for suspect in suspects:
+        verdict = verify(marked, load_suspect(suspect)(marked.images), alpha)
+        rows.append({"suspect": str(suspect), "marked": verdict.marked, "matches": verdict.matches,
+                     "match_rate": verdict.match_rate, "victim_agreement": verdict.victim_agreement,
+                     "null_rate": verdict.null_rate, "p_value": verdict.p_value, "stolen": verdict.stolen})
+    if json_out:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    typer.echo(f"{len(marked)} distinct watermarked inputs; an innocent model matches at most "
+               f"{rows[0]['null_rate']:.3f} of them on average; verdict at p < {alpha:g}")
+    typer.echo("| suspect | matches | match rate | victim agreement | p-value | verdict |")
+    typer.echo("|---|---:|---:|---:|---:|---|")
+    for row in rows:
+        typer.echo(f"| {row['suspect']} | {row['matches']}/{row['marked']} | {row['match_rate']:.3f} | "
+                   f"{row['victim_agreement']:.3f} | {row['p_value']:.2e} | "
+                   f"{'copy (watermark found)' if row['stolen'] else 'no evidence'} |")
+
+
+def ood_fit(
+    checkpoint: Annotated[Path, typer.Option(help="The encoder: a checkpoint directory (the victim's own fits).")],
+    dataset: Annotated[str, typer.Option(help="The defender's data (built-in or on disk): train split fits, "
+                                              "validation split sets tau.")],
+    out: Annotated[Path, typer.Option(help="Statistics file to write (.safetensors).")],
+    data_dir: DataDirOption = None,
+    honest_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of validation images over tau.")] = 0.01,
+) -> None:
+    """Fit the Mahalanobis OOD statistics of ood_rate's score=mahalanobis (Lee et al., NeurIPS 2018):
+    class means and shared covariance of the checkpoint's penultimate features; prints them as JSON."""
+    import numpy as np
+
+    from defense.mahalanobis import fit_feature_gaussian
+    from stealsim.data import load_dataset
+    from victim_server.defender_models import DefenderModels
+
+    data = load_dataset(dataset, data_dir)
+    models = DefenderModels()
+    models.load(checkpoint)  # a clear error for a bad checkpoint before any work
+
+    def features(images: Any) -> Any:
+        return np.concatenate([models.features(checkpoint, images[i:i + 1024].numpy(), normalise=False)
+                               for i in range(0, len(images), 1024)])
+
+    gaussian = fit_feature_gaussian(features(data.x_train), data.y_train.numpy(), features(data.x_val),
+                                    honest_rate=honest_rate)
+    gaussian.save(out, encoder=str(checkpoint))
+    test_rate = float((gaussian.distances(features(data.x_test)) > gaussian.tau).mean())
+    typer.echo(json.dumps({"statistics": str(out), "encoder": str(checkpoint), "dataset": dataset,
+                           "tau": gaussian.tau, "honest_rate": honest_rate, "dimension": gaussian.dimension,
+                           "classes": len(gaussian.means), "test_share_over_tau": test_rate}))

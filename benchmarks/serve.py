@@ -58,6 +58,7 @@ import httpx
 import numpy as np
 import torch
 
+from stealsim.service_client import ServiceClient
 from stealsim.wire import (
     API_KEY_HEADER,
     BINARY_CONTENT_TYPE,
@@ -67,6 +68,8 @@ from stealsim.wire import (
 )
 
 ADMIN_KEY = "bench-admin"
+UNLIMITED_RATE, UNLIMITED_IMAGE_RATE = "1000000/second", "1000000000/second"
+"""The benchmark keys' rate limits: far above any measured rate, so they never throttle."""
 MODEL = "bench"
 
 
@@ -127,23 +130,17 @@ def running_server(checkpoint: Path, args: argparse.Namespace, extra: tuple[str,
            "STEALSIM_MAX_IMAGES_PER_REQUEST": str(max(1024, args.batch)),
            "STEALSIM_GIL_SWITCH_INTERVAL_MS": str(args.gil_switch_interval_ms)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def exited() -> str | None:
+        if process.poll() is None:
+            return None
+        return f"server exited: {process.stderr.read().decode() if process.stderr else ''}"
+
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {process.stderr.read().decode() if process.stderr else ''}")
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.1)
-        response = httpx.post(f"{url}/v1/admin/keys", headers={"X-API-Key": ADMIN_KEY},
-                              json={"budget": 10**12, "rate": "1000000/second", "image_rate": "1000000000/second"})
-        response.raise_for_status()
-        yield Server(url, response.json()["api_key"], process.pid)
+        with ServiceClient(url, ADMIN_KEY) as service:
+            service.wait_ready(120, give_up=exited)
+            key = service.create_key(10**12, rate=UNLIMITED_RATE, image_rate=UNLIMITED_IMAGE_RATE)
+        yield Server(url, key.api_key, process.pid)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -406,9 +403,8 @@ def bench_worker_kill(server: Server, workers: list[subprocess.Popen[bytes]], ar
     Returns the slowest request, how many failed, and the key's usage against the
     images answered (exactly-once charging).
     """
-    key = httpx.post(f"{server.url}/v1/admin/keys", headers={"X-API-Key": ADMIN_KEY},
-                              json={"budget": 10**9, "rate": "1000000/second",
-                                    "image_rate": "1000000000/second"}).json()["api_key"]
+    with ServiceClient(server.url, ADMIN_KEY) as service:
+        key = service.create_key(10**9, rate=UNLIMITED_RATE, image_rate=UNLIMITED_IMAGE_RATE).api_key
     images = np.random.default_rng(1).random((4, *image_shape), dtype=np.float32)
     content, headers = binary_body(images)
     latencies: list[float] = []
@@ -439,7 +435,8 @@ def bench_worker_kill(server: Server, workers: list[subprocess.Popen[bytes]], ar
             return killed_at
 
     asyncio.run(run())
-    used = httpx.get(f"{server.url}/v1/usage", headers={"X-API-Key": key}).json()["used"]
+    with ServiceClient(server.url, key) as service:
+        used = service.usage()["used"]
     ordered = sorted(latencies)
     return {
         "worker_kill_slowest_request_s": ordered[-1],

@@ -19,12 +19,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-import httpx
 import torch
 from torch import Tensor
 
 from stealsim.data import Dataset
-from stealsim.errors import ConfigError, VictimAPIError
+from stealsim.errors import APIRequestError, ConfigError, VictimAPIError
+from stealsim.service_client import ServiceClient
 
 __all__ = ["HonestResult", "HonestSettings", "expected_calibration_error", "honest_traffic"]
 
@@ -103,6 +103,17 @@ def _order(count: int, settings: HonestSettings) -> Tensor:
     return torch.cat(passes)
 
 
+def _flags(url: str, api_key: str, headers: dict[str, str] | None) -> str:
+    """The detector flags on ``api_key`` ("a+b"); none where the server has no ``/v1/usage`` (not stealsim)."""
+    with ServiceClient(url, api_key, timeout=30.0, headers=headers) as service:
+        try:
+            return "+".join(service.usage().get("flags", []))
+        except APIRequestError as exc:
+            if exc.status == 0:
+                raise  # the service failed, not a server without usage
+            return ""
+
+
 def honest_traffic(url: str, api_key: str, model: str, data: Dataset, settings: HonestSettings | None = None,
                    headers: dict[str, str] | None = None) -> HonestResult:
     """Send ``settings.passes`` passes over ``data``'s split through ``api_key``; stop if the API refuses."""
@@ -136,8 +147,7 @@ def honest_traffic(url: str, api_key: str, model: str, data: Dataset, settings: 
             seconds.append(time.perf_counter() - began)
             answers.append(answer)
             answered.append(labels[index])
-    usage = httpx.get(f"{url}/v1/usage", headers={"X-API-Key": api_key, **(headers or {})}, timeout=30.0)
-    flags = "+".join(usage.json().get("flags", [])) if usage.status_code == 200 else ""
+    flags = _flags(url, api_key, headers)
     if not answers:
         return HonestResult(0, 0, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), flags,
                             blocked_at, refusal)

@@ -7,6 +7,12 @@ so a SIGKILLed demo or grid leaves no service behind::
 
     with ServiceProcess({"normal": Path("ckpt/normal")}, admin_key="k", log_path=Path("service.log")) as service:
         key = create_key(service.url, "k", budget=1000, name="random/normal")
+        with service.client() as admin:
+            print(admin.usage(key)["used"])
+
+The admin calls go through :class:`stealsim.service_client.ServiceClient`, which
+raises :class:`~stealsim.errors.APIRequestError` when the service refuses or cannot
+be reached.
 """
 
 from __future__ import annotations
@@ -18,16 +24,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import httpx
-
 from stealsim.errors import ConfigError, StealsimError
 from stealsim.processes import child_environment
+from stealsim.service_client import ServiceClient
 
 __all__ = ["ServiceError", "ServiceProcess", "create_key", "free_port", "new_admin_key", "wait_ready"]
 
@@ -38,7 +42,7 @@ UNLIMITED_IMAGE_RATE = "1000000000/minute"
 
 
 class ServiceError(StealsimError):
-    """The victim service could not be started, reached, or asked for a key."""
+    """The victim service could not be started (it is already running)."""
 
 
 def free_port() -> int:
@@ -52,21 +56,15 @@ def new_admin_key() -> str:
 
 
 def wait_ready(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait until ``GET /v2/health/ready`` answers 200 (or the process exits)."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
+    """Wait until ``GET /v2/health/ready`` answers 200; APIRequestError if ``process`` exits first or time runs out."""
+
+    def exited() -> str | None:
         if process is not None and process.poll() is not None:
-            raise ServiceError(f"the victim service exited with status {process.returncode}")
-        try:
-            response = httpx.get(f"{url}/v2/health/ready", timeout=2.0)
-            if response.status_code == 200:
-                return
-            last = f"{response.status_code} {response.text[:200]}"
-        except httpx.TransportError as exc:
-            last = str(exc) or type(exc).__name__
-        time.sleep(0.2)
-    raise ServiceError(f"the victim service at {url} was not ready within {timeout:.0f} s ({last})")
+            return f"the victim service exited with status {process.returncode}"
+        return None
+
+    with ServiceClient(url) as service:
+        service.wait_ready(timeout, give_up=exited, interval=0.2)
 
 
 class ServiceProcess:
@@ -100,6 +98,10 @@ class ServiceProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def client(self) -> ServiceClient:
+        """A :class:`ServiceClient` of this service with its admin key (close it, or use ``with``)."""
+        return ServiceClient(self.url, self.admin_key)
 
     @property
     def pid(self) -> int | None:
@@ -162,17 +164,7 @@ def create_key(
     models: Sequence[str] | None = None,
     policy: list[dict[str, Any]] | None = None,
 ) -> str:
-    """Create an API key with ``budget`` images (and no practical rate limit) via the admin API."""
-    body: dict[str, Any] = {"budget": budget, "name": name, "rate": UNLIMITED_RATE,
-                            "image_rate": UNLIMITED_IMAGE_RATE}
-    if models is not None:
-        body["models"] = list(models)
-    if policy is not None:
-        body["policy"] = policy
-    try:
-        response = httpx.post(f"{url}/v1/admin/keys", json=body, headers={"X-API-Key": admin_key}, timeout=30.0)
-    except httpx.TransportError as exc:
-        raise ServiceError(f"cannot reach the victim service at {url}: {exc}") from exc
-    if response.status_code != 201:
-        raise ServiceError(f"creating key {name!r} at {url} failed: {response.status_code} {response.text[:300]}")
-    return str(response.json()["api_key"])
+    """Create an API key with ``budget`` images (and no practical rate limit) via the admin API; its secret."""
+    with ServiceClient(url, admin_key, timeout=30.0) as service:
+        return service.create_key(budget, name=name, rate=UNLIMITED_RATE, image_rate=UNLIMITED_IMAGE_RATE,
+                                  models=models, policy=policy).api_key

@@ -38,6 +38,7 @@ __all__ = [
     "bearer",
     "infer_path",
     "model_path",
+    "model_ready_path",
     "topup_path",
     "watermark_path",
 ]
@@ -95,6 +96,10 @@ def _segment(value: str) -> str:
 
 def model_path(model: str) -> str:
     return MODEL_PATH.format(model=_segment(model))
+
+
+def model_ready_path(model: str) -> str:
+    return MODEL_READY_PATH.format(model=_segment(model))
 
 
 def infer_path(model: str) -> str:

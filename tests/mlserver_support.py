@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 from server_support import LoggedProcess, free_port
 
+from stealsim.wire import model_ready_path
+
 TRAIN = """
 import sys, joblib, numpy as np
 from sklearn.datasets import load_digits
@@ -63,7 +65,7 @@ class MLServer(LoggedProcess):
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 120.0) -> None:
-        self.wait_until_ready([f"{self.url}/v2/models/{name}/ready" for name in MODELS], timeout, "mlserver")
+        self.wait_until_ready([self.url + model_ready_path(name) for name in MODELS], timeout, "mlserver")
 
 
 @pytest.fixture(scope="session")

@@ -24,9 +24,11 @@ import torch
 
 from stealsim.checkpoint import save_checkpoint
 from stealsim.data import load_dataset
+from stealsim.errors import APIRequestError
 from stealsim.processes import child_environment
+from stealsim.service_client import ServiceClient
 from stealsim.training import TrainConfig, train_classifier
-from stealsim.wire import ADMIN_KEYS_PATH, API_KEY_HEADER, BINARY_CONTENT_TYPE, READY_PATH
+from stealsim.wire import API_KEY_HEADER, BINARY_CONTENT_TYPE
 from stealsim.wire import HEADER_LENGTH as HEADER_LENGTH  # the tests import it from here
 
 ADMIN_KEY = "test-admin-key"
@@ -103,7 +105,22 @@ class ServerProcess(LoggedProcess):
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 90.0) -> None:
-        self.wait_until_ready([self.url + READY_PATH], timeout, "server")
+        """Until the server is ready; ``RuntimeError`` with the log if it exits or time runs out."""
+
+        def exited() -> str | None:
+            code = self.process.poll()
+            return None if code is None else f"server exited with {code}"
+
+        with ServiceClient(self.url) as service:
+            try:
+                service.wait_ready(timeout, give_up=exited)
+            except APIRequestError as exc:
+                self.stop()
+                raise RuntimeError(f"{exc}:\n{self.log()}") from exc
+
+    def service(self) -> ServiceClient:
+        """A :class:`ServiceClient` of this server with the admin key (close it, or use ``with``)."""
+        return ServiceClient(self.url, ADMIN_KEY)
 
 
 def admin() -> dict[str, str]:
@@ -111,9 +128,9 @@ def admin() -> dict[str, str]:
 
 
 def new_key(client: httpx.Client, budget: int = 1000, **fields: Any) -> str:
-    response = client.post(ADMIN_KEYS_PATH, json={"budget": budget, **fields}, headers=admin())
-    assert response.status_code == 201, response.text
-    return str(response.json()["api_key"])
+    """A new key's secret, created by the admin on ``client``'s server; ``fields`` as ``ServiceClient.create_key``."""
+    with ServiceClient(str(client.base_url), ADMIN_KEY) as service:
+        return service.create_key(budget, **fields).api_key
 
 
 def json_request(images: np.ndarray, **extra: Any) -> dict[str, Any]:

@@ -140,7 +140,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.split not in EVAL_SPLITS:
-            raise AttackError(f"evaluation split {self.split!r} is not one of {list(EVAL_SPLITS)}")
+            # Named as the attack command's flag: this is the one check of --eval-split.
+            raise AttackError(f"--eval-split {self.split!r}: choose {' or '.join(EVAL_SPLITS)}")
         if self.transfer_epsilons is not None and self.transfer_epsilon is not None:
             raise AttackError("give transfer_epsilons or transfer_epsilon, not both")
         given = self.transfer_epsilons if self.transfer_epsilons is not None else (

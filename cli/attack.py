@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.options import DeviceOption
+from cli.set_aliases import alias_settings, with_set_aliases
 from stealsim.errors import ConfigError, StealsimError
 
 __all__ = ["attack"]
@@ -76,6 +77,7 @@ def _parse_headers(texts: list[str]) -> dict[str, str]:
     return headers
 
 
+@with_set_aliases
 def attack(
     name: Annotated[str, typer.Argument(help="dual-student, dfme, random, ensemble or knockoff.")],
     out: Annotated[Path, typer.Option(help="Run directory to write (or resume).")],
@@ -111,8 +113,6 @@ def attack(
     eval_every: Annotated[int, typer.Option(min=0, help="Queries between evaluations (0: budget/20).")] = 0,
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
-    hard_label: Annotated[bool, typer.Option(help="Train on the victim's arg-max only.")] = False,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per victim request.")] = None,
     setting: Annotated[
         list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="KEY=VALUE attack setting (JSON value), repeatable.")
     ] = None,
@@ -130,22 +130,7 @@ def attack(
     threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads for training.")] = None,
     device: DeviceOption = "cpu",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
-    uq: Annotated[str | None, typer.Option(help="ensemble: deep-ensemble, mc-dropout, snapshot, swag or laplace.")] = None,
-    members: Annotated[int | None, typer.Option(min=1, help="ensemble: number of members.")] = None,
-    member_arch: Annotated[
-        list[str] | None, typer.Option("--member-arch", metavar="ARCH", help="ensemble: members' architectures (repeatable, cycled).")
-    ] = None,
-    diversity: Annotated[float | None, typer.Option(min=0.0, help="ensemble: weight of the diversity term.")] = None,
-    source: Annotated[str | None, typer.Option(help="ensemble: queries from the generator or surrogate data.")] = None,
-    surrogate: Annotated[
-        str | None, typer.Option(help="ensemble/knockoff: dataset name or image directory (default: the other built-in).")
-    ] = None,
-    surrogate_dir: Annotated[str | None, typer.Option(help="--data-dir of an on-disk surrogate dataset.")] = None,
-    surrogate_split: Annotated[str | None, typer.Option(help="train, test or all of the surrogate dataset.")] = None,
-    sampling: Annotated[str | None, typer.Option(help="knockoff: random or adaptive (bandit over classes).")] = None,
-    preset: Annotated[
-        str | None, typer.Option(help="dual-student: tuned (our defaults) or reference (the authors' code's settings).")
-    ] = None,
+    **aliases: Any,
 ) -> None:
     """Steal a victim model within a query budget; write a run directory with metrics and a report.
 
@@ -159,10 +144,7 @@ def attack(
     from attacker.evaluation import EvalConfig
     from attacker.runner import RunSpec, run_attack
 
-    overrides: dict[str, Any] = {"hard_label": hard_label or None, "batch_size": batch_size}
-    overrides.update(uq=uq, members=members, architectures=member_arch or None, diversity_weight=diversity,
-                     source=source, surrogate=surrogate, surrogate_dir=surrogate_dir,
-                     surrogate_split=surrogate_split, sampling=sampling, preset=preset)
+    overrides = alias_settings(aliases)
     for text in setting or []:
         key, sep, value = text.partition("=")
         if not sep:
@@ -171,8 +153,6 @@ def attack(
             overrides[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key.replace("-", "_")] = value
-    if eval_split not in ("test", "validation"):
-        raise ConfigError(f"--eval-split {eval_split!r}: choose test or validation")
     if transfer_epsilons is not None and transfer_epsilon is not None:
         raise ConfigError("give --transfer-epsilons or --transfer-epsilon, not both")
     epsilons: tuple[float, ...] | None = None
@@ -183,6 +163,9 @@ def attack(
             raise ConfigError(
                 f"--transfer-epsilons {transfer_epsilons!r}: expected numbers separated by commas, e.g. 0.05,0.1,0.15"
             ) from exc
+    evaluation = EvalConfig(split=eval_split, transfer_epsilons=epsilons,  # type: ignore[arg-type]  # checked there
+                            transfer_epsilon=transfer_epsilon, transfer_samples=transfer_samples,
+                            reference_epochs=reference_epochs)
     endpoint = _endpoint_options(wire, input_shape, input_range, output_kind, output_name, num_classes)
     headers = _parse_headers(header or [])
     if url is None and (header or endpoint != EndpointOptions()):
@@ -200,11 +183,7 @@ def attack(
                 victim_output="label" if label_only else "probabilities",
                 eval_dataset=eval_dataset, eval_api_key=eval_api_key, eval_every=eval_every,
                 seed=seed, device=device, resume=resume, show_progress=not quiet,
-                settings=overrides,
-                evaluation=EvalConfig(split="validation" if eval_split == "validation" else "test",
-                                      transfer_epsilons=epsilons,
-                                      transfer_epsilon=transfer_epsilon, transfer_samples=transfer_samples,
-                                      reference_epochs=reference_epochs),
+                settings=overrides, evaluation=evaluation,
             )
         )
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ Metrics (``victim`` answers fetched through a metered victim, counted as
   of the clone's architecture trained independently on the training split (what
   an attacker gets without any query). ``transfer_success_rate`` /
   ``reference_transfer_success_rate`` are the untargeted rates at the middle
-  epsilon (``transfer_epsilon``), the names older reports read.
+  epsilon (``transfer_epsilon``), the headline transfer metric.
 
 Cost in evaluation queries (:meth:`Evaluator.planned_queries`): the split's
 images once per run (cached in the run directory, per split), then
@@ -67,27 +67,12 @@ def default_epsilons(input_shape: tuple[int, int, int]) -> tuple[float, ...]:
     Chosen so that the *independent reference* (the default clone architecture
     trained 15 epochs on the training split, as :meth:`Evaluator.reference_model`
     trains it) sits between about 20 % and 80 % untargeted success against a
-    normally trained victim (``stealsim train``, default architecture), so that a
-    clone's transfer can land above or below it. A single PGD at 0.3 (28x28) or
-    0.2 (8x8) had every clone *and* the reference at 0.98-1.00, which separates
-    nothing. Measured on the validation split with
-    ``benchmarks/transfer_calibration.py`` (at most 500 images, 20 PGD steps,
-    seed 0); reference untargeted / targeted success:
-
-    - 8x8 ``digits`` (victim test accuracy 0.994; 175 validation images it gets
-      right): eps 0.1: 0.109 / 0.029, **0.125: 0.211 / 0.046, 0.175: 0.486 /
-      0.126, 0.225: 0.771 / 0.223**, 0.25: 0.874 / 0.286, 0.3: 0.971 / 0.417
-      (seed 1: 0.223, 0.486, 0.726 untargeted at the chosen three);
-    - 28x28 ``mnist5k`` (victim test accuracy 0.986; 499 validation images):
-      eps 0.1: 0.144 / 0.060, **0.125: 0.329 / 0.096, 0.15: 0.547 / 0.106,
-      0.175: 0.719 / 0.106**, 0.2: 0.816 / 0.102, 0.3: 0.898 / 0.100.
-
-    Targeted transfer stays low: on mnist5k the victim answers "8" for most
-    examples crafted at eps >= 0.15 (487 of 499 at 0.3), so targeted success
-    settles near 1/K whatever the target, while the same examples reach 0.93
-    (0.15) to 1.00 (0.3) targeted success on the reference itself.
-
-    32x32 colour keeps the usual CIFAR budgets around 8/255 (not calibrated here).
+    normally trained victim, so that a clone's transfer can land above or below
+    it. Evidence (validation split, ``benchmarks/transfer_calibration.py``, seed 0,
+    reference untargeted success at the three budgets): 8x8 ``digits``
+    0.211 / 0.486 / 0.771, 28x28 ``mnist5k`` 0.329 / 0.547 / 0.719; the sweep
+    around them is in docs/results/transfer-calibration.md. 32x32 colour keeps
+    the usual CIFAR budgets around 8/255 (not calibrated here).
     """
     channels, size, _ = input_shape
     if channels >= 3:
@@ -120,8 +105,8 @@ class EvalConfig:
             The reference model always trains on the training split.
         transfer_epsilons: the L∞ budgets of the transfer sweep (``None``:
             :func:`default_epsilons` of the input shape).
-        transfer_epsilon: a single budget (the sweep of one value); an older form of
-            ``transfer_epsilons``, kept for compatibility. Give at most one of the two.
+        transfer_epsilon: a single budget (the sweep of one value). Give at most one of
+            ``transfer_epsilons`` and ``transfer_epsilon``.
         pgd_steps: PGD iterations (step ``2.5 * eps / steps``, random start).
         transfer_samples: images of the split (correctly classified by the victim) attacked.
         transfer_every_eval: compute transfer at every evaluation, not only the final one.

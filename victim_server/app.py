@@ -38,6 +38,7 @@ from stealsim.errors import (
     UnavailableError,
 )
 from stealsim.training import resolve_device
+from stealsim.wire import MODEL_INFER_PATH
 from victim_server import routes_oip, routes_v1
 from victim_server.audit import AuditLog, JsonlAuditLog
 from victim_server.audit_redis import RedisAuditLog
@@ -111,7 +112,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return _error_response(request, 500, "internal", f"internal error: {type(exc).__name__}")
 
 
-_INFER_PATH = re.compile(r"/v2/models/([^/]+)/infer")
+_INFER_PATH = re.compile(MODEL_INFER_PATH.replace("{model}", "([^/]+)"))  # no regex characters in it
 
 
 class VictimApp(FastAPI):

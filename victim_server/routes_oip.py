@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from stealsim.errors import InvalidRequestError, PayloadTooLargeError
+from stealsim.wire import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, MODEL_INFER_PATH, OIP_PREFIX
 from victim_server.deps import CallerKey, ServiceDep, authenticate, get_service
 from victim_server.protocol import (
     HEADER_LENGTH,
@@ -18,7 +19,7 @@ from victim_server.protocol import (
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v2", tags=["inference"])
+router = APIRouter(prefix=OIP_PREFIX, tags=["inference"])
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -77,12 +78,12 @@ async def infer(request: Request) -> Response:
     )
     service.metrics.latency.labels(model).observe(time.perf_counter() - started)
     service.metrics.requests.labels(model, "200").inc()
-    media = "application/octet-stream" if decoded.binary_output else "application/json"
+    media = BINARY_CONTENT_TYPE if decoded.binary_output else JSON_CONTENT_TYPE
     return Response(content, media_type=media, headers=headers)
 
 
 # The hot path first: routes are matched in the order they were added.
-router.add_route(router.prefix + "/models/{model}/infer", infer, methods=["POST"])
+router.add_route(MODEL_INFER_PATH, infer, methods=["POST"])
 
 
 @router.get("/health/live")

@@ -8,6 +8,18 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from stealsim.wire import (
+    ADMIN_KEY_PATH,
+    ADMIN_KEYS_PATH,
+    AUDIT_PATH,
+    BINARY_CONTENT_TYPE,
+    METRICS_PATH,
+    NDJSON_CONTENT_TYPE,
+    TOPUP_PATH,
+    USAGE_PATH,
+    WATERMARK_COUNT_HEADER,
+    WATERMARK_PATH,
+)
 from victim_server.deps import AdminDep, CallerKey, ServiceDep
 
 __all__ = ["router"]
@@ -32,46 +44,46 @@ class TopUpRequest(BaseModel):
     images: int = Field(gt=0)
 
 
-@router.get("/v1/usage", tags=["usage"])
+@router.get(USAGE_PATH, tags=["usage"])
 async def usage(key: CallerKey, service: ServiceDep) -> JSONResponse:
     return JSONResponse(await service.usage(key))
 
 
-@router.post("/v1/admin/keys", tags=["admin"], status_code=201)
+@router.post(ADMIN_KEYS_PATH, tags=["admin"], status_code=201)
 async def create_key(body: CreateKeyRequest, _: AdminDep, service: ServiceDep) -> JSONResponse:
     secret, record = await service.create_key(**body.model_dump())
     return JSONResponse({"api_key": secret, **record.public()}, status_code=201)
 
 
-@router.get("/v1/admin/keys", tags=["admin"])
+@router.get(ADMIN_KEYS_PATH, tags=["admin"])
 async def list_keys(_: AdminDep, service: ServiceDep) -> JSONResponse:
     return JSONResponse({"keys": [record.public() for record in await service.store.list_keys()]})
 
 
-@router.delete("/v1/admin/keys/{key_id}", tags=["admin"])
+@router.delete(ADMIN_KEY_PATH, tags=["admin"])
 async def revoke_key(key_id: str, _: AdminDep, service: ServiceDep) -> JSONResponse:
     return JSONResponse((await service.store.revoke(key_id)).public())
 
 
-@router.post("/v1/admin/keys/{key_id}/topup", tags=["admin"])
+@router.post(TOPUP_PATH, tags=["admin"])
 async def top_up(key_id: str, body: TopUpRequest, _: AdminDep, service: ServiceDep) -> JSONResponse:
     return JSONResponse((await service.store.top_up(key_id, body.images)).public())
 
 
-@router.get("/v1/admin/keys/{key_id}/watermark", tags=["admin"])
+@router.get(WATERMARK_PATH, tags=["admin"])
 async def watermark_record(key_id: str, model: str, _: AdminDep, service: ServiceDep) -> Response:
     """The watermarked answers the key got from ``model`` (``.npz``: images, labels, victim_labels, classes)."""
     record = await service.watermark_record(key_id, model)
-    return Response(record.to_bytes(), media_type="application/octet-stream",
-                    headers={"X-Watermarked-Answers": str(len(record))})
+    return Response(record.to_bytes(), media_type=BINARY_CONTENT_TYPE,
+                    headers={WATERMARK_COUNT_HEADER: str(len(record))})
 
 
-@router.get("/v1/admin/audit", tags=["admin"])
+@router.get(AUDIT_PATH, tags=["admin"])
 async def audit(_: AdminDep, service: ServiceDep) -> Response:
-    return Response(await service.audit.export(), media_type="application/x-ndjson")
+    return Response(await service.audit.export(), media_type=NDJSON_CONTENT_TYPE)
 
 
-@router.get("/metrics", tags=["operations"])
+@router.get(METRICS_PATH, tags=["operations"])
 async def metrics(service: ServiceDep) -> Response:
     await service.refresh_metrics()
     return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -29,20 +29,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from stealsim.errors import ConfigError, StealsimError
+from stealsim.errors import ConfigError
 from stealsim.processes import child_environment
 from stealsim.service_client import ServiceClient
 
-__all__ = ["ServiceError", "ServiceProcess", "create_key", "free_port", "new_admin_key", "wait_ready"]
+__all__ = ["ServiceProcess", "create_key", "free_port", "new_admin_key", "wait_ready"]
 
 logger = logging.getLogger(__name__)
 
 UNLIMITED_RATE = "100000/second"
 UNLIMITED_IMAGE_RATE = "1000000000/minute"
-
-
-class ServiceError(StealsimError):
-    """The victim service could not be started (it is already running)."""
 
 
 def free_port() -> int:
@@ -109,7 +105,7 @@ class ServiceProcess:
 
     def start(self) -> ServiceProcess:
         if self.process is not None:
-            raise ServiceError("the victim service is already started")
+            raise RuntimeError("the victim service is already started")  # a programming error, not a user's
         self.port = free_port()
         command = [sys.executable, "-m", "stealsim", "--log-level", "WARNING", "serve",
                    "--port", str(self.port), "--host", "127.0.0.1", "--device", "cpu",

@@ -211,24 +211,11 @@ def ood_fit(
 ) -> None:
     """Fit the Mahalanobis OOD statistics of ood_rate's score=mahalanobis (Lee et al., NeurIPS 2018):
     class means and shared covariance of the checkpoint's penultimate features; prints them as JSON."""
-    import numpy as np
-
-    from defense.mahalanobis import fit_feature_gaussian
     from stealsim.data import load_dataset
-    from victim_server.defender_models import DefenderModels
+    from victim_server.defender_models import fit_ood_statistics
 
-    data = load_dataset(dataset, data_dir)
-    models = DefenderModels()
-    models.load(checkpoint)  # a clear error for a bad checkpoint before any work
-
-    def features(images: Any) -> Any:
-        return np.concatenate([models.features(checkpoint, images[i:i + 1024].numpy(), normalise=False)
-                               for i in range(0, len(images), 1024)])
-
-    gaussian = fit_feature_gaussian(features(data.x_train), data.y_train.numpy(), features(data.x_val),
-                                    honest_rate=honest_rate)
-    gaussian.save(out, encoder=str(checkpoint))
-    test_rate = float((gaussian.distances(features(data.x_test)) > gaussian.tau).mean())
+    fit = fit_ood_statistics(checkpoint, load_dataset(dataset, data_dir), out, honest_rate)
+    gaussian = fit.gaussian
     typer.echo(json.dumps({"statistics": str(out), "encoder": str(checkpoint), "dataset": dataset,
                            "tau": gaussian.tau, "honest_rate": honest_rate, "dimension": gaussian.dimension,
-                           "classes": len(gaussian.means), "test_share_over_tau": test_rate}))
+                           "classes": len(gaussian.means), "test_share_over_tau": fit.test_share_over_tau}))

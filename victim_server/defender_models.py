@@ -9,23 +9,30 @@ count for the ones that answer with probabilities)::
     probabilities = models.probabilities(Path("runs/misinformation"), images)
     encodings = models.features(Path("runs/encoder"), images)   # penultimate, L2-normalised
     distances = models.mahalanobis(Path("runs/victim"), Path("runs/victim/ood.safetensors"), images)
+
+:func:`fit_ood_statistics` fits the Mahalanobis statistics of an encoder (``stealsim ood-fit``).
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from defense.mahalanobis import FeatureGaussian
+from defense.mahalanobis import FeatureGaussian, fit_feature_gaussian
 from stealsim.architectures import PixelClassifier
 from stealsim.checkpoint import CheckpointMeta, load_checkpoint
+from stealsim.data import Dataset
 from stealsim.errors import ConfigError, StealsimError
 
-__all__ = ["DefenderModels"]
+__all__ = ["DefenderModels", "OodFit", "fit_ood_statistics"]
+
+FEATURE_BATCH = 1024
+"""Images per forward pass when features are taken of a whole split."""
 
 
 class DefenderModels:
@@ -81,6 +88,11 @@ class DefenderModels:
             return features.numpy()
         return torch.nn.functional.normalize(features, dim=1).numpy()
 
+    def split_features(self, path: Path, images: torch.Tensor) -> np.ndarray:
+        """Un-normalised features of a whole split, :data:`FEATURE_BATCH` images per forward."""
+        return np.concatenate([self.features(path, images[i:i + FEATURE_BATCH].numpy(), normalise=False)
+                               for i in range(0, len(images), FEATURE_BATCH)])
+
     def gaussian(self, path: Path) -> FeatureGaussian:
         """The Mahalanobis statistics in ``path`` (``stealsim ood-fit``), read once."""
         key = Path(path).resolve()
@@ -102,3 +114,25 @@ class DefenderModels:
     def mahalanobis(self, encoder: Path, statistics: Path, images: np.ndarray) -> np.ndarray:
         """Each image's Mahalanobis distance to the nearest class (:mod:`defense.mahalanobis`)."""
         return self.gaussian(statistics).distances(self.features(encoder, images, normalise=False))
+
+
+@dataclass(frozen=True)
+class OodFit:
+    """Statistics fitted by :func:`fit_ood_statistics`, and how they score the test split."""
+
+    gaussian: FeatureGaussian
+    test_share_over_tau: float
+    """Share of the test images whose distance exceeds ``tau`` (near ``honest_rate`` when it generalises)."""
+
+
+def fit_ood_statistics(encoder: Path, data: Dataset, out: Path, honest_rate: float) -> OodFit:
+    """Fit the Mahalanobis statistics of ``encoder``'s penultimate features (:mod:`defense.mahalanobis`):
+    the training split fits the class means and covariance, the validation split sets ``tau``;
+    write them to ``out`` (``.safetensors``) and score the test split."""
+    models = DefenderModels()
+    models.load(encoder)  # a clear error for a bad checkpoint before any work
+    gaussian = fit_feature_gaussian(models.split_features(encoder, data.x_train), data.y_train.numpy(),
+                                    models.split_features(encoder, data.x_val), honest_rate=honest_rate)
+    gaussian.save(out, encoder=str(encoder))
+    test_distances = gaussian.distances(models.split_features(encoder, data.x_test))
+    return OodFit(gaussian, float((test_distances > gaussian.tau).mean()))

@@ -150,55 +150,26 @@ def verify_watermark(
 ) -> None:
     """Test suspected clones for the DAWN watermark a key was served (Szyller et al., 2021):
     matches of the watermark labels against Binomial(n, 1/(K-1)), one-sided p-value."""
-    import httpx
-
-    from defense.watermark import WatermarkRecord, load_suspect, verify
+    from defense.watermark import ServedRecord, verify_suspects
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if (record is None) == (url is None):
         raise ConfigError("give either --record FILE or --url (with --admin-key, --key-id and --model)")
-    if url is not None:
-        if not (admin_key and key_id and model):
-            raise ConfigError("--url needs --admin-key, --key-id and --model")
-        try:
-            response = httpx.get(f"{url.rstrip('/')}/v1/admin/keys/{key_id}/watermark", params={"model": model},
-                                 headers={"X-API-Key": admin_key}, timeout=60.0)
-        except httpx.TransportError as exc:
-            raise ConfigError(f"cannot reach {url}: {exc}") from exc
-        if response.status_code != 200:
-            raise ConfigError(f"fetching the watermark record failed: {response.status_code} {response.text[:300]}")
-        data = response.content
-        if save_record is not None:
-            save_record.write_bytes(data)
-    else:
-        assert record is not None
+    source: Path | ServedRecord
+    if record is not None:
         if not record.is_file():
             raise ConfigError(f"--record {record}: no such file")
-        data = record.read_bytes()
-    try:
-        marked = WatermarkRecord.from_bytes(data).distinct()
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"not a watermark record: {exc}") from exc
-    if len(marked) == 0:
-        raise ConfigError("the record holds no watermarked answers: nothing to verify")
-    rows = []
-    for suspect in suspects:
-        verdict = verify(marked, load_suspect(suspect)(marked.images), alpha)
-        rows.append({"suspect": str(suspect), "marked": verdict.marked, "matches": verdict.matches,
-                     "match_rate": verdict.match_rate, "victim_agreement": verdict.victim_agreement,
-                     "null_rate": verdict.null_rate, "p_value": verdict.p_value, "stolen": verdict.stolen})
+        source = record
+    elif url is not None and admin_key and key_id and model:
+        source = ServedRecord(url, admin_key, key_id, model)
+    else:
+        raise ConfigError("--url needs --admin-key, --key-id and --model")
+    report = verify_suspects(suspects, source, alpha, save_record)
     if json_out:
-        for row in rows:
+        for row in report.rows():
             typer.echo(json.dumps(row))
-        return
-    typer.echo(f"{len(marked)} distinct watermarked inputs; an innocent model matches at most "
-               f"{rows[0]['null_rate']:.3f} of them on average; verdict at p < {alpha:g}")
-    typer.echo("| suspect | matches | match rate | victim agreement | p-value | verdict |")
-    typer.echo("|---|---:|---:|---:|---:|---|")
-    for row in rows:
-        typer.echo(f"| {row['suspect']} | {row['matches']}/{row['marked']} | {row['match_rate']:.3f} | "
-                   f"{row['victim_agreement']:.3f} | {row['p_value']:.2e} | "
-                   f"{'copy (watermark found)' if row['stolen'] else 'no evidence'} |")
+    else:
+        typer.echo(report.markdown())
 
 
 def ood_fit(

@@ -25,6 +25,10 @@ without the answers, so for such a model ``P(prediction = watermark) <= 1/(K - 1
 on every input, and ``m`` is stochastically smaller than ``Binomial(n, 1/(K - 1))``.
 The one-sided p-value ``P(Binomial(n, 1/(K - 1)) >= m)`` is therefore valid
 (conservative) against every innocent model.
+
+:func:`verify_suspects` is ``stealsim verify-watermark``: it reads a key's record
+from a file or fetches it from the victim service (:class:`ServedRecord`), tests
+each suspect and reports the verdicts as JSON rows or a markdown table.
 """
 
 from __future__ import annotations
@@ -33,15 +37,25 @@ import hashlib
 import hmac
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from scipy import stats
 
-__all__ = ["WatermarkRecord", "WatermarkVerdict", "load_suspect", "mark", "select", "verify"]
+__all__ = [
+    "ServedRecord",
+    "WatermarkRecord",
+    "WatermarkReport",
+    "WatermarkVerdict",
+    "load_suspect",
+    "mark",
+    "select",
+    "verify",
+    "verify_suspects",
+]
 
 WatermarkMode = Literal["swap", "one_hot"]
 _TWO_64 = float(2**64)
@@ -186,3 +200,77 @@ def load_suspect(path: Path) -> Callable[[np.ndarray], np.ndarray]:
         return torch.cat(batches).argmax(dim=1).numpy() if batches else np.empty(0, np.int64)
 
     return predict
+
+
+@dataclass(frozen=True)
+class ServedRecord:
+    """A key's watermark record held by a running victim service, fetched with the admin key."""
+
+    url: str
+    admin_key: str
+    key_id: str
+    model: str
+
+    def fetch(self) -> bytes:
+        """The record's ``.npz`` bytes (``GET /v1/admin/keys/{key_id}/watermark``)."""
+        from stealsim.errors import APIRequestError, ConfigError
+        from stealsim.service_client import ServiceClient
+
+        try:
+            with ServiceClient(self.url, self.admin_key, timeout=60.0) as service:
+                return service.watermark_record(self.key_id, self.model)
+        except APIRequestError as exc:
+            if exc.status == 0:
+                raise ConfigError(f"cannot reach {self.url}: {exc}") from exc
+            raise ConfigError(f"fetching the watermark record failed: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class WatermarkReport:
+    """The verdict on each suspect, tested against one record's distinct marked inputs."""
+
+    marked: int
+    """Distinct watermarked inputs in the record."""
+    alpha: float
+    verdicts: tuple[tuple[Path, WatermarkVerdict], ...]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One JSON-ready row per suspect."""
+        return [{"suspect": str(suspect), "marked": verdict.marked, "matches": verdict.matches,
+                 "match_rate": verdict.match_rate, "victim_agreement": verdict.victim_agreement,
+                 "null_rate": verdict.null_rate, "p_value": verdict.p_value, "stolen": verdict.stolen}
+                for suspect, verdict in self.verdicts]
+
+    def markdown(self) -> str:
+        """A sentence on the test, then a markdown table of the verdicts (one line each, no final newline)."""
+        rows = self.rows()
+        lines = [f"{self.marked} distinct watermarked inputs; an innocent model matches at most "
+                 f"{rows[0]['null_rate']:.3f} of them on average; verdict at p < {self.alpha:g}",
+                 "| suspect | matches | match rate | victim agreement | p-value | verdict |",
+                 "|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {row['suspect']} | {row['matches']}/{row['marked']} | {row['match_rate']:.3f} | "
+                  f"{row['victim_agreement']:.3f} | {row['p_value']:.2e} | "
+                  f"{'copy (watermark found)' if row['stolen'] else 'no evidence'} |" for row in rows]
+        return "\n".join(lines)
+
+
+def verify_suspects(suspects: Sequence[Path], record: Path | ServedRecord, alpha: float = 1e-3,
+                    save_record: Path | None = None) -> WatermarkReport:
+    """Test each suspect (see :func:`load_suspect`) for the watermark of ``record``: a ``.npz``
+    file, or a record on the victim service (written to ``save_record`` when given)."""
+    from stealsim.errors import ConfigError
+
+    if isinstance(record, ServedRecord):
+        data = record.fetch()
+        if save_record is not None:
+            save_record.write_bytes(data)
+    else:
+        data = record.read_bytes()
+    try:
+        marked = WatermarkRecord.from_bytes(data).distinct()
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"not a watermark record: {exc}") from exc
+    if len(marked) == 0:
+        raise ConfigError("the record holds no watermarked answers: nothing to verify")
+    verdicts = tuple((suspect, verify(marked, load_suspect(suspect)(marked.images), alpha)) for suspect in suspects)
+    return WatermarkReport(len(marked), alpha, verdicts)

@@ -13,7 +13,12 @@
     RUN/progress.png      fidelity and accuracy against queries
 
 Every file is written atomically (temporary file, then rename), so a killed run
-leaves the previous version, never half a file.
+leaves the previous version, never half a file. :class:`RunDirectory` is also the
+one reader of this format: a resumed run, the multi-run report, the grid, the
+uq-study and the demo read a run back through it::
+
+    record = RunDirectory(Path("runs/ds-s0")).read_record()   # config, metrics, history
+    history = RunDirectory(Path("runs/ds-s0")).read_history()  # the evaluations only
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from stealsim.errors import AttackError
 
-__all__ = ["Ledger", "RunDirectory"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Ledger", "RunDirectory", "RunRecord"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +66,23 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run directory read back: its settings, its metrics and its evaluations."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    """The final metrics (``metrics.json``); for a run without them (stopped, or still running),
+    its last evaluation with ``stopped_at`` (the queries spent then) added."""
+    history: list[dict[str, Any]]
+    """One line per evaluation (``metrics.jsonl``)."""
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed")
 
 
 class RunDirectory:
@@ -111,10 +134,34 @@ class RunDirectory:
             handle.write(json.dumps(line, sort_keys=True) + "\n")
 
     def read_history(self) -> list[dict[str, Any]]:
+        """The evaluation lines of ``metrics.jsonl`` (none when the file is missing)."""
         path = self.path / "metrics.jsonl"
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def read_record(self) -> RunRecord:
+        """Config, metrics and history of a run with results (see :class:`RunRecord`).
+
+        A run that was stopped (or is still running) has no ``metrics.json``: its metrics
+        are its last evaluation in ``metrics.jsonl``, with ``stopped_at`` added, so tables
+        can say the row is not a finished run. Raises AttackError for a directory with no
+        run, or a run without any evaluation.
+        """
+        problem = f"{self.path} is not an attack run with results"
+        try:
+            config = json.loads((self.path / "config.json").read_text())
+            history = self.read_history()
+            metrics_path = self.path / "metrics.json"
+            metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AttackError(f"{problem}: {exc}") from exc
+        if metrics is None:
+            evaluated = [entry for entry in history if "fidelity" in entry]
+            if not evaluated:
+                raise AttackError(f"{problem}: no metrics.json and no evaluation in metrics.jsonl")
+            metrics = {**evaluated[-1], "stopped_at": evaluated[-1].get("queries")}
+        return RunRecord(self.path, config, metrics, history)
 
     def rewrite_history(self, history: list[dict[str, Any]]) -> None:
         """Drop evaluation lines written after the checkpoint a resumed run restarts from."""
@@ -124,6 +171,8 @@ class RunDirectory:
     # -- checkpoint -------------------------------------------------------------------
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        import torch
+
         descriptor, temporary = tempfile.mkstemp(dir=self.path, prefix=".checkpoint.pt.")
         os.close(descriptor)
         try:
@@ -139,6 +188,8 @@ class RunDirectory:
         Returns False, with a warning in the log, for a clone TorchScript cannot trace
         (SWAG's and Laplace's, which call ``torch.func.functional_call``): no ``clone.ts``.
         """
+        import torch
+
         module = copy.deepcopy(clone).to("cpu").eval()
         try:
             with torch.no_grad(), warnings.catch_warnings():
@@ -160,6 +211,8 @@ class RunDirectory:
         return True
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        import torch
+
         path = self.path / "checkpoint.pt"
         if not path.is_file():
             return None

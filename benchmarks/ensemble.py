@@ -41,10 +41,10 @@ from typing import Any
 import torch
 
 from attacker.evaluation import EvalConfig
-from attacker.report import mean_curve, spread
 from attacker.runner import RunSpec, run_attack
 from attacker.uq import UQ_KINDS
 from experiments.service import ServiceProcess, create_key, new_admin_key
+from experiments.stats import mean_curve, spread
 
 UQ_KEPT = (
     "queries_used", "fidelity", "accuracy", "victim_accuracy", "combined_fidelity", "member_fidelity_best",

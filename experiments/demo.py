@@ -22,7 +22,6 @@ usable partial report; the service is stopped on success, failure and interrupt.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -75,9 +74,9 @@ def demo_attacks() -> tuple[str, ...]:
 
 def attack_overrides(attack: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The entries of ``settings`` that ``attack``'s settings type has (others are skipped)."""
-    from attacker.attacks import attack_class
+    from attacker.attacks import setting_keys
 
-    known = {one.name for one in dataclasses.fields(attack_class(attack).settings_type)}
+    known = set(setting_keys(attack))
     return {key: value for key, value in settings.items() if key in known}
 
 
@@ -220,21 +219,16 @@ def _print_table(rows: Sequence[RunRow], title: str) -> None:
     console.print(table)
 
 
-def _history(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _write_outputs(config: DemoConfig, rows: Sequence[RunRow], meta: dict[str, Any], status: str) -> tuple[Path, Path]:
     """``summary.json``, ``report.md`` and the per-victim plots (rewritten after every run)."""
-    from attacker.report import plot_runs
+    from attacker.rundir import RunDirectory
+    from experiments.report import plot_runs
 
     out = config.out
     plots: dict[str, str] = {}
     for victim in VICTIM_NAMES:
-        runs = [(row.attack, _history(out / "runs" / row.run_name)) for row in rows if row.victim == victim]
+        runs = [(row.attack, RunDirectory(out / "runs" / row.run_name).read_history())
+                for row in rows if row.victim == victim]
         if any(history for _, history in runs):
             name = f"fidelity_{victim}.png"
             if plot_runs(runs, out / name, f"attacks against the {victim} victim"):

@@ -410,7 +410,7 @@ def _seed_groups(results: Iterable[dict[str, str]]) -> dict[SeedKey, list[dict[s
 
 def _seed_table(groups: dict[SeedKey, list[dict[str, str]]]) -> str:
     """Markdown: ``mean ± std (min)`` per metric over each cell's seeds, n, and the random baseline."""
-    from attacker.report import format_spread, spread
+    from experiments.stats import format_spread, spread
 
     def mean_fidelity(rows: list[dict[str, str]]) -> float | None:
         value = spread([_number(row["fidelity"]) for row in rows])
@@ -445,7 +445,7 @@ def write_grid_report(out: Path) -> Path:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from attacker.report import spread
+    from experiments.stats import spread
 
     results = [row for row in read_csv(out / "results.csv") if row["status"] == "done"]
     costs = read_csv(out / "defenses.csv")

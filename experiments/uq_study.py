@@ -389,7 +389,7 @@ def _plot(rows: Sequence[dict[str, str]], curves: dict[str, list[dict[str, Any]]
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from attacker.report import mean_curve
+    from experiments.stats import mean_curve
 
     groups = _groups(rows)
     kinds = list(dict.fromkeys(row["kind"] for members in groups.values() for row in members))

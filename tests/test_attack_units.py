@@ -25,11 +25,12 @@ from attacker.losses import (
     victim_targets,
 )
 from attacker.replay import ReplayMemory
-from attacker.report import compare_runs, queries_to_reach
+from attacker.report import queries_to_reach
 from attacker.rundir import Ledger, RunDirectory
 from attacker.runner import RunSpec, run_attack
 from attacker.students import build_student, cosine_factor, default_clone_architecture
 from attacker.victims import BudgetedVictim, FunctionVictim, InProcessVictim, VictimInfo
+from experiments.report import compare_runs
 from stealsim.data import load_dataset
 from stealsim.errors import AttackError, BudgetExhaustedError
 

@@ -11,18 +11,16 @@ from typing import Any
 
 import pytest
 
-from attacker.report import (
+from attacker.report import write_run_report
+from experiments.report import (
     aggregate_runs,
     compare_runs,
-    format_spread,
     group_runs,
-    mean_curve,
     plot_groups,
     read_runs,
     seed_table,
-    spread,
-    write_run_report,
 )
+from experiments.stats import format_spread, mean_curve, spread
 from stealsim.errors import AttackError
 
 
@@ -158,7 +156,7 @@ def test_cli_report_aggregates_by_default(tmp_path: Path) -> None:
 
 
 def test_published_reference_points_are_read_and_drawn(tmp_path: Path) -> None:
-    from attacker.report import ReferencePoint, read_reference_points
+    from experiments.report import ReferencePoint, read_reference_points
 
     csv_path = tmp_path / "published.csv"
     csv_path.write_text("# Source: a paper, table 2\nmethod,queries,accuracy_percent\nDFME,1000,10.3\nDFME,50000,83.4\n")

@@ -26,7 +26,7 @@ instead of ART's ``batch_size_fit=1``. ART's ``nb_epochs`` default (10) is kept.
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from attacker.loop import Attack, AttackSettings
-from attacker.students import build_student
-from attacker.surrogate import SurrogateSplit, load_surrogate
+from attacker.students import StudentSettings, build_student
+from attacker.surrogate import SurrogateSettings
 from attacker.victims import BudgetedVictim, Victim, VictimInfo
 from stealsim.errors import AttackError
 
@@ -85,26 +85,26 @@ def art_classifier(victim: Victim, budget: int | None = None) -> Any:
 
 @dataclass(frozen=True)
 class ArtSettings(AttackSettings):
-    """Settings of an ART extraction attack (the shared ``student_*`` and ``batch_size`` apply).
+    """Settings of an ART extraction attack.
 
     Attributes:
-        surrogate: dataset name or image directory ART draws its queries from
-            (default: the other built-in dataset, as for ``knockoff``).
-        surrogate_dir: ``--data-dir`` of an on-disk surrogate dataset.
-        surrogate_split: ``train``, ``test`` or ``all`` of the surrogate dataset.
+        students: the thief ART fits (:class:`~attacker.students.StudentSettings`:
+            architecture, width, learning rate, label smoothing). ART trains its own way, so
+            the replay, moving-average and ``updates_per_batch`` settings do not apply.
+        surrogate: the images ART draws its queries from
+            (:class:`~attacker.surrogate.SurrogateSettings`; by default the other built-in
+            dataset, as for ``knockoff``). ART draws each image at most once, so a budget
+            above the pool's size spends only the pool.
         nb_epochs: ART's ``nb_epochs``: epochs of the thief over the answered images (ART: 10).
         train_batch: ART's ``batch_size_fit`` (ART's default: 1).
 
     ``batch_size`` is ART's ``batch_size_query`` (ART's default: 1). ``hard_label``
     is ART's ``use_probability=False``; by default the thief trains on the
-    probabilities (cross-entropy with soft targets). ART draws each surrogate image
-    at most once, so a budget above the pool's size spends only the pool. The
-    replay, EMA and ``updates_per_batch`` settings do not apply (ART trains its own way).
+    probabilities (cross-entropy with soft targets).
     """
 
-    surrogate: str | None = None
-    surrogate_dir: str | None = None
-    surrogate_split: SurrogateSplit = "train"
+    students: StudentSettings = field(default_factory=StudentSettings)
+    surrogate: SurrogateSettings = field(default_factory=SurrogateSettings)
     nb_epochs: int = 10
     train_batch: int = 64
 
@@ -112,6 +112,9 @@ class ArtSettings(AttackSettings):
         super().__post_init__()
         if self.nb_epochs < 1 or self.train_batch < 1:
             raise AttackError(f"nb_epochs and train_batch must be >= 1, got {self.nb_epochs}, {self.train_batch}")
+
+    def student_settings(self) -> StudentSettings:
+        return self.students
 
 
 class ArtExtraction(Attack):
@@ -126,10 +129,9 @@ class ArtExtraction(Attack):
         require_art()
         assert isinstance(settings, ArtSettings)
         self.s: ArtSettings = settings
-        self.surrogate = load_surrogate(settings.surrogate, info.input_shape, settings.surrogate_dir,
-                                        settings.surrogate_split)
-        self.network = build_student(info, settings.student_settings()).to(device)
-        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=settings.student_lr)
+        self.surrogate = settings.surrogate.load(info.input_shape)
+        self.network = build_student(info, settings.students, settings.memory_format).to(device)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=settings.students.learning_rate)
         self.track("network", self.network)
         self.track("optimizer", self.optimizer)
 
@@ -148,7 +150,7 @@ class ArtExtraction(Attack):
         if nb_stolen == 0:
             return {}
         thief = PyTorchClassifier(
-            model=self.network, loss=nn.CrossEntropyLoss(label_smoothing=self.s.label_smoothing), optimizer=self.optimizer,
+            model=self.network, loss=nn.CrossEntropyLoss(label_smoothing=self.s.students.label_smoothing), optimizer=self.optimizer,
             input_shape=tuple(self.info.input_shape), nb_classes=self.info.num_classes, clip_values=(0.0, 1.0),
             device_type="gpu" if self.device.type == "cuda" else "cpu",
         )

@@ -29,10 +29,8 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import nn
 
-from attacker.losses import SoftLoss
-from attacker.replay import REPLAY_POLICIES
 from attacker.rundir import Ledger, RunDirectory
-from attacker.students import Students, StudentSettings
+from attacker.students import MEMORY_FORMATS, MemoryFormat, Students, StudentSettings
 from attacker.victims import BudgetedVictim, Victim, VictimInfo
 from stealsim.errors import AttackError, BudgetExhaustedError, VictimAPIError
 from stealsim.progress import progress_bar
@@ -50,96 +48,46 @@ PRECISIONS = ("float32", "bfloat16")
 class AttackSettings:
     """Settings every attack has; each attack extends this with its own (frozen) fields.
 
+    An attack nests the settings of what it owns (its students as
+    :class:`~attacker.students.StudentSettings`, a generator, a UQ model); users set
+    every knob by a flat key (``--set student_width=32``), mapped onto the nested
+    fields by :mod:`attacker.settings`.
+
     Attributes:
         batch_size: images per victim request (large batches: few round-trips).
         hard_label: train on the victim's arg-max only (forced for a label-only victim).
-        student_architecture: the clones' architecture (default: by input shape).
-        student_width: width of a ``small-cnn`` clone. With ``hard_label``, Dual Student at width
-            32 (with ``student_pool_first``, about 0.8x the queries/s of width 16) was ahead on
-            the mnist5k validation split (0.764 / 0.926 against 0.464 / 0.710 at 160k queries,
-            seeds 3 / 4). On the test split at 1M it ended at 0.702 +- 0.289 (3 seeds, one stuck
-            in a dead start) and, with ``DualStudentSettings.generator_restart`` 20000, at
-            0.944 +- 0.038 (3 other seeds; docs/attacks.md). Like ``replay``, it does not follow
-            the label mode.
-        student_pool_first: a ``small-cnn`` clone pools before its batch norms and ReLUs
-            (:class:`stealsim.architectures.SmallCNN`'s ``pool_first``: the same kind of
-            function, a cheaper training step).
-        student_lr: the clones' initial learning rate (Adam, cosine-decayed over the budget).
-        ema_decay: moving average of the clones' weights (the average is evaluated).
-        soft_loss: ``l1`` on recovered logits (the papers') or ``kl``.
-        label_smoothing: with hard labels (or a label-only victim), the clones' cross-entropy
-            targets put ``eps / K`` on every class other than the victim's label (0, the
-            default: plain one-hot cross-entropy, as the papers). Soft targets ignore it.
-        replay: size of the clones' replay memory of answered images (0: none). With
-            ``hard_label``, Dual Student on the mnist5k validation split needed 250,000
-            (0.912 at 1M queries; with 20,000 the clone stayed near 0.80, with 100,000 it
-            slid from 0.93 to 0.844; one seed each, docs/attacks.md): set it with the
-            label mode, it does not follow it.
-        replay_policy: what a full replay memory keeps: ``reservoir`` (the default), a uniform
-            sample of every answer so far, or ``ring``, the last ``replay`` answers (the
-            default until 4 Dec 2026; :class:`attacker.replay.ReplayMemory`). Chosen on the
-            mnist5k validation split at 200,000 queries (docs/attacks.md): the same fidelity
-            where the generator stays diverse, and no decline where it collapses onto one
-            class of answers and a ring forgets the others.
-        updates_per_batch: training effort: clone updates per answered batch. The first
-            trains on the fresh batch joined with as many replayed answers, the others on
-            twice as many replayed answers alone (the fresh batch again when ``replay`` is 0).
-            Replayed answers are paid for already: more updates cost compute, not queries.
         memory_format: tensor layout of the clones and generators: ``channels_last`` (about
             2x faster on a CPU, the same function up to float rounding) or ``contiguous``
-            (the layout before; ``benchmarks/loop_speed.py`` measures both).
+            (``benchmarks/loop_speed.py`` measures both).
         precision: the attacker's own forward passes (clones, generators) in each step:
             ``float32``, or ``bfloat16`` under ``torch.autocast`` (mixed precision: weights,
             optimiser state, losses and the images sent to the victim stay float32; only the
             convolutions and linear layers compute in bfloat16). On this project's AMX CPU
             a step was 1.6x (Dual Student) and 1.8x (DFME) cheaper than in float32
-            (docs/attacks.md, Loop speed); a CPU without bfloat16 units is slower, and GPUs were not measured.
-            Evaluation always runs in float32, and the victim never sees autocast
-            (:meth:`Attack.take_step`).
+            (docs/attacks.md, Loop speed); a CPU without bfloat16 units is slower, and GPUs
+            were not measured. Evaluation always runs in float32, and the victim never sees
+            autocast (:meth:`Attack.take_step`).
     """
+
+    KEYS: ClassVar[dict[str, str]] = {}
+    """Flat keys of this type's own beyond its plain fields and its nested settings' (see :mod:`attacker.settings`)."""
 
     batch_size: int = 256
     hard_label: bool = False
-    student_architecture: str | None = None
-    student_width: int = 16
-    student_pool_first: bool = False
-    student_lr: float = 2e-3
-    ema_decay: float = 0.995
-    soft_loss: SoftLoss = "l1"
-    label_smoothing: float = 0.0
-    replay: int = 20_000
-    replay_policy: Literal["ring", "reservoir"] = "reservoir"
-    updates_per_batch: int = 1
-    memory_format: Literal["channels_last", "contiguous"] = "channels_last"
+    memory_format: MemoryFormat = "channels_last"
     precision: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
-        if self.memory_format not in ("channels_last", "contiguous"):
+        if self.memory_format not in MEMORY_FORMATS:
             raise AttackError(f"memory_format must be channels_last or contiguous, got {self.memory_format!r}")
         if self.precision not in PRECISIONS:
             raise AttackError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.replay_policy not in REPLAY_POLICIES:
-            raise AttackError(f"replay_policy must be one of {', '.join(REPLAY_POLICIES)}, got {self.replay_policy!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise AttackError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if (self.batch_size < 1 or self.student_lr <= 0 or not 0 <= self.ema_decay < 1
-                or self.updates_per_batch < 1 or self.replay < 0):
+        if self.batch_size < 1:
             raise AttackError(f"invalid attack settings: {self}")
 
     def student_settings(self) -> StudentSettings:
-        return StudentSettings(
-            architecture=self.student_architecture,
-            width=self.student_width,
-            pool_first=self.student_pool_first,
-            learning_rate=self.student_lr,
-            ema_decay=self.ema_decay,
-            soft_loss=self.soft_loss,
-            label_smoothing=self.label_smoothing,
-            replay=self.replay,
-            replay_policy=self.replay_policy,
-            updates_per_batch=self.updates_per_batch,
-            memory_format=self.memory_format,
-        )
+        """The settings of the clone the attack trains (the evaluation builds its transfer reference alike)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how its clone is built")
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from attacker.attacks import attack_class, build_attack, make_settings
+from attacker.attacks import attack_class, build_attack, flat_settings, make_settings
 from attacker.client import HttpVictim
 from attacker.endpoint import EndpointOptions
 from attacker.evaluation import EvalConfig, EvalPlan, Evaluator
@@ -313,7 +313,7 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
         dataset = load_dataset(eval_name)
         device = resolve_device(spec.device)
         settings = make_settings(spec.attack, **settings_overrides)
-        settings_dict = {k: v for k, v in asdict(settings).items()}
+        settings_dict = flat_settings(settings)
         loop_config = LoopConfig(budget=spec.budget, eval_every=spec.eval_every, seed=spec.seed,
                                  show_progress=spec.show_progress)
         ledger.eval_on_attack_key = eval_on_attack_key
@@ -331,7 +331,7 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
             dataset,
             metered_eval,
             spec.evaluation,
-            reference_factory=lambda: build_student(victim.info, settings.student_settings()),
+            reference_factory=lambda: build_student(victim.info, settings.student_settings(), settings.memory_format),
             cache_dir=spec.out if spec.out.is_dir() else None,
             device=device,
         )

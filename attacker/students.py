@@ -13,52 +13,102 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from attacker.losses import SoftLoss, student_loss
-from attacker.replay import ReplayMemory
+from attacker.replay import REPLAY_POLICIES, ReplayMemory
 from attacker.victims import VictimInfo
 from stealsim.architectures import PixelClassifier, build_classifier
+from stealsim.errors import AttackError
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
-__all__ = ["StudentSettings", "Students", "build_student", "cosine_factor", "multistep_factor", "schedule_factor",
-           "set_learning_rate", "with_memory_format"]
+__all__ = ["MEMORY_FORMATS", "SCHEDULE_KEYS", "STUDENT_KEYS", "MemoryFormat", "StudentSettings", "Students",
+           "build_student", "cosine_factor", "multistep_factor", "schedule_factor", "set_learning_rate",
+           "with_memory_format"]
+
+MemoryFormat = Literal["channels_last", "contiguous"]
+MEMORY_FORMATS = ("channels_last", "contiguous")
+
+
+STUDENT_KEYS: dict[str, str] = {
+    "student_architecture": "architecture",
+    "student_width": "width",
+    "student_pool_first": "pool_first",
+    "student_lr": "learning_rate",
+    "ema_decay": "ema_decay",
+    "soft_loss": "soft_loss",
+    "label_smoothing": "label_smoothing",
+    "replay": "replay",
+    "replay_policy": "replay_policy",
+    "updates_per_batch": "updates_per_batch",
+}
+"""The flat keys (``--set KEY=VALUE``) of the students' settings every attack takes, and their fields."""
+
+SCHEDULE_KEYS: dict[str, str] = {
+    "student_optimizer": "optimizer",
+    "student_weight_decay": "weight_decay",
+    "lr_schedule": "schedule",
+}
+"""Flat keys of the students' optimiser and schedule, which only Dual Student takes (its ``reference`` preset)."""
+
+_KEY_OF = {field: key for key, field in (STUDENT_KEYS | SCHEDULE_KEYS).items()}
 
 
 @dataclass(frozen=True)
 class StudentSettings:
-    """How students are built and trained.
+    """How students (the clones an attack trains) are built and trained.
 
     Attributes:
         architecture: classifier from the registry (default: the one
             :func:`default_clone_architecture` picks for the input).
-        width: ``width`` argument of ``small-cnn`` (ignored by other architectures).
-        pool_first: ``pool_first`` argument of ``small-cnn`` (ignored by other architectures).
+        width: ``width`` argument of ``small-cnn`` (ignored by other architectures). 16 is
+            every attack's clone but random noise's (:class:`~attacker.attacks.RandomNoiseSettings`).
+            With hard labels, Dual Student at width 32 (with ``pool_first``, about 0.8x the
+            queries/s of width 16) was ahead on the mnist5k validation split (0.764 / 0.926
+            against 0.464 / 0.710 at 160k queries, seeds 3 / 4), and with
+            ``generator_restart`` 20000 it ended at 0.944 +- 0.038 on the test split at 1M
+            (3 seeds; docs/attacks.md). Like ``replay``, it does not follow the label mode.
+        pool_first: ``pool_first`` argument of ``small-cnn``
+            (:class:`stealsim.architectures.SmallCNN`: the same kind of function, a cheaper
+            training step).
         learning_rate: initial learning rate.
         optimizer: ``adam`` or ``sgd`` (momentum 0.9).
         weight_decay: L2 penalty.
-        ema_decay: decay of the moving average (0 disables it).
+        ema_decay: decay of the moving average of the weights, which is the model evaluated
+            (0 disables it).
         min_lr_fraction: the cosine schedule ends at this fraction of the initial rate.
-        soft_loss: ``l1`` (on recovered logits) or ``kl`` for soft targets.
-        label_smoothing: smoothing ``eps`` of the cross-entropy on label targets (0: none).
-        replay: answered images kept in a replay memory; each update also trains on
-            as many of them (drawn at random) as it has fresh ones (0: no replay).
-            Replay reuses answers already paid for: it costs compute, not queries.
-        replay_policy: ``ring`` (the last ``replay`` answers) or ``reservoir`` (a uniform
-            sample of all answers so far).
-        updates_per_batch: updates per :meth:`Students.train_step`: the first on the
-            fresh batch (joined with replay), the others on ``2 * batch`` replayed
-            answers (on the fresh batch again without replay).
+        soft_loss: ``l1`` on recovered logits (the papers') or ``kl``, for soft targets.
+        label_smoothing: with label targets, the cross-entropy puts ``eps / K`` on every class
+            other than the victim's label (0: plain one-hot cross-entropy, as the papers).
+            Soft targets ignore it.
+        replay: answered images kept in a replay memory; each update also trains on as many
+            of them (drawn at random) as it has fresh ones (0: no replay). Replay reuses
+            answers already paid for: it costs compute, not queries. With hard labels, Dual
+            Student on the mnist5k validation split needed 250,000 (0.912 at 1M queries; with
+            20,000 the clone stayed near 0.80, with 100,000 it slid from 0.93 to 0.844; one
+            seed each, docs/attacks.md): set it with the label mode, it does not follow it.
+        replay_policy: what a full replay memory keeps: ``reservoir``, a uniform sample of
+            every answer so far, or ``ring``, the last ``replay`` answers
+            (:class:`attacker.replay.ReplayMemory`). Reservoir was chosen on the mnist5k
+            validation split at 200,000 queries (docs/attacks.md): the same fidelity where
+            the generator stays diverse, and no decline where it collapses onto one class of
+            answers and a ring forgets the others.
+        updates_per_batch: training effort: updates per :meth:`Students.train_step`. The
+            first trains on the fresh batch joined with as many replayed answers, the others
+            on ``2 * batch`` replayed answers alone (the fresh batch again when ``replay`` is
+            0). Replayed answers are paid for already: more updates cost compute, not queries.
         schedule: ``cosine`` (ours) or ``multistep``: the rate times ``step_scale`` at each
             fraction of the budget in ``milestones`` (the Dual Student authors' code).
     """
 
+    KEYS: ClassVar[dict[str, str]] = STUDENT_KEYS
+
     architecture: str | None = None
-    width: int = 32
+    width: int = 16
     pool_first: bool = False
     learning_rate: float = 2e-3
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -67,15 +117,25 @@ class StudentSettings:
     min_lr_fraction: float = 0.02
     soft_loss: SoftLoss = "l1"
     label_smoothing: float = 0.0
-    replay: int = 0
-    replay_policy: Literal["ring", "reservoir"] = "ring"
+    replay: int = 20_000
+    replay_policy: Literal["ring", "reservoir"] = "reservoir"
     updates_per_batch: int = 1
     schedule: Literal["cosine", "multistep"] = "cosine"
     milestones: tuple[float, ...] = (0.1, 0.3, 0.5)
     step_scale: float = 0.3
-    memory_format: Literal["channels_last", "contiguous"] = "channels_last"
-    """The students' tensor layout: ``channels_last`` runs convolutions and pooling
-    about 2x faster on a CPU (oneDNN), the same function up to float rounding."""
+
+    def __post_init__(self) -> None:
+        choices = (("replay_policy", REPLAY_POLICIES), ("optimizer", ("adam", "sgd")),
+                   ("schedule", ("cosine", "multistep")), ("soft_loss", ("l1", "kl")))
+        for name, allowed in choices:  # errors name the flat key a user sets
+            if getattr(self, name) not in allowed:
+                raise AttackError(f"{_KEY_OF[name]} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise AttackError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if (self.learning_rate <= 0 or not 0 <= self.ema_decay < 1 or self.updates_per_batch < 1
+                or self.replay < 0 or self.weight_decay < 0 or self.width < 1):
+            raise AttackError(f"invalid attack settings: {self}")
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
 
 
 def cosine_factor(progress: float, floor: float) -> float:
@@ -121,8 +181,9 @@ def default_clone_architecture(channels: int, size: int) -> str:
     return "small-cnn" if channels == 1 else "resnet18"
 
 
-def build_student(info: VictimInfo, settings: StudentSettings) -> PixelClassifier:
-    """A fresh student for the victim's input shape and class count."""
+def build_student(info: VictimInfo, settings: StudentSettings,
+                  memory_format: MemoryFormat = "channels_last") -> PixelClassifier:
+    """A fresh student for the victim's input shape and class count, in ``memory_format``."""
     channels, size, _ = info.input_shape
     name = settings.architecture or default_clone_architecture(channels, size)
     kwargs: dict[str, Any] = {"width": settings.width, "pool_first": settings.pool_first} if name == "small-cnn" else {}
@@ -130,11 +191,15 @@ def build_student(info: VictimInfo, settings: StudentSettings) -> PixelClassifie
         name, in_channels=channels, image_size=size, num_classes=info.num_classes, **kwargs
     )
     # The attacker does not know the victim's normalisation; centre [0, 1] pixels.
-    return with_memory_format(PixelClassifier(net, [0.5] * channels, [0.5] * channels), settings.memory_format)
+    return with_memory_format(PixelClassifier(net, [0.5] * channels, [0.5] * channels), memory_format)
 
 
 def with_memory_format(module: ModuleT, memory_format: str) -> ModuleT:
-    """``module`` with its 4-D weights in ``channels_last`` layout (or left ``contiguous``)."""
+    """``module`` with its 4-D weights in ``channels_last`` layout (or left ``contiguous``).
+
+    ``channels_last`` runs convolutions and pooling about 2x faster on a CPU (oneDNN),
+    the same function up to float rounding (``benchmarks/loop_speed.py`` measures both).
+    """
     if memory_format == "channels_last":
         return module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if memory_format != "contiguous":
@@ -149,11 +214,12 @@ class Students(nn.Module):
     """
 
     def __init__(
-        self, info: VictimInfo, count: int, settings: StudentSettings, device: torch.device
+        self, info: VictimInfo, count: int, settings: StudentSettings, device: torch.device,
+        memory_format: MemoryFormat = "channels_last",
     ) -> None:
         super().__init__()
         self.settings = settings
-        self.members = nn.ModuleList([build_student(info, settings) for _ in range(count)]).to(device)
+        self.members = nn.ModuleList([build_student(info, settings, memory_format) for _ in range(count)]).to(device)
         self.averages = nn.ModuleList([copy.deepcopy(m) for m in self.members]).eval()
         for average in self.averages:
             average.requires_grad_(False)

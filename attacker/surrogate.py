@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ __all__ = [
     "BanditSampler",
     "RandomSampler",
     "SurrogateImages",
+    "SurrogateSettings",
     "SurrogateSplit",
     "default_surrogate",
     "fit_images",
@@ -50,6 +51,30 @@ __all__ = [
 
 SurrogateSplit = Literal["train", "validation", "test", "all"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".gif")
+
+
+@dataclass(frozen=True)
+class SurrogateSettings:
+    """Where a data-based attack (Knockoff, ART's, the ensemble fed with data) draws its images.
+
+    Attributes:
+        source: dataset name or image directory (``None``: :func:`default_surrogate`, the
+            other built-in dataset).
+        data_dir: ``--data-dir`` of an on-disk dataset.
+        split: ``train``, ``validation``, ``test`` or ``all`` of a dataset.
+    """
+
+    KEYS: ClassVar[dict[str, str]] = {"surrogate": "source", "surrogate_dir": "data_dir",
+                                      "surrogate_split": "split"}
+    """Flat keys (``--set KEY=VALUE``)."""
+
+    source: str | None = None
+    data_dir: str | None = None
+    split: SurrogateSplit = "train"
+
+    def load(self, input_shape: tuple[int, int, int]) -> SurrogateImages:
+        """The images, in ``input_shape`` (:func:`load_surrogate`)."""
+        return load_surrogate(self.source, input_shape, self.data_dir, self.split)
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,21 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from attacker.losses import SoftLoss, student_loss
+from attacker.losses import student_loss
 from attacker.replay import ReplayMemory
-from attacker.students import cosine_factor, default_clone_architecture, set_learning_rate
+from attacker.students import (
+    StudentSettings,
+    cosine_factor,
+    default_clone_architecture,
+    set_learning_rate,
+)
 from attacker.victims import VictimInfo
 from stealsim.architectures import PixelClassifier, build_classifier
 from stealsim.errors import AttackError
@@ -77,51 +82,53 @@ class UQSettings:
         kind: one of :data:`UQ_KINDS`.
         members: M, the number of members.
         architectures: members' architectures, cycled over the members of a
-            ``deep-ensemble`` (the first one for single-network kinds); empty:
-            the default clone architecture for the input.
-        width: ``width`` of ``small-cnn`` members.
-        learning_rate: Adam's initial rate (cosine-decayed; cyclic for ``snapshot``).
-        min_lr_fraction: the cosine schedule's floor.
-        soft_loss: the student loss on soft targets.
-        label_smoothing: smoothing of the cross-entropy on label targets (0: none).
-        dropout: dropout rate of ``mc-dropout`` (and of every member when > 0 elsewhere: 0).
+            ``deep-ensemble`` (the first one for single-network kinds); empty: the
+            students' ``architecture``, else the default clone architecture for the input.
+        students: how each network is built and trained (:class:`~attacker.students.StudentSettings`:
+            architecture, width, pool-first, learning rate and its cosine floor, loss, label
+            smoothing, replay). The networks use Adam on a cosine schedule (cyclic for
+            ``snapshot``), with no moving average and in the contiguous layout. Their replay
+            policy is ``ring``, with which every ensemble figure was measured.
+        dropout: dropout rate of ``mc-dropout``.
         swag_start: fraction of the budget after which SWAG collects moments.
         swag_scale: scale of SWAG's sampled deviation (0.5 in Maddox et al.).
         laplace_prior: prior precision of the last-layer Laplace approximation.
         diversity_weight: weight of the diversity term (0: the paper's setting).
-        replay: answered images kept and replayed with every update (0: none).
     """
+
+    KEYS: ClassVar[dict[str, str]] = {
+        "uq": "kind", "members": "members", "architectures": "architectures", "dropout": "dropout",
+        "swag_start": "swag_start", "swag_scale": "swag_scale", "laplace_prior": "laplace_prior",
+        "diversity_weight": "diversity_weight",
+    }
+    """Flat keys (``--set KEY=VALUE``); the students' keys come with ``students``."""
 
     kind: UQKind = "deep-ensemble"
     members: int = 5
     architectures: tuple[str, ...] = ()
-    width: int = 16
-    learning_rate: float = 2e-3
-    min_lr_fraction: float = 0.02
-    soft_loss: SoftLoss = "l1"
-    label_smoothing: float = 0.0
+    students: StudentSettings = field(default_factory=lambda: StudentSettings(replay_policy="ring"))
     dropout: float = 0.25
     swag_start: float = 0.5
     swag_scale: float = 0.5
     laplace_prior: float = 1.0
     diversity_weight: float = 0.0
-    replay: int = 20_000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "architectures", tuple(self.architectures))
         if self.kind not in UQ_KINDS:
-            raise AttackError(f"unknown UQ kind {self.kind!r}; choose one of {list(UQ_KINDS)}")
+            raise AttackError(f"unknown --uq {self.kind!r} (UQ kind); choose one of {list(UQ_KINDS)}")
         if self.members < 1 or not 0 <= self.dropout < 1 or not 0 <= self.swag_start < 1:
             raise AttackError(f"invalid UQ settings: {self}")
         if self.laplace_prior <= 0 or self.swag_scale < 0 or self.diversity_weight < 0:
             raise AttackError(f"invalid UQ settings: {self}")
 
 
-def build_member(info: VictimInfo, architecture: str | None, width: int, dropout: float) -> PixelClassifier:
+def build_member(info: VictimInfo, architecture: str | None, students: StudentSettings,
+                 dropout: float) -> PixelClassifier:
     """One member network for the victim's input (pixels in [0, 1], centred as a student's)."""
     channels, size, _ = info.input_shape
     name = architecture or default_clone_architecture(channels, size)
-    kwargs: dict[str, Any] = {"width": width} if name == "small-cnn" else {}
+    kwargs: dict[str, Any] = {"width": students.width, "pool_first": students.pool_first} if name == "small-cnn" else {}
     if dropout > 0:
         kwargs["dropout"] = dropout
     net = build_classifier(name, in_channels=channels, image_size=size, num_classes=info.num_classes, **kwargs)
@@ -205,16 +212,17 @@ class UQModel(nn.Module):
         self.info = info
         self.settings = settings
         self.device = device
-        architectures = settings.architectures or (None,)
+        self.students = students = settings.students
+        architectures = settings.architectures or (students.architecture,)
         dropout = self._dropout()
         self.networks = nn.ModuleList(
-            [build_member(info, architectures[i % len(architectures)], settings.width, dropout)
+            [build_member(info, architectures[i % len(architectures)], students, dropout)
              for i in range(self._network_count())]
         ).to(device)
-        self.optimizers = [torch.optim.Adam(n.parameters(), lr=settings.learning_rate) for n in self.networks]
+        self.optimizers = [torch.optim.Adam(n.parameters(), lr=students.learning_rate) for n in self.networks]
         self.progress = 0.0
         self.updates = 0
-        self.memory = ReplayMemory(settings.replay)
+        self.memory = ReplayMemory(students.replay)
 
     def _network_count(self) -> int:
         return 1
@@ -227,9 +235,9 @@ class UQModel(nn.Module):
     def schedule(self, progress: float) -> None:
         """Set the learning rates for ``progress`` (fraction of the budget spent)."""
         self.progress = progress
-        factor = cosine_factor(progress, self.settings.min_lr_fraction)
+        factor = cosine_factor(progress, self.students.min_lr_fraction)
         for optimizer in self.optimizers:
-            set_learning_rate(optimizer, self.settings.learning_rate, factor)
+            set_learning_rate(optimizer, self.students.learning_rate, factor)
 
     def training_members(self, pixels: Tensor) -> list[Tensor]:
         """The members' logits in training mode, differentiable (the generator and diversity use them)."""
@@ -247,7 +255,7 @@ class UQModel(nn.Module):
         images no one paid for, ``w`` the ``diversity_weight``.
         """
         fresh_images, fresh_targets = images, targets
-        if self.settings.replay > 0:
+        if self.students.replay > 0:
             images, targets = self.memory.add_and_join(images, targets)
         fit = self._update(images, targets, unlabelled)
         self._after_update(fresh_images, fresh_targets)
@@ -263,7 +271,7 @@ class UQModel(nn.Module):
     def _update(self, images: Tensor, targets: Tensor, unlabelled: Tensor | None) -> float:
         for net in self.networks:
             net.train()
-        fits = [student_loss(logits, targets, self.settings.soft_loss, self.settings.label_smoothing)
+        fits = [student_loss(logits, targets, self.students.soft_loss, self.students.label_smoothing)
                 for logits in self._fit_logits(images)]
         loss = torch.stack(fits).sum()
         if self.settings.diversity_weight > 0 and unlabelled is not None:
@@ -345,8 +353,8 @@ class Snapshot(UQModel):
             self.snapshots[int(self.filled)].load_state_dict(self.networks[0].state_dict())
             self.filled += 1
         within = progress * cycles - cycle
-        factor = cosine_factor(within, self.settings.min_lr_fraction)
-        set_learning_rate(self.optimizers[0], self.settings.learning_rate, factor)
+        factor = cosine_factor(within, self.students.min_lr_fraction)
+        set_learning_rate(self.optimizers[0], self.students.learning_rate, factor)
 
     def _taken(self) -> list[nn.Module]:
         return list(self.snapshots[: int(self.filled)])

@@ -16,6 +16,7 @@ from test_attack_http import EVAL_COST, TINY_FLAGS, run_cli, usage
 from attacker.attacks import build_attack
 from attacker.evaluation import EvalConfig
 from attacker.runner import RunSpec, run_attack
+from attacker.students import StudentSettings
 from attacker.uq import (
     UQ_KINDS,
     UQSettings,
@@ -56,7 +57,7 @@ def test_pairwise_disagreement_is_the_mean_l1_over_pairs() -> None:
 
 
 def _identical_deep_ensemble() -> torch.nn.Module:
-    model = build_uq_model(DIGITS, UQSettings(kind="deep-ensemble", members=4, width=8), torch.device("cpu"))
+    model = build_uq_model(DIGITS, UQSettings(kind="deep-ensemble", members=4, students=StudentSettings(width=8)), torch.device("cpu"))
     state = model.networks[0].state_dict()
     for net in model.networks[1:]:
         net.load_state_dict(state)
@@ -69,7 +70,7 @@ def test_identical_members_report_zero_variance(identical: str) -> None:
     if identical == "deep-ensemble":
         model = _identical_deep_ensemble()
     else:  # MC dropout without dropout: every mask is the same network
-        model = build_uq_model(DIGITS, UQSettings(kind="mc-dropout", members=4, width=8, dropout=0.0),
+        model = build_uq_model(DIGITS, UQSettings(kind="mc-dropout", members=4, students=StudentSettings(width=8), dropout=0.0),
                                torch.device("cpu"))
     victim_labels = data.y_test.roll(1)
     metrics = member_diagnostics(model.members(), data.x_test, data.y_test, victim_labels)
@@ -82,14 +83,14 @@ def test_identical_members_report_zero_variance(identical: str) -> None:
 @pytest.mark.parametrize("kind", ["deep-ensemble", "mc-dropout", "laplace"])
 def test_distinct_members_report_positive_variance(kind: str) -> None:
     data = load_dataset("digits")
-    model = build_uq_model(DIGITS, UQSettings(kind=kind, members=4, width=8, dropout=0.5), torch.device("cpu"))
+    model = build_uq_model(DIGITS, UQSettings(kind=kind, members=4, students=StudentSettings(width=8), dropout=0.5), torch.device("cpu"))
     metrics = member_diagnostics(model.members(), data.x_test[:100], data.y_test[:100], data.y_test[:100])
     assert metrics["member_variance"] > 0 and metrics["member_disagreement"] > 0
     assert metrics["member_fidelity_best"] >= metrics["member_fidelity_mean"]
 
 
 def test_combined_prediction_is_the_mean_of_member_probabilities() -> None:
-    model = build_uq_model(DIGITS, UQSettings(kind="deep-ensemble", members=3, width=8), torch.device("cpu"))
+    model = build_uq_model(DIGITS, UQSettings(kind="deep-ensemble", members=3, students=StudentSettings(width=8)), torch.device("cpu"))
     x = torch.rand(5, 1, 8, 8)
     expected = torch.stack([torch.softmax(m.eval()(x), 1) for m in model.members()]).mean(0)
     torch.testing.assert_close(torch.exp(model.combined()(x)), expected)
@@ -105,11 +106,11 @@ def test_members_differ_in_architecture() -> None:
 def test_snapshot_swag_and_laplace_build_their_members() -> None:
     device = torch.device("cpu")
     x, targets = torch.rand(32, 1, 8, 8), torch.randn(32, 10)
-    snapshot = build_uq_model(DIGITS, UQSettings(kind="snapshot", members=3, width=8), device)
+    snapshot = build_uq_model(DIGITS, UQSettings(kind="snapshot", members=3, students=StudentSettings(width=8)), device)
     assert len(snapshot.members()) == 1
     snapshot.schedule(0.7)  # two of three cycles over: two snapshots taken
     assert len(snapshot.members()) == 3
-    swag = build_uq_model(DIGITS, UQSettings(kind="swag", members=3, width=8, swag_start=0.5), device)
+    swag = build_uq_model(DIGITS, UQSettings(kind="swag", members=3, students=StudentSettings(width=8), swag_start=0.5), device)
     swag.schedule(0.2)
     swag.train_step(x, targets)
     assert len(swag.members()) == 1  # before swag_start: no moments
@@ -117,7 +118,7 @@ def test_snapshot_swag_and_laplace_build_their_members() -> None:
     for _ in range(3):
         swag.train_step(x, targets)
     assert len(swag.members()) == 3
-    laplace = build_uq_model(DIGITS, UQSettings(kind="laplace", members=3, width=8), device)
+    laplace = build_uq_model(DIGITS, UQSettings(kind="laplace", members=3, students=StudentSettings(width=8)), device)
     before = laplace.precision_weight.clone()
     laplace.train_step(x, targets)
     assert bool((laplace.precision_weight > before).any())
@@ -195,10 +196,11 @@ def test_diversity_term_pushes_members_apart_on_unqueried_images() -> None:
     spreads = []
     for weight in (0.0, 5.0):
         torch.manual_seed(0)
-        model = build_uq_model(DIGITS, UQSettings(kind="deep-ensemble", members=3, width=8, replay=0,
+        model = build_uq_model(DIGITS, UQSettings(kind="deep-ensemble", members=3, students=StudentSettings(width=8, replay=0),
                                                   diversity_weight=weight), torch.device("cpu"))
         for _ in range(5):
             model.train_step(x, targets, unlabelled)
         with torch.no_grad():
             spreads.append(float(pairwise_disagreement([m.eval()(unlabelled) for m in model.members()])))
     assert spreads[1] > spreads[0]
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from attacker.attacks import ATTACKS, build_attack, make_settings
+from attacker.attacks import ATTACKS, build_attack, flat_settings, make_settings, setting_keys
 from attacker.evaluation import EvalConfig, Evaluator, default_epsilon, default_epsilons, pgd_linf
 from attacker.loop import LoopConfig
 from attacker.losses import (
@@ -309,6 +310,16 @@ def test_settings_are_checked() -> None:
         make_settings("dfme", epsilon=0.0)
     with pytest.raises(AttackError, match="remember_generator_queries needs a replay memory"):
         make_settings("dfme", remember_generator_queries=True, replay=0)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_flat_keys_set_the_nested_settings_and_round_trip(name: str) -> None:
+    settings = make_settings(name)
+    assert make_settings(name, **flat_settings(settings)) == settings  # config.json's settings rebuild the run's
+    changed = make_settings(name, student_width=24, replay=123, replay_policy="ring", batch_size=32)
+    assert changed.student_settings() == replace(settings.student_settings(), width=24, replay=123, replay_policy="ring")
+    assert (flat_settings(changed)["student_width"], changed.batch_size) == (24, 32)
+    assert set(setting_keys(name)) == set(flat_settings(settings))
 
 
 def test_the_loop_learns_something(local_victim: InProcessVictim, tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def test_a_dead_start_draws_a_fresh_generator_once_per_window() -> None:
     assert not attack.gen.optimizer.state  # Adam's moments start afresh with the generator
     # Not the generator that one Adam step would have made: drawn anew (its weights moved by more than a step).
     moved = max(float((a - b.detach()).abs().max()) for a, b in zip(before, attack.gen.generator.parameters(), strict=True))
-    assert moved > 10 * attack.s.generator_lr
+    assert moved > 10 * attack.s.generator.learning_rate
     attack.step(victim)
     assert attack.generator_restarts == 2
     assert attack.diagnostics(evaluator=None)["generator_restarts"] == 2.0  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from attacker.attacks import build_attack, make_settings
+from attacker.attacks import build_attack, flat_settings, make_settings
 from attacker.attacks.dual_student import REFERENCE, DualStudent, DualStudentSettings
 from attacker.students import multistep_factor
 from attacker.victims import BudgetedVictim, FunctionVictim, VictimInfo
@@ -27,12 +27,12 @@ def test_the_preset_holds_the_authors_settings_and_overrides_win() -> None:
     reference = make_settings("dual-student", preset="reference")
     assert isinstance(reference, DualStudentSettings)
     for name, value in REFERENCE.items():
-        assert getattr(reference, name) == value, name
+        assert flat_settings(reference)[name] == value, name
     assert reference.preset == "reference"
-    assert make_settings("dual-student", preset="reference", student_lr=0.3).student_lr == 0.3
+    assert make_settings("dual-student", preset="reference", student_lr=0.3).student_settings().learning_rate == 0.3
     tuned = make_settings("dual-student")
     assert isinstance(tuned, DualStudentSettings)
-    assert (tuned.preset, tuned.student_optimizer, tuned.lr_schedule) == ("tuned", "adam", "cosine")
+    assert (tuned.preset, tuned.students.optimizer, tuned.students.schedule) == ("tuned", "adam", "cosine")
     with pytest.raises(AttackError, match="no preset 'paper'"):
         make_settings("dual-student", preset="paper")
     with pytest.raises(AttackError, match="has no setting"):

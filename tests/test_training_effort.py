@@ -66,10 +66,10 @@ def test_the_loop_follows_updates_per_batch(name: str, digits_checkpoint: Path, 
 
 
 def test_knockoff_reads_the_shared_setting() -> None:
-    assert make_settings("knockoff").updates_per_batch == 16
-    assert make_settings("knockoff", updates_per_batch=3).updates_per_batch == 3
-    assert make_settings("dfme").updates_per_batch == 4  # chosen on mnist5k validation (docs/attacks.md)
-    assert make_settings("dual-student").updates_per_batch == 4
+    assert make_settings("knockoff").student_settings().updates_per_batch == 16
+    assert make_settings("knockoff", updates_per_batch=3).student_settings().updates_per_batch == 3
+    assert make_settings("dfme").student_settings().updates_per_batch == 4  # chosen on mnist5k validation (docs/attacks.md)
+    assert make_settings("dual-student").student_settings().updates_per_batch == 4
 
 
 def test_updates_per_batch_must_be_positive() -> None:
@@ -80,9 +80,9 @@ def test_updates_per_batch_must_be_positive() -> None:
 @pytest.mark.parametrize("name", ["dual-student", "dfme", "random", "ensemble"])
 def test_label_smoothing_reaches_the_clones_loss(name: str) -> None:
     attack = build_attack(name, DIGITS, torch.device("cpu"), hard_label=True, label_smoothing=0.1)
-    trained = attack.uq.settings if name == "ensemble" else attack.students.settings  # type: ignore[attr-defined]
+    trained = attack.uq.settings.students if name == "ensemble" else attack.students.settings  # type: ignore[attr-defined]
     assert trained.label_smoothing == 0.1
-    assert make_settings(name).label_smoothing == 0.0
+    assert make_settings(name).student_settings().label_smoothing == 0.0
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0])

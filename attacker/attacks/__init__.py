@@ -2,12 +2,15 @@
 
 ::
 
-    attack = build_attack("dual-student", victim.info, torch.device("cpu"), batch_size=512)
+    attack = build_attack("dual-student", victim.info, torch.device("cpu"), batch_size=512, student_width=32)
+
+Settings are given by flat keys (``student_width``, ``replay_policy``, ``uq``), the
+keys of ``--set KEY=VALUE``, run specs and ``config.json``; :mod:`attacker.settings`
+maps them onto each attack's nested settings.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -20,6 +23,7 @@ from attacker.attacks.ensemble import Ensemble, EnsembleSettings
 from attacker.attacks.knockoff import Knockoff, KnockoffSettings
 from attacker.attacks.random_noise import RandomNoise, RandomNoiseSettings
 from attacker.loop import Attack, AttackSettings
+from attacker.settings import flat_keys, flat_settings, settings_from_flat
 from attacker.victims import VictimInfo
 from stealsim.errors import AttackError
 
@@ -40,7 +44,9 @@ __all__ = [
     "RandomNoiseSettings",
     "attack_class",
     "build_attack",
+    "flat_settings",
     "make_settings",
+    "setting_keys",
 ]
 
 ATTACKS: dict[str, type[Attack]] = {
@@ -56,24 +62,29 @@ def attack_class(name: str) -> type[Attack]:
         raise AttackError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}") from None
 
 
+def setting_keys(name: str) -> tuple[str, ...]:
+    """The flat keys attack ``name`` takes, sorted."""
+    return tuple(sorted(flat_keys(attack_class(name).settings_type)))
+
+
 def make_settings(name: str, **overrides: Any) -> AttackSettings:
-    """The settings of attack ``name`` with ``overrides`` (``None`` values are ignored).
+    """The settings of attack ``name`` with ``overrides``, by flat key (``None`` values are ignored).
 
     ``preset=NAME`` (where the attack has presets, e.g. Dual Student's ``reference``)
-    starts from that named set; the other overrides win over it.
+    starts from that named set; the other overrides win over it. An unknown key raises
+    :class:`AttackError` naming the keys the attack takes.
     """
     settings_type = attack_class(name).settings_type
-    known = {field.name for field in dataclasses.fields(settings_type)}
     given = {k: v for k, v in overrides.items() if v is not None}
     presets: dict[str, dict[str, Any]] = getattr(settings_type, "PRESETS", {})
     if "preset" in given and presets:  # a named set of settings; the settings given beside it win
         if given["preset"] not in presets:
             raise AttackError(f"{name} has no preset {given['preset']!r}; choose one of {sorted(presets)}")
         given = {**presets[given["preset"]], **given}
-    unknown = sorted(set(given) - known)
+    unknown = sorted(set(given) - set(setting_keys(name)))
     if unknown:
-        raise AttackError(f"{name} has no setting(s) {unknown}; it accepts {sorted(known)}")
-    return settings_type(**given)
+        raise AttackError(f"{name} has no setting(s) {unknown}; it accepts {list(setting_keys(name))}")
+    return settings_from_flat(settings_type, given)
 
 
 def build_attack(name: str, info: VictimInfo, device: torch.device, **overrides: Any) -> Attack:

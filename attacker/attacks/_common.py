@@ -4,21 +4,56 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from attacker.students import schedule_factor, set_learning_rate, with_memory_format
+from attacker.students import MemoryFormat, schedule_factor, set_learning_rate, with_memory_format
 from attacker.victims import VictimInfo
 from stealsim.architectures import DCGANGenerator, build_generator
+from stealsim.errors import AttackError
 
-__all__ = ["GeneratorTrainer", "frozen", "generator_preactivation", "make_generator"]
+__all__ = ["GeneratorSettings", "GeneratorTrainer", "frozen", "generator_preactivation", "make_generator"]
 
 
-def make_generator(info: VictimInfo, latent_dim: int, width: int, device: torch.device) -> DCGANGenerator:
+@dataclass(frozen=True)
+class GeneratorSettings:
+    """The query generator of the data-free attacks (Dual Student, DFME, the ensemble).
+
+    Attributes:
+        learning_rate: Adam learning rate (scheduled over the budget as the attack says).
+        latent_dim: size of the noise vector.
+        width: channels of the DCGAN generator's first map.
+        gain: images are ``sigmoid(gain * BN(a))`` (0: the plain ``sigmoid(a)``;
+            :class:`GeneratorTrainer`).
+        betas: Adam's betas; (0.5, 0.999), the DCGAN recipe (Radford et al. 2016).
+    """
+
+    KEYS: ClassVar[dict[str, str]] = {
+        "generator_lr": "learning_rate", "latent_dim": "latent_dim", "generator_width": "width",
+        "generator_gain": "gain",
+    }
+    """Flat keys (``--set KEY=VALUE``) of every generator; Dual Student adds ``generator_betas``."""
+
+    learning_rate: float = 1e-3
+    latent_dim: int = 64
+    width: int = 16
+    gain: float = 3.0
+    betas: tuple[float, float] = (0.5, 0.999)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.learning_rate <= 0 or self.latent_dim < 1 or self.width < 1 or len(self.betas) != 2:
+            raise AttackError(f"invalid generator settings: {self}")
+
+
+def make_generator(info: VictimInfo, settings: GeneratorSettings, device: torch.device) -> DCGANGenerator:
     channels, size, _ = info.input_shape
-    return build_generator(latent_dim=latent_dim, image_size=size, channels=channels, width=width).to(device)
+    return build_generator(latent_dim=settings.latent_dim, image_size=size, channels=channels,
+                           width=settings.width).to(device)
 
 
 def generator_preactivation(generator: DCGANGenerator, z: Tensor) -> Tensor:
@@ -58,19 +93,16 @@ class GeneratorTrainer:
     def __init__(
         self,
         info: VictimInfo,
-        latent_dim: int,
-        width: int,
-        learning_rate: float,
+        settings: GeneratorSettings,
         device: torch.device,
-        gain: float = 3.0,
-        betas: tuple[float, float] = (0.5, 0.999),
         schedule: str = "cosine",
-        memory_format: str = "channels_last",
+        memory_format: MemoryFormat = "channels_last",
     ) -> None:
-        self.generator = with_memory_format(make_generator(info, latent_dim, width, device), memory_format)
-        self.gain = gain
-        self.learning_rate = learning_rate
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=learning_rate, betas=betas)
+        self.generator = with_memory_format(make_generator(info, settings, device), memory_format)
+        self.gain = settings.gain
+        self.learning_rate = settings.learning_rate
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=settings.learning_rate,
+                                          betas=settings.betas)
         self.device = device
         self.schedule_kind = schedule
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from attacker.attacks._common import GeneratorTrainer
+from attacker.attacks._common import GeneratorSettings, GeneratorTrainer
 from attacker.loop import Attack, AttackSettings
 from attacker.losses import (
     forward_difference_gradient,
@@ -15,7 +15,7 @@ from attacker.losses import (
     unit_directions,
     victim_targets,
 )
-from attacker.students import Students
+from attacker.students import Students, StudentSettings
 from attacker.victims import BudgetedVictim, VictimInfo, without_autocast
 from stealsim.errors import AttackError
 
@@ -27,18 +27,14 @@ class DFMESettings(AttackSettings):
     """DFME's settings (paper defaults: m = 1, eps = 1e-3, n_S = 5).
 
     Attributes:
+        students: the student (:class:`~attacker.students.StudentSettings`), with
+            ``updates_per_batch`` 4: chosen on the mnist5k validation split at 200,000 queries
+            (seeds 0 / 1), fidelity 0.914 / 0.924 with 2, **0.966 / 0.964 with 4**, 0.958 with 8
+            (seed 0, 2.7x the compute); 1 is the paper's.
+        generator: the generator (:class:`~attacker.attacks._common.GeneratorSettings`).
         student_steps: student updates per generator update (``n_S``).
         directions: random directions ``m`` of the zeroth-order estimate.
         epsilon: forward-difference step ``eps`` (in the generator's pre-sigmoid space).
-        generator_lr: Adam learning rate of the generator.
-        latent_dim: size of the generator's noise vector.
-        generator_width: channels of the generator's first map.
-        generator_gain: images are ``sigmoid(gain * BN(a))`` (0: the plain ``sigmoid(a)``).
-        updates_per_batch: 4, chosen on the mnist5k validation split at 200,000 queries
-            (seeds 0 / 1): fidelity 0.914 / 0.924 with 2, **0.966 / 0.964 with 4**, 0.958 with 8
-            (seed 0, 2.7x the compute); Dual Student takes 4 as well, chosen the same way.
-            1 is the paper's; 2 was the default until
-            4 Dec 2026 (chosen on digits: 0.906 / 0.867 with 1, 0.928 / 0.928 with 2).
         remember_generator_queries: also put the generator step's answered images (``x`` and
             ``x + eps u``) in the clone's replay memory, so every answer the budget paid for
             trains the clone (``False``: the paper's, where they only feed the gradient
@@ -46,22 +42,22 @@ class DFMESettings(AttackSettings):
             200,000 queries: 0.782 / 0.886 against 0.914 / 0.924 (seeds 0 / 1, 2 updates).
     """
 
+    students: StudentSettings = field(default_factory=lambda: StudentSettings(updates_per_batch=4))
+    generator: GeneratorSettings = field(default_factory=GeneratorSettings)
     student_steps: int = 5
     directions: int = 1
     epsilon: float = 1e-3
-    generator_lr: float = 1e-3
-    latent_dim: int = 64
-    generator_width: int = 16
-    generator_gain: float = 3.0
-    updates_per_batch: int = 4
     remember_generator_queries: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.student_steps < 1 or self.directions < 1 or self.epsilon <= 0 or self.generator_lr <= 0:
+        if self.student_steps < 1 or self.directions < 1 or self.epsilon <= 0:
             raise AttackError(f"invalid DFME settings: {self}")
-        if self.remember_generator_queries and self.replay == 0:
+        if self.remember_generator_queries and self.students.replay == 0:
             raise AttackError("remember_generator_queries needs a replay memory (replay > 0)")
+
+    def student_settings(self) -> StudentSettings:
+        return self.students
 
 
 class DFME(Attack):
@@ -92,11 +88,8 @@ class DFME(Attack):
         super().__init__(settings, info, device)
         assert isinstance(settings, DFMESettings)
         self.s: DFMESettings = settings
-        self.students = Students(info, 1, settings.student_settings(), device)
-        self.gen = GeneratorTrainer(
-            info, settings.latent_dim, settings.generator_width, settings.generator_lr, device,
-            settings.generator_gain, memory_format=settings.memory_format,
-        )
+        self.students = Students(info, 1, settings.students, device, settings.memory_format)
+        self.gen = GeneratorTrainer(info, settings.generator, device, memory_format=settings.memory_format)
         self.track_students(self.students)
         self.track("generator", self.gen.generator)
         self.track("generator_optimizer", self.gen.optimizer)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attacker.attacks._common import GeneratorTrainer, frozen, make_generator
+from attacker.attacks._common import GeneratorSettings, GeneratorTrainer, frozen, make_generator
 from attacker.loop import Attack, AttackSettings, Evaluates
 from attacker.losses import class_balance_loss, disagreement_loss, victim_targets
 from attacker.replay import ReplayMemory
-from attacker.students import Students, StudentSettings
+from attacker.students import SCHEDULE_KEYS, Students, StudentSettings
 from attacker.victims import BudgetedVictim, VictimInfo
 from stealsim.errors import AttackError
 
@@ -34,20 +34,20 @@ class DualStudentSettings(AttackSettings):
     """Dual Student's settings (defaults tuned for 8x8 / 28x28 grayscale on a CPU).
 
     Attributes:
+        students: the two students (:class:`~attacker.students.StudentSettings`), with
+            ``updates_per_batch`` 4: chosen on the mnist5k validation split at 200,000 queries
+            (seeds 0 / 1), fidelity 0.910 / 0.946 with 2 and **0.940 / 0.962 with 4** (about 2x
+            the compute); 1 is the paper's (one student step per generated batch). Besides the
+            keys every attack takes, ``student_optimizer``, ``student_weight_decay`` and
+            ``lr_schedule`` set their optimiser and schedule.
+        generator: the generator (:class:`~attacker.attacks._common.GeneratorSettings`; keys
+            ``generator_lr``, ``latent_dim``, ``generator_width``, ``generator_gain`` and
+            ``generator_betas``).
         student_steps: student updates (each on a fresh victim-answered batch) per generator update.
-        generator_lr: Adam learning rate of the generator (cosine-decayed).
-        latent_dim: size of the generator's noise vector.
-        generator_width: channels of the DCGAN generator's first map.
         balance_weight: weight ``lambda`` of the class-balance term (0, the default: the paper's
             loss alone; 0.2 helped on 8x8 digits with 5 student steps, hurt on mnist5k).
         disagreement: compare the students' ``logits`` (the paper) or softmax ``probabilities`` (as given,
             with soft and hard labels alike).
-        generator_gain: images are ``sigmoid(gain * BN(a))`` (0: the plain ``sigmoid(a)``).
-        updates_per_batch: 4, chosen on the mnist5k validation split at 200,000 queries
-            (seeds 0 / 1): fidelity 0.910 / 0.946 with 2, **0.940 / 0.962 with 4** (about 2x
-            the compute). 1 is the paper's (one student step per generated batch); 2 was the
-            default until 4 Dec 2026 (chosen on digits: 0.900 / 0.889 with 1, 0.917 / 0.906
-            with 2).
         generator_schedule: the generator's learning-rate schedule: ``students`` (the
             default and the authors': the same ``lr_schedule`` as the students) or
             ``constant`` (the generator keeps its learning rate to the end of the budget).
@@ -87,18 +87,16 @@ class DualStudentSettings(AttackSettings):
       iterations of 5 student updates, about 0.998 per update, the ``reference`` value).
     """
 
+    KEYS: ClassVar[dict[str, str]] = {
+        **{key: f"students.{field}" for key, field in SCHEDULE_KEYS.items()},
+        "generator_betas": "generator.betas",
+    }
+
+    students: StudentSettings = field(default_factory=lambda: StudentSettings(updates_per_batch=4))
+    generator: GeneratorSettings = field(default_factory=GeneratorSettings)
     student_steps: int = 3
-    generator_lr: float = 1e-3
-    latent_dim: int = 64
-    generator_width: int = 16
     balance_weight: float = 0.0
     disagreement: Literal["logits", "probabilities"] = "probabilities"
-    generator_gain: float = 3.0
-    updates_per_batch: int = 4
-    student_optimizer: Literal["adam", "sgd"] = "adam"
-    student_weight_decay: float = 0.0
-    lr_schedule: Literal["cosine", "multistep"] = "cosine"
-    generator_betas: tuple[float, float] = (0.5, 0.999)
     students_in_generator_step: Literal["train", "eval"] = "train"
     generator_when_sampling: Literal["train", "eval"] = "train"
     generator_step_input: Literal["images", "preactivation"] = "images"
@@ -114,21 +112,18 @@ class DualStudentSettings(AttackSettings):
         super().__post_init__()
         if self.generator_restart < 0:
             raise AttackError(f"generator_restart must be 0 (never) or a number of queries per check, got {self.generator_restart}")
-        if self.student_steps < 1 or self.generator_lr <= 0 or self.student_weight_decay < 0:
+        if self.student_steps < 1:
             raise AttackError(f"invalid Dual Student settings: {self}")
-        choices = {"student_optimizer": ("adam", "sgd"), "lr_schedule": ("cosine", "multistep"),
-                   "students_in_generator_step": ("train", "eval"), "generator_when_sampling": ("train", "eval"),
+        choices = {"students_in_generator_step": ("train", "eval"), "generator_when_sampling": ("train", "eval"),
                    "generator_step_input": ("images", "preactivation"), "hard_target": ("class", "one_hot"),
                    "disagreement": ("logits", "probabilities"), "preset": ("tuned", "reference"),
                    "generator_schedule": ("students", "constant")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise AttackError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        object.__setattr__(self, "generator_betas", tuple(float(b) for b in self.generator_betas))
 
     def student_settings(self) -> StudentSettings:
-        return replace(super().student_settings(), optimizer=self.student_optimizer,
-                       weight_decay=self.student_weight_decay, schedule=self.lr_schedule)
+        return self.students
 
 
 REFERENCE: dict[str, Any] = {
@@ -181,11 +176,10 @@ class DualStudent(Attack):
         super().__init__(settings, info, device)
         assert isinstance(settings, DualStudentSettings)
         self.s: DualStudentSettings = settings
-        self.students = Students(info, 2, settings.student_settings(), device)
+        self.students = Students(info, 2, settings.students, device, settings.memory_format)
         self.gen = GeneratorTrainer(
-            info, settings.latent_dim, settings.generator_width, settings.generator_lr, device,
-            settings.generator_gain, settings.generator_betas,
-            settings.lr_schedule if settings.generator_schedule == "students" else "constant",
+            info, settings.generator, device,
+            settings.students.schedule if settings.generator_schedule == "students" else "constant",
             memory_format=settings.memory_format,
         )
         self.track_students(self.students)
@@ -213,7 +207,7 @@ class DualStudent(Attack):
         with frozen(first, second):
             if self.s.generator_step_input == "preactivation":  # the authors' code
                 points = self.gen.points(self.s.batch_size)
-                images = 0.5 + 0.5 * points / max(self.s.generator_gain, 1e-12)
+                images = 0.5 + 0.5 * points / max(self.s.generator.gain, 1e-12)
             else:
                 images = self.gen.images(self.s.batch_size)
             logits = first(images)
@@ -244,7 +238,7 @@ class DualStudent(Attack):
         if self.s.generator_restart == 0 or int(self.window_counts.sum()) < self.s.generator_restart:
             return
         if int(self.window_counts.max()) >= DEAD_START_SHARE * int(self.window_counts.sum()):
-            fresh = make_generator(self.info, self.s.latent_dim, self.s.generator_width, self.device)
+            fresh = make_generator(self.info, self.s.generator, self.device)
             self.gen.generator.load_state_dict(fresh.state_dict())
             self.gen.optimizer.state.clear()
             self.generator_restarts += 1

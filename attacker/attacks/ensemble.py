@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from attacker.attacks._common import GeneratorTrainer, frozen
+from attacker.attacks._common import GeneratorSettings, GeneratorTrainer, frozen
 from attacker.loop import Attack, AttackSettings, Evaluates
 from attacker.losses import class_balance_loss, victim_targets
 from attacker.replay import ReplayMemory
-from attacker.surrogate import RandomSampler, SurrogateSplit, load_surrogate
+from attacker.students import StudentSettings
+from attacker.surrogate import RandomSampler, SurrogateSettings
 from attacker.uq import (
-    UQ_KINDS,
-    UQKind,
     UQSettings,
     build_uq_model,
     member_diagnostics,
@@ -37,64 +36,37 @@ class EnsembleSettings(AttackSettings):
     """The ensemble attack's settings (UQ model, query source, generator).
 
     Attributes:
-        uq: the UQ model, one of ``deep-ensemble``, ``mc-dropout``, ``snapshot``, ``swag``, ``laplace``.
-        members: M, the number of members.
-        architectures: members' architectures (cycled over a deep ensemble's members;
-            empty: ``student_architecture`` or the default for the input).
-        dropout: dropout rate of ``mc-dropout``.
-        swag_start: fraction of the budget after which SWAG collects weight moments.
-        swag_scale: scale of SWAG's sampled deviation.
-        laplace_prior: prior precision of the last-layer Laplace approximation.
-        diversity_weight: weight of the diversity term on unqueried images (0: the paper's setting).
+        uq: the UQ model (:class:`~attacker.uq.UQSettings`): its kind (key ``uq``: one of
+            ``deep-ensemble``, ``mc-dropout``, ``snapshot``, ``swag``, ``laplace``), its
+            ``members``, ``architectures``, ``dropout``, ``swag_start``, ``swag_scale``,
+            ``laplace_prior``, ``diversity_weight`` (0: the paper's setting), and its
+            ``students``, the members' training (the keys every attack takes). The students'
+            ``updates_per_batch`` is member updates per answered batch: the first on it (plus
+            replay), the others on replayed answers only (1: Dual Student's schedule).
+        generator: the generator (:class:`~attacker.attacks._common.GeneratorSettings`).
         source: ``generator`` (data-free: maximises the members' disagreement) or ``surrogate`` data.
-        surrogate: dataset name or image directory (default: the other built-in dataset).
-        surrogate_dir: ``--data-dir`` of an on-disk surrogate dataset.
-        surrogate_split: ``train``, ``test`` or ``all`` of a surrogate dataset.
+        surrogate: the surrogate images (:class:`~attacker.surrogate.SurrogateSettings`).
         student_steps: member updates (each on a fresh answered batch) per generator update.
-        updates_per_batch: (shared with every attack) member updates per answered batch: the first
-            on it (plus replay), the others on replayed answers only (1: Dual Student's schedule).
-        generator_lr, latent_dim, generator_width, balance_weight, generator_gain: as Dual Student's.
+        balance_weight: weight of the class-balance term of the generator's loss (as Dual
+            Student's).
     """
 
-    uq: UQKind = "deep-ensemble"
-    members: int = 5
-    architectures: tuple[str, ...] = ()
-    dropout: float = 0.25
-    swag_start: float = 0.5
-    swag_scale: float = 0.5
-    laplace_prior: float = 1.0
-    diversity_weight: float = 0.0
+    uq: UQSettings = field(default_factory=UQSettings)
+    generator: GeneratorSettings = field(default_factory=GeneratorSettings)
     source: Literal["generator", "surrogate"] = "generator"
-    surrogate: str | None = None
-    surrogate_dir: str | None = None
-    surrogate_split: SurrogateSplit = "train"
+    surrogate: SurrogateSettings = field(default_factory=SurrogateSettings)
     student_steps: int = 5
-    generator_lr: float = 1e-3
-    latent_dim: int = 64
-    generator_width: int = 16
     balance_weight: float = 0.2
-    generator_gain: float = 3.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "architectures", tuple(self.architectures))
-        if self.uq not in UQ_KINDS:
-            raise AttackError(f"unknown --uq {self.uq!r}; choose one of {list(UQ_KINDS)}")
         if self.source not in ("generator", "surrogate"):
             raise AttackError(f"source must be generator or surrogate, got {self.source!r}")
-        if self.student_steps < 1 or self.generator_lr <= 0 or self.members < 1:
+        if self.student_steps < 1:
             raise AttackError(f"invalid ensemble settings: {self}")
-        self.uq_settings()  # validates the UQ fields
 
-    def uq_settings(self) -> UQSettings:
-        architectures = self.architectures or ((self.student_architecture,) if self.student_architecture else ())
-        return UQSettings(
-            kind=self.uq, members=self.members, architectures=architectures, width=self.student_width,
-            learning_rate=self.student_lr, soft_loss=self.soft_loss, label_smoothing=self.label_smoothing,
-            dropout=self.dropout,
-            swag_start=self.swag_start, swag_scale=self.swag_scale, laplace_prior=self.laplace_prior,
-            diversity_weight=self.diversity_weight, replay=self.replay,
-        )
+    def student_settings(self) -> StudentSettings:
+        return self.uq.students
 
 
 class Ensemble(Attack):
@@ -141,7 +113,7 @@ class Ensemble(Attack):
         super().__init__(settings, info, device)
         assert isinstance(settings, EnsembleSettings)
         self.s: EnsembleSettings = settings
-        self.uq = build_uq_model(info, settings.uq_settings(), device)
+        self.uq = build_uq_model(info, settings.uq, device)
         self.track("uq", self.uq)
         self.recent_queries = ReplayMemory(QUERY_PROBE)
         self.track("recent_queries", self.recent_queries)
@@ -151,14 +123,11 @@ class Ensemble(Attack):
         self.pool: Tensor | None = None
         self.sampler: RandomSampler | None = None
         if settings.source == "generator":
-            self.gen = GeneratorTrainer(info, settings.latent_dim, settings.generator_width,
-                                        settings.generator_lr, device, settings.generator_gain,
-                                        memory_format=settings.memory_format)
+            self.gen = GeneratorTrainer(info, settings.generator, device, memory_format=settings.memory_format)
             self.track("generator", self.gen.generator)
             self.track("generator_optimizer", self.gen.optimizer)
         else:
-            surrogate = load_surrogate(settings.surrogate, info.input_shape, settings.surrogate_dir,
-                                       settings.surrogate_split)
+            surrogate = settings.surrogate.load(info.input_shape)
             self.pool = surrogate.images
             self.sampler = RandomSampler(len(surrogate))
             self.track("sampler", self.sampler)
@@ -170,7 +139,7 @@ class Ensemble(Attack):
         return self.pool[self.sampler.draw(count)].to(self.device)
 
     def _unlabelled(self, count: int) -> Tensor | None:
-        if self.s.diversity_weight <= 0:
+        if self.s.uq.diversity_weight <= 0:
             return None
         if self.gen is not None:
             return self.gen.sample(count)
@@ -201,7 +170,7 @@ class Ensemble(Attack):
             targets = victim_targets(victim.query(images.cpu()), self.hard_label).to(self.device)
             self.recent_queries.add(images.detach(), targets)
             total += self.uq.train_step(images, targets, self._unlabelled(count))
-            for _ in range(self.s.updates_per_batch - 1):
+            for _ in range(self.s.uq.students.updates_per_batch - 1):
                 self.uq.train_replayed(self.s.batch_size, self._unlabelled(count))
             steps += 1
         losses["student"] = total / max(1, steps)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -12,8 +12,8 @@ from torch.nn import functional as F
 from attacker.loop import Attack, AttackSettings
 from attacker.losses import LOG_EPSILON
 from attacker.replay import ReplayMemory
-from attacker.students import build_student, cosine_factor, set_learning_rate
-from attacker.surrogate import BanditSampler, RandomSampler, Reward, SurrogateSplit, load_surrogate
+from attacker.students import StudentSettings, build_student, cosine_factor, set_learning_rate
+from attacker.surrogate import BanditSampler, RandomSampler, Reward, SurrogateSettings
 from attacker.victims import BudgetedVictim, VictimInfo
 from stealsim.errors import AttackError
 from stealsim.losses import kd_loss
@@ -26,29 +26,28 @@ class KnockoffSettings(AttackSettings):
     """Knockoff's settings.
 
     Attributes:
-        surrogate: dataset name or image directory queried (default: the other built-in dataset).
-        surrogate_dir: ``--data-dir`` of an on-disk surrogate dataset.
-        surrogate_split: ``train``, ``test`` or ``all`` of a surrogate dataset.
+        students: the clone (:class:`~attacker.students.StudentSettings`: architecture, width,
+            learning rate, label smoothing). Its ``replay`` memory is the transfer set, which
+            every update draws ``train_batch`` images from, ``updates_per_batch`` times after
+            each answered batch (16 by default), and its ``replay_policy`` is ``ring``: the
+            transfer set keeps the last ``replay`` answers, as in every Knockoff run measured.
+            The clone has no moving average and its loss is KD (``ema_decay`` and
+            ``soft_loss`` do not apply).
+        surrogate: the images queried (:class:`~attacker.surrogate.SurrogateSettings`).
         sampling: ``random`` or ``adaptive`` (the bandit over the surrogate's classes).
         reward: the adaptive sampler's reward: ``certainty``, ``diversity``, ``loss`` or ``all``.
         bandit_lr: the bandit's step ``alpha``.
         temperature: KD temperature ``T`` on soft answers.
-        updates_per_batch: clone updates after each answered batch (the shared setting of
-            :class:`AttackSettings`; Knockoff trains only on its transfer set, so every update
-            draws ``train_batch`` images from it).
         train_batch: images per clone update, drawn from the transfer set.
-
-    ``replay`` (from :class:`AttackSettings`) is the transfer set's capacity.
     """
 
-    surrogate: str | None = None
-    surrogate_dir: str | None = None
-    surrogate_split: SurrogateSplit = "train"
+    students: StudentSettings = field(
+        default_factory=lambda: StudentSettings(updates_per_batch=16, replay_policy="ring"))
+    surrogate: SurrogateSettings = field(default_factory=SurrogateSettings)
     sampling: Literal["random", "adaptive"] = "random"
     reward: Reward = "all"
     bandit_lr: float = 0.1
     temperature: float = 4.0
-    updates_per_batch: int = 16
     train_batch: int = 128
 
     def __post_init__(self) -> None:
@@ -57,8 +56,11 @@ class KnockoffSettings(AttackSettings):
             raise AttackError(f"sampling must be random or adaptive, got {self.sampling!r}")
         if self.reward not in ("certainty", "diversity", "loss", "all"):
             raise AttackError(f"reward must be certainty, diversity, loss or all, got {self.reward!r}")
-        if self.temperature <= 0 or self.updates_per_batch < 1 or self.train_batch < 1 or self.replay < 1:
+        if self.temperature <= 0 or self.train_batch < 1 or self.students.replay < 1:
             raise AttackError(f"invalid Knockoff settings: {self}")
+
+    def student_settings(self) -> StudentSettings:
+        return self.students
 
 
 class Knockoff(Attack):
@@ -94,12 +96,11 @@ class Knockoff(Attack):
         super().__init__(settings, info, device)
         assert isinstance(settings, KnockoffSettings)
         self.s: KnockoffSettings = settings
-        surrogate = load_surrogate(settings.surrogate, info.input_shape, settings.surrogate_dir,
-                                   settings.surrogate_split)
+        surrogate = settings.surrogate.load(info.input_shape)
         self.pool = surrogate.images
-        self.network = build_student(info, settings.student_settings()).to(device)
-        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=settings.student_lr)
-        self.transfer = ReplayMemory(settings.replay)
+        self.network = build_student(info, settings.students, settings.memory_format).to(device)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=settings.students.learning_rate)
+        self.transfer = ReplayMemory(settings.students.replay, settings.students.replay_policy)
         self.sampler: RandomSampler | BanditSampler
         if settings.sampling == "adaptive":
             self.sampler = BanditSampler(surrogate.classes, info.num_classes, settings.bandit_lr, settings.reward)
@@ -113,7 +114,7 @@ class Knockoff(Attack):
     def _loss(self, logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         logits = logits.float()  # bfloat16 under autocast: the loss in float32
         if targets.dim() == 1:
-            return F.cross_entropy(logits, targets, reduction=reduction, label_smoothing=self.s.label_smoothing)
+            return F.cross_entropy(logits, targets, reduction=reduction, label_smoothing=self.s.students.label_smoothing)
         teacher = torch.log(targets + LOG_EPSILON)
         if reduction == "none":
             t = self.s.temperature
@@ -122,7 +123,8 @@ class Knockoff(Attack):
         return kd_loss(logits, teacher, None, temperature=self.s.temperature)
 
     def step(self, victim: BudgetedVictim) -> dict[str, float]:
-        set_learning_rate(self.optimizer, self.s.student_lr, cosine_factor(self.progress, 0.02))
+        students = self.s.students
+        set_learning_rate(self.optimizer, students.learning_rate, cosine_factor(self.progress, students.min_lr_fraction))
         count = victim.affordable(self.s.batch_size)
         if count == 0:
             return {}
@@ -149,14 +151,14 @@ class Knockoff(Attack):
         self.transfer.add(images.to(self.device), targets.to(self.device))
         self.network.train()
         total = 0.0
-        for _ in range(self.s.updates_per_batch):
+        for _ in range(self.s.students.updates_per_batch):
             batch, batch_targets = self.transfer.sample(self.s.train_batch)
             loss = self._loss(self.network(batch), batch_targets)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             total += float(loss.detach())
-        stats["student"] = total / self.s.updates_per_batch
+        stats["student"] = total / self.s.students.updates_per_batch
         return stats
 
     def clone(self) -> nn.Module:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from attacker.loop import Attack, AttackSettings
 from attacker.losses import victim_targets
-from attacker.students import Students
+from attacker.students import Students, StudentSettings
 from attacker.victims import BudgetedVictim, VictimInfo
 from stealsim.errors import AttackError
 
@@ -18,28 +18,33 @@ __all__ = ["RandomNoise", "RandomNoiseSettings"]
 
 @dataclass(frozen=True)
 class RandomNoiseSettings(AttackSettings):
-    """Attributes:
-    steps_per_call: answered batches per loop step (amortises the loop's bookkeeping).
-    updates_per_batch: 4 by default (the shared setting, 1 elsewhere): a baseline trained as
-        well as its answers allow. Chosen on the digits validation split at 150,000 queries
-        (fidelity 0.706 / 0.828 / 0.867 / 0.861 at 1 / 2 / 4 / 8 updates, seed 0, width 16); 4
-        updates are as many student updates per answered batch as Dual Student's (two
-        students, 2 updates each).
-    student_width: 32 by default (16 for every other attack): a wider clone is a stronger
-        baseline. Chosen on the digits validation split at 150,000 queries with 4 updates:
-        fidelity 0.867 / 0.789 (seeds 0 / 1) at width 16, 0.950 / 0.883 / 0.889 (seeds
-        0 / 1 / 2; 0.907 ± 0.037) at width 32. Dual Student's lead over it is therefore
-        measured against a clone of twice the width of its own.
+    """Random noise's settings.
+
+    Attributes:
+        students: the student (:class:`~attacker.students.StudentSettings`), trained as well
+            as its answers allow, with two defaults of its own:
+
+            - ``updates_per_batch`` 4, chosen on the digits validation split at 150,000
+              queries (fidelity 0.706 / 0.828 / 0.867 / 0.861 at 1 / 2 / 4 / 8 updates, seed 0,
+              width 16): as many student updates per answered batch as Dual Student's two
+              students take;
+            - ``width`` 32 (16 for every other attack), a stronger baseline: on the digits
+              validation split at 150,000 queries with 4 updates, fidelity 0.867 / 0.789
+              (seeds 0 / 1) at width 16, 0.950 / 0.883 / 0.889 (seeds 0 / 1 / 2) at width 32.
+              Dual Student's lead over it is measured against a clone of twice its width.
+        steps_per_call: answered batches per loop step (amortises the loop's bookkeeping).
     """
 
+    students: StudentSettings = field(default_factory=lambda: StudentSettings(width=32, updates_per_batch=4))
     steps_per_call: int = 5
-    updates_per_batch: int = 4
-    student_width: int = 32
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.steps_per_call < 1:
             raise AttackError(f"invalid random-noise settings: {self}")
+
+    def student_settings(self) -> StudentSettings:
+        return self.students
 
 
 class RandomNoise(Attack):
@@ -65,7 +70,7 @@ class RandomNoise(Attack):
         super().__init__(settings, info, device)
         assert isinstance(settings, RandomNoiseSettings)
         self.s: RandomNoiseSettings = settings
-        self.students = Students(info, 1, settings.student_settings(), device)
+        self.students = Students(info, 1, settings.students, device, settings.memory_format)
         self.track_students(self.students)
 
     def step(self, victim: BudgetedVictim) -> dict[str, float]:

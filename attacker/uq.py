@@ -222,7 +222,7 @@ class UQModel(nn.Module):
         self.optimizers = [torch.optim.Adam(n.parameters(), lr=students.learning_rate) for n in self.networks]
         self.progress = 0.0
         self.updates = 0
-        self.memory = ReplayMemory(students.replay)
+        self.memory = ReplayMemory(students.replay, students.replay_policy)
 
     def _network_count(self) -> int:
         return 1

@@ -204,3 +204,20 @@ def test_diversity_term_pushes_members_apart_on_unqueried_images() -> None:
             spreads.append(float(pairwise_disagreement([m.eval()(unlabelled) for m in model.members()])))
     assert spreads[1] > spreads[0]
 
+
+@pytest.mark.parametrize("policy", ["reservoir", "ring"])
+def test_the_members_replay_memory_follows_replay_policy(policy: str) -> None:
+    """``replay_policy`` reaches the members' replay memory (the ensemble once recorded it and kept a ring)."""
+    attack = build_attack("ensemble", DIGITS, torch.device("cpu"), replay_policy=policy, replay=64, **TINY)
+    memory = attack.uq.memory  # type: ignore[attr-defined]
+    assert memory.policy == policy
+    torch.manual_seed(0)
+    first = torch.rand(64, 1, 8, 8)
+    attack.uq.train_step(first, torch.randn(64, 10))  # type: ignore[attr-defined]
+    for _ in range(3):
+        attack.uq.train_step(torch.rand(64, 1, 8, 8), torch.randn(64, 10))  # type: ignore[attr-defined]
+    images, _ = memory.stored()
+    kept = sum(bool((images == one).all(dim=(1, 2, 3)).any()) for one in first)
+    # A reservoir keeps a uniform sample of all 256 answers (about a quarter of the first batch),
+    # a ring only the last 64.
+    assert (kept > 0) is (policy == "reservoir")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.options import DataDirOption, DatasetOption, DeviceOption, check_out_dir, write_json
+from cli.options import DataDirOption, DatasetOption, DeviceOption, check_out_dir
 from stealsim.errors import ConfigError
 
 __all__ = ["serve", "train", "worker"]
@@ -44,15 +43,9 @@ def train(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train a victim classifier (a Nasty Teacher, or a defender's model) and write its checkpoint."""
-    from stealsim.architectures import default_architecture
-    from stealsim.checkpoint import save_checkpoint
+    from experiments.victims import NastyObjective, VictimTraining, train_victim
     from stealsim.data import load_dataset
-    from stealsim.training import (
-        TrainConfig,
-        augmentation_shift,
-        resolve_device,
-        train_classifier,
-    )
+    from stealsim.training import resolve_device
 
     check_out_dir(out)
     if not nasty and (adversary is not None or tau is not None or omega is not None):
@@ -63,43 +56,12 @@ def train(
         raise ConfigError(f"--objective {objective!r}: use cross-entropy, misinformation or none")
     if nasty and objective != "cross-entropy":
         raise ConfigError("--nasty trains with its own objective; leave --objective out")
-    torch_device = resolve_device(device)
-    data = load_dataset(dataset, data_dir)
-    channels, size, _ = data.input_shape
-    architecture = arch or default_architecture(channels, size)
-    config = TrainConfig(
-        epochs=epochs or 30, batch_size=batch_size, learning_rate=lr, seed=seed,
-        max_shift=augmentation_shift(size),
+    training = VictimTraining(
+        objective=NastyObjective(adversary, tau, omega) if adversary is not None else objective,  # type: ignore[arg-type]  # checked above
+        architecture=arch, epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed,
     )
-    if nasty:
-        assert adversary is not None
-        from defense.nasty_teacher import settings_for, train_nasty_teacher
-        from stealsim.checkpoint import load_checkpoint
-
-        settings = settings_for(data.name, tau, omega)
-        if epochs is not None:
-            settings = replace(settings, epochs=epochs)
-        adversary_model, adversary_meta = load_checkpoint(adversary, torch_device)
-        model, meta = train_nasty_teacher(
-            data, arch, config, adversary_model, adversary_meta, settings, torch_device,
-            show_progress=not quiet,
-        )
-    elif objective == "none":
-        from stealsim.training import untrained_classifier
-
-        model, meta = untrained_classifier(data, architecture, seed)
-    else:
-        from defense.misinformation import misinformation_loss
-        from stealsim.training import cross_entropy_loss
-
-        loss = misinformation_loss if objective == "misinformation" else cross_entropy_loss
-        model, meta = train_classifier(
-            data, architecture, config, torch_device, loss_fn=loss,
-            description=f"train {architecture} ({objective})", show_progress=not quiet,
-        )
-        meta = meta.model_copy(update={"training": {**meta.training, "objective": objective}})
-    meta = save_checkpoint(out, model, meta)
-    write_json(out / "metrics.json", dict(meta.metrics))
+    torch_device = resolve_device(device)
+    meta = train_victim(load_dataset(dataset, data_dir), training, out, torch_device, show_progress=not quiet)
     typer.echo(f"{out}: test_accuracy={meta.metrics['test_accuracy']:.4f}")
 
 

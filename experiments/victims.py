@@ -1,4 +1,5 @@
-"""The two victims of an experiment: a normally trained classifier and its Nasty Teacher.
+"""Victims: one trained to order (:func:`train_victim`, ``stealsim train``), and the two of an
+experiment, a normally trained classifier and its Nasty Teacher (:func:`prepare_victims`).
 
 Training is cached: :func:`prepare_victims` keys a directory by a hash of the
 settings and reuses it when it holds both checkpoints, so a second demo (or
@@ -17,9 +18,26 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-__all__ = ["DEFENDER_MODELS", "VICTIM_NAMES", "PreparedVictims", "VictimSettings", "prepare_defender_models", "prepare_victims"]
+if TYPE_CHECKING:
+    import torch
+
+    from stealsim.checkpoint import CheckpointMeta
+    from stealsim.data import Dataset
+
+__all__ = [
+    "DEFENDER_MODELS",
+    "VICTIM_NAMES",
+    "NastyObjective",
+    "PreparedVictims",
+    "TrainObjective",
+    "VictimSettings",
+    "VictimTraining",
+    "prepare_defender_models",
+    "prepare_victims",
+    "train_victim",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +45,83 @@ VICTIM_NAMES = ("normal", "nasty")
 """The model names the experiments serve the two victims under."""
 
 _CACHE_FORMAT = 1
+
+TrainObjective = Literal["cross-entropy", "misinformation", "none"]
+"""cross-entropy: a victim; misinformation: the adaptive-misinformation model (Kariyappa &
+Qureshi 2020, Eq. 3); none: initialised weights only (a random MAD proxy)."""
+
+
+@dataclass(frozen=True)
+class NastyObjective:
+    """Train a Nasty Teacher (Ma et al., 2021) departing from the normally trained ``adversary``.
+
+    ``tau`` and ``omega`` (``None``: the dataset's settings, :func:`defense.nasty_teacher.settings_for`).
+    """
+
+    adversary: Path
+    tau: float | None = None
+    omega: float | None = None
+
+
+@dataclass(frozen=True)
+class VictimTraining:
+    """One classifier trained to order (``stealsim train``).
+
+    Attributes:
+        objective: a :data:`TrainObjective`, or a :class:`NastyObjective`.
+        architecture: ``None``: the default for the input (a Nasty Teacher: its adversary's).
+        epochs: ``None``: 30 (a Nasty Teacher: its settings' epochs).
+        batch_size, learning_rate, seed: as :class:`stealsim.training.TrainConfig`.
+    """
+
+    objective: TrainObjective | NastyObjective = "cross-entropy"
+    architecture: str | None = None
+    epochs: int | None = None
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    seed: int = 0
+
+
+def train_victim(data: Dataset, training: VictimTraining, out: Path, device: torch.device,
+                 show_progress: bool = True) -> CheckpointMeta:
+    """Train a classifier as ``training`` says and write its checkpoint and ``metrics.json`` to ``out``."""
+    from stealsim.architectures import default_architecture
+    from stealsim.checkpoint import load_checkpoint, save_checkpoint
+    from stealsim.training import TrainConfig, augmentation_shift, train_classifier
+
+    channels, size, _ = data.input_shape
+    architecture = training.architecture or default_architecture(channels, size)
+    config = TrainConfig(epochs=training.epochs or 30, batch_size=training.batch_size,
+                         learning_rate=training.learning_rate, seed=training.seed,
+                         max_shift=augmentation_shift(size))
+    objective = training.objective
+    if isinstance(objective, NastyObjective):
+        from dataclasses import replace
+
+        from defense.nasty_teacher import settings_for, train_nasty_teacher
+
+        settings = settings_for(data.name, objective.tau, objective.omega)
+        if training.epochs is not None:
+            settings = replace(settings, epochs=training.epochs)
+        adversary_model, adversary_meta = load_checkpoint(objective.adversary, device)
+        model, meta = train_nasty_teacher(data, training.architecture, config, adversary_model, adversary_meta,
+                                          settings, device, show_progress=show_progress)
+    elif objective == "none":
+        from stealsim.training import untrained_classifier
+
+        model, meta = untrained_classifier(data, architecture, training.seed)
+    else:
+        from defense.misinformation import misinformation_loss
+        from stealsim.training import cross_entropy_loss
+
+        loss = misinformation_loss if objective == "misinformation" else cross_entropy_loss
+        model, meta = train_classifier(data, architecture, config, device, loss_fn=loss,
+                                       description=f"train {architecture} ({objective})",
+                                       show_progress=show_progress)
+        meta = meta.model_copy(update={"training": {**meta.training, "objective": objective}})
+    meta = save_checkpoint(out, model, meta)
+    (out / "metrics.json").write_text(json.dumps(dict(meta.metrics), indent=2, sort_keys=True) + "\n")
+    return meta
 
 
 @dataclass(frozen=True)

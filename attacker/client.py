@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any, cast
 
 import httpx
@@ -35,6 +36,7 @@ from attacker.endpoint import (
     encode_request,
     negotiate,
 )
+from attacker.victims import KeyUsage, Metering
 from stealsim.errors import AttackError, BudgetExhaustedError, VictimAPIError
 from stealsim.wire import API_KEY_HEADER, HEADER_LENGTH, USAGE_PATH
 
@@ -131,6 +133,9 @@ class HttpVictim:
         self.model = model
         self.retry = retry or RetryPolicy()
         self.retries = 0
+        self.options = options or EndpointOptions()
+        self._sends_key = bool(api_key)
+        self._header_names = sorted(headers or {})
         sent = dict(headers or {})
         if api_key:
             sent[API_KEY_HEADER] = api_key
@@ -154,7 +159,7 @@ class HttpVictim:
         logger.info("negotiated %s", self.endpoint.describe())
 
     @property
-    def metering(self) -> str:
+    def metering(self) -> Metering:
         """``server`` when the server meters keys (``GET /v1/usage``), else ``client``."""
         return self.endpoint.metering
 
@@ -240,3 +245,26 @@ class HttpVictim:
             raise AttackError(f"{self.url} does not meter keys (no {METERING_EXTENSION} extension): "
                               "the budget is counted on the client alone")
         return cast(dict[str, Any], self._request("GET", USAGE_PATH).json())
+
+    def key_usage(self) -> KeyUsage | None:
+        """:meth:`usage` as the run reconciles with it; ``None`` where the server does not meter keys."""
+        if self.metering != "server":
+            return None
+        body = self.usage()
+        remaining = body.get("remaining")
+        return KeyUsage(used=int(body["used"]), remaining=None if remaining is None else int(remaining))
+
+    def endpoint_record(self) -> dict[str, Any]:
+        """The negotiated endpoint, for ``config.json``: no secrets (whether a key is sent, header names only)."""
+        endpoint = self.endpoint
+        return {
+            "server": endpoint.server, "wire": endpoint.wire, "input_name": endpoint.input_name,
+            "input_datatype": endpoint.input_datatype, "wire_shape": list(endpoint.wire_shape),
+            "output_name": endpoint.output_name, "output_datatype": endpoint.output_datatype,
+            "answer_kind": endpoint.answer_kind, "api_key": self._sends_key, "headers": self._header_names,
+            "options": asdict(self.options),
+        }
+
+    def request_metrics(self) -> dict[str, Any]:
+        """``http_retries``: requests retried after a rate limit, a 503 or a lost connection."""
+        return {"http_retries": self.retries}

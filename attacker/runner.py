@@ -46,7 +46,7 @@ from attacker.loop import LoopConfig
 from attacker.report import queries_to_reach, write_run_report
 from attacker.rundir import Ledger, RunDirectory
 from attacker.students import build_student
-from attacker.victims import BudgetedVictim, InProcessVictim, OutputKind, Victim
+from attacker.victims import BudgetedVictim, InProcessVictim, Metering, OutputKind, Victim
 from stealsim.errors import AttackError
 from stealsim.training import seed_everything
 
@@ -114,17 +114,17 @@ def _open_victims(spec: RunSpec) -> tuple[Victim, Victim, bool]:
     return local, local, False
 
 
+_METERING_RECORDS: dict[Metering, str] = {"server": "server-reconciled", "client": "client-only", "none": "in-process"}
+
+
 def metering_of(victim: Victim) -> str:
     """``server-reconciled`` (a stealsim server counts the key), ``client-only`` or ``in-process``."""
-    if isinstance(victim, HttpVictim):
-        return "server-reconciled" if victim.metering == "server" else "client-only"
-    return "in-process"
+    return _METERING_RECORDS[victim.metering]
 
 
 def _server_used(victim: Victim) -> int | None:
-    if isinstance(victim, HttpVictim) and victim.metering == "server":
-        return int(victim.usage()["used"])
-    return None
+    usage = victim.key_usage()
+    return None if usage is None else usage.used
 
 
 def _reconcile(victim: Victim, ledger: Ledger, resume: bool) -> None:
@@ -183,10 +183,10 @@ def _largest_fitting_budget(available: int, spent: int, cost: Callable[[int], in
     return 0
 
 
-def _remaining(victim: HttpVictim) -> int | None:
-    """The key's remaining images (``None``: unlimited)."""
-    remaining = victim.usage().get("remaining")
-    return None if remaining is None else int(remaining)
+def _remaining(victim: Victim) -> int | None:
+    """The key's remaining images (``None``: unlimited, or no server counts them)."""
+    usage = victim.key_usage()
+    return None if usage is None else usage.remaining
 
 
 def _check_keys(
@@ -198,8 +198,8 @@ def _check_keys(
     plan_for: Callable[[int], EvalPlan],
 ) -> None:
     """Refuse a run its keys cannot pay for: before any query, nothing charged, nothing written."""
-    if not isinstance(victim, HttpVictim) or victim.metering != "server":
-        return  # client-only metering: the run's own count is the budget (nothing to ask)
+    if victim.metering != "server":
+        return  # client-only metering or in process: the run's own count is the budget (nothing to ask)
     plan = plan_for(spec.budget)
     attack_left = spec.budget - spent
     # Flags are written as they are typed (no thousands separators), so they can be pasted.
@@ -225,7 +225,6 @@ def _check_keys(
         way = ("top the key up" if spec.resume or remaining < 1
                else f"pass --budget {remaining} (what the key has left) or top the key up")
         raise AttackError(f"the attack key has {remaining:,} images left, fewer than {what}; {way}")
-    assert isinstance(eval_victim, HttpVictim)
     eval_remaining = _remaining(eval_victim)
     if eval_remaining is not None and eval_remaining < plan.total:
         raise AttackError(
@@ -244,7 +243,7 @@ def _stored_config(spec: RunSpec, victim: Victim, eval_dataset: str, settings: d
         "victim_model": spec.model if spec.url else Path(str(spec.victim_checkpoint)).name,
         "victim_info": asdict(victim.info),
         "metering": metering_of(victim),
-        **(_endpoint_record(victim, spec) if isinstance(victim, HttpVictim) else {}),
+        **({"endpoint": endpoint} if (endpoint := victim.endpoint_record()) is not None else {}),
         "eval_dataset": eval_dataset,
         "eval_split": evaluator.split,
         "eval_every": spec.eval_every,
@@ -255,18 +254,6 @@ def _stored_config(spec: RunSpec, victim: Victim, eval_dataset: str, settings: d
         "evaluation": asdict(spec.evaluation),
         "transfer_epsilons": list(evaluator.epsilons),
     }
-
-
-def _endpoint_record(victim: HttpVictim, spec: RunSpec) -> dict[str, Any]:
-    """The negotiated endpoint, for config.json: no secrets (header names only)."""
-    endpoint = victim.endpoint
-    return {"endpoint": {
-        "server": endpoint.server, "wire": endpoint.wire, "input_name": endpoint.input_name,
-        "input_datatype": endpoint.input_datatype, "wire_shape": list(endpoint.wire_shape),
-        "output_name": endpoint.output_name, "output_datatype": endpoint.output_datatype,
-        "answer_kind": endpoint.answer_kind, "api_key": bool(spec.api_key), "headers": sorted(spec.headers),
-        "options": asdict(spec.endpoint),
-    }}
 
 
 def _stored_evaluation(stored: dict[str, Any], given: EvalConfig) -> EvalConfig:
@@ -390,8 +377,7 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
             victim_kind="http" if spec.url else "in-process",
             metering=metering_of(victim),
         )
-        if isinstance(victim, HttpVictim):
-            metrics["http_retries"] = victim.retries
+        metrics.update(victim.request_metrics())
         used = _server_used(victim)
         if used is not None:
             assert ledger.server_used_at_start is not None
@@ -408,5 +394,4 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
         return metrics
     finally:
         for one in {id(victim): victim, id(eval_victim): eval_victim}.values():
-            if isinstance(one, HttpVictim):
-                one.close()
+            one.close()

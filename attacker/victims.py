@@ -1,15 +1,22 @@
-"""The one-method victim interface every attack talks to, and the wrapper that meters it.
+"""The victim interface every attack talks to, and the wrapper that meters it.
 
-An attack only ever calls ``victim.query(images) -> answers``. Three kinds of
-victim implement it:
+An attack only ever calls ``victim.query(images) -> answers``. The run around it
+(:mod:`attacker.runner`) also asks a victim how its queries are metered
+(:attr:`Victim.metering`), what the server counts against its key
+(:meth:`Victim.key_usage`), what to record of its endpoint
+(:meth:`Victim.endpoint_record`), its transport's counters
+(:meth:`Victim.request_metrics`), and closes it (:meth:`Victim.close`). Three
+kinds of victim implement it:
 
 - :class:`~attacker.client.HttpVictim`: the real service over HTTP;
 - :class:`InProcessVictim`: a checkpoint loaded in this process (unit tests,
   and the baseline that measures the HTTP overhead);
 - :class:`FunctionVictim`: any tensor function (a test double).
 
-The budget is counted by :class:`BudgetedVictim`, where the victim is called:
-one image is one query, whatever the attack does with it.
+:class:`LocalVictim` answers the run's questions for a victim in this process
+(nothing meters it, nothing to record or close). The budget is counted by
+:class:`BudgetedVictim`, where the victim is called: one image is one query,
+whatever the attack does with it.
 
 Answers are either probabilities (float32 ``[N, K]``) or labels (int64 ``[N]``),
 as the victim's :class:`VictimInfo` ``output_kind`` says.
@@ -23,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +41,9 @@ __all__ = [
     "BudgetedVictim",
     "FunctionVictim",
     "InProcessVictim",
+    "KeyUsage",
+    "LocalVictim",
+    "Metering",
     "OutputKind",
     "Victim",
     "VictimInfo",
@@ -43,6 +53,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OutputKind = Literal["probabilities", "label"]
+
+Metering = Literal["server", "client", "none"]
+"""Who counts a victim's queries: ``server`` (a stealsim server counts the key, and the run
+reconciles with it), ``client`` (a server that does not meter keys: the run's own count is
+the budget) or ``none`` (a victim in this process)."""
 
 
 @dataclass(frozen=True)
@@ -57,15 +72,67 @@ class VictimInfo:
     name: str = "victim"
 
 
+@dataclass(frozen=True)
+class KeyUsage:
+    """What the server counts against the victim's key: images ``used``, and ``remaining`` (``None``: unlimited)."""
+
+    used: int
+    remaining: int | None
+
+
 @runtime_checkable
 class Victim(Protocol):
-    """A black box that answers a batch of images in [0, 1] (``[N, C, H, W]``)."""
+    """A black box that answers a batch of images in [0, 1] (``[N, C, H, W]``).
+
+    Attacks call :meth:`query` only; the rest is what a run asks of the victim it opened.
+    """
 
     info: VictimInfo
 
     def query(self, images: Tensor) -> Tensor:
         """Probabilities ``[N, K]`` (float32) or labels ``[N]`` (int64), on the CPU."""
         ...
+
+    @property
+    def metering(self) -> Metering:
+        """Who counts this victim's queries (see :data:`Metering`)."""
+        ...
+
+    def key_usage(self) -> KeyUsage | None:
+        """What the server counts against this victim's key now; ``None`` where no server counts."""
+        ...
+
+    def endpoint_record(self) -> dict[str, Any] | None:
+        """The negotiated endpoint for ``config.json`` (no secrets); ``None`` for a victim in this process."""
+        ...
+
+    def request_metrics(self) -> dict[str, Any]:
+        """The transport's counters for ``metrics.json`` (HTTP: ``http_retries``); empty in this process."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; the victim answers no more queries."""
+        ...
+
+
+class LocalVictim:
+    """The run's questions answered for a victim in this process: nothing meters it, records or closes."""
+
+    @property
+    def metering(self) -> Metering:
+        return "none"
+
+    def key_usage(self) -> KeyUsage | None:
+        return None
+
+    def endpoint_record(self) -> dict[str, Any] | None:
+        return None
+
+    def request_metrics(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 @contextmanager
@@ -86,7 +153,7 @@ def _check_images(images: Tensor, info: VictimInfo) -> None:
         )
 
 
-class InProcessVictim:
+class InProcessVictim(LocalVictim):
     """A classifier in this process behind the same interface as the HTTP client.
 
     Args:
@@ -141,7 +208,7 @@ class InProcessVictim:
         return torch.softmax(logits, dim=1).cpu()
 
 
-class FunctionVictim:
+class FunctionVictim(LocalVictim):
     """A test double: answers with ``function(images)`` (probabilities or labels)."""
 
     def __init__(self, function: Callable[[Tensor], Tensor], info: VictimInfo) -> None:
@@ -224,3 +291,21 @@ class BudgetedVictim:
                 self.on_charge(self.used)
             parts.append(answers)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    # -- the run's questions, answered by the metered victim ---------------------------------
+
+    @property
+    def metering(self) -> Metering:
+        return self.victim.metering
+
+    def key_usage(self) -> KeyUsage | None:
+        return self.victim.key_usage()
+
+    def endpoint_record(self) -> dict[str, Any] | None:
+        return self.victim.endpoint_record()
+
+    def request_metrics(self) -> dict[str, Any]:
+        return self.victim.request_metrics()
+
+    def close(self) -> None:
+        self.victim.close()

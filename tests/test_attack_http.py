@@ -25,7 +25,7 @@ from server_support import ServerProcess, new_key
 from attacker.attacks import ATTACKS
 from attacker.client import HttpVictim, RetryPolicy
 from attacker.endpoint import EndpointOptions
-from attacker.victims import BudgetedVictim, InProcessVictim
+from attacker.victims import BudgetedVictim, InProcessVictim, KeyUsage
 from stealsim.data import load_dataset
 from stealsim.errors import BudgetExhaustedError, VictimAPIError
 
@@ -73,6 +73,10 @@ def test_client_answers_like_the_model(victim_server: ServerProcess, client: htt
         torch.testing.assert_close(json_victim.query(images[:10]), expected[:10], atol=1e-5, rtol=1e-4)
         json_victim.close()
         assert victim.usage()["used"] == 310
+        assert victim.key_usage() == KeyUsage(used=310, remaining=10_000 - 310)
+        assert victim.request_metrics() == {"http_retries": 0}
+        record = victim.endpoint_record()
+        assert (record["wire"], record["api_key"], record["headers"]) == ("binary", True, [])
 
 
 def test_client_sends_extra_headers_and_no_key_unless_given(victim_server: ServerProcess,

@@ -322,6 +322,22 @@ def test_flat_keys_set_the_nested_settings_and_round_trip(name: str) -> None:
     assert set(setting_keys(name)) == set(flat_settings(settings))
 
 
+def test_a_victim_in_this_process_says_nothing_meters_it_and_the_meter_delegates() -> None:
+    closed: list[bool] = []
+
+    class Closing(FunctionVictim):
+        def close(self) -> None:
+            closed.append(True)
+
+    local = Closing(lambda images: torch.zeros(len(images), 10), DIGITS)
+    metered = BudgetedVictim(local, 100)
+    for victim in (local, metered):
+        assert (victim.metering, victim.key_usage(), victim.endpoint_record(), victim.request_metrics()) == (
+            "none", None, None, {})
+    metered.close()
+    assert closed == [True]
+
+
 def test_the_loop_learns_something(local_victim: InProcessVictim, tmp_path: Path) -> None:
     """Random-noise stealing of 8x8 digits beats chance clearly within 20k queries."""
     torch.set_num_threads(1)

@@ -17,7 +17,6 @@ from cli.options import (
     DeviceOption,
     check_out_dir,
     parse_seeds,
-    write_json,
 )
 from stealsim.errors import ConfigError
 
@@ -43,41 +42,15 @@ def distill(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Distil a student from a teacher; compare with the same student trained on labels."""
-    from stealsim.architectures import default_student_architecture
-    from stealsim.checkpoint import load_checkpoint
+    from defense.distillation import check_teacher
     from stealsim.data import load_dataset
-    from stealsim.distill import DistillConfig, distillation_check
-    from stealsim.plots import one_image_per_class, plot_softmax_distributions
-    from stealsim.training import TrainConfig, augmentation_shift, resolve_device
+    from stealsim.training import resolve_device
 
     check_out_dir(out)
     torch_device = resolve_device(device)
-    data = load_dataset(dataset, data_dir)
-    teachers = {"teacher": load_checkpoint(teacher, torch_device)}
-    if compare_teacher is not None:
-        teachers["compared"] = load_checkpoint(compare_teacher, torch_device)
-    for path, (_, meta) in zip((teacher, compare_teacher), teachers.values(), strict=False):
-        if tuple(meta.input_shape) != data.input_shape or meta.num_classes != data.num_classes:
-            raise ConfigError(
-                f"teacher {path} takes {tuple(meta.input_shape)} with {meta.num_classes} classes; "
-                f"dataset {dataset} has {data.input_shape} with {data.num_classes}"
-            )
-    channels, size, _ = data.input_shape
-    config = DistillConfig(
-        alpha, temperature,
-        TrainConfig(epochs=epochs, seed=seed, max_shift=augmentation_shift(size)),
-    )
-    architecture = student or default_student_architecture(channels, size)
-    model = teachers["teacher"][0]
-    result = distillation_check(model, data, architecture, config, torch_device, not quiet)
-    metrics = result.as_metrics() | {"alpha": alpha, "temperature": temperature}
-    write_json(out / "metrics.json", {**metrics, "student_architecture": architecture})
-    picks = one_image_per_class(data.y_test, 4)
-    names = {"teacher": teacher.name, "compared": compare_teacher.name if compare_teacher else ""}
-    plot_softmax_distributions(
-        {names[key]: loaded[0] for key, loaded in teachers.items()},
-        data.x_test[picks], data.y_test[picks], data.class_names, temperature, out / "softmax.png",
-    )
+    result = check_teacher(teacher, load_dataset(dataset, data_dir), out, student=student, alpha=alpha,
+                           temperature=temperature, epochs=epochs, seed=seed, compare_teacher=compare_teacher,
+                           device=torch_device, show_progress=not quiet)
     typer.echo(
         f"teacher {result.teacher_accuracy:.4f}  student {result.student_accuracy:.4f}  "
         f"baseline student {result.baseline_student_accuracy:.4f}  -> {out / 'metrics.json'}"

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -17,7 +16,6 @@ __all__ = [
     "announce",
     "check_out_dir",
     "parse_seeds",
-    "write_json",
 ]
 
 DatasetOption = Annotated[
@@ -33,11 +31,6 @@ def check_out_dir(out: Path) -> None:
     """Refuse an ``--out`` that exists as a file, before any work."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-
-
-def write_json(path: Path, content: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def parse_seeds(text: str) -> list[int]:

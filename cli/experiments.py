@@ -70,7 +70,7 @@ def report(
 ) -> None:
     """Compare attack runs in one markdown table: runs that differ only by seed are one group
     (mean ± std (min) per metric, n seeds, the random baseline beside each attack)."""
-    from attacker.report import aggregate_runs, compare_runs, read_reference_points
+    from experiments.report import aggregate_runs, compare_runs, read_reference_points
 
     references = [point for path in reference or [] for point in read_reference_points(path)]
     if references and plot is None:

@@ -120,4 +120,4 @@ class ReplayMemory:
             self.targets[:filled] = targets
             self.filled = filled
             self.cursor = int(state["cursor"])
-            self.seen = int(state.get("seen", filled))  # checkpoints before the reservoir: at least filled
+            self.seen = int(state.get("seen", filled))  # a checkpoint without ``seen``: at least ``filled``

@@ -65,13 +65,12 @@ class StudentSettings:
     Attributes:
         architecture: classifier from the registry (default: the one
             :func:`default_clone_architecture` picks for the input).
-        width: ``width`` argument of ``small-cnn`` (ignored by other architectures). 16 is
-            every attack's clone but random noise's (:class:`~attacker.attacks.RandomNoiseSettings`).
-            With hard labels, Dual Student at width 32 (with ``pool_first``, about 0.8x the
-            queries/s of width 16) was ahead on the mnist5k validation split (0.764 / 0.926
-            against 0.464 / 0.710 at 160k queries, seeds 3 / 4), and with
-            ``generator_restart`` 20000 it ended at 0.944 +- 0.038 on the test split at 1M
-            (3 seeds; docs/attacks.md). Like ``replay``, it does not follow the label mode.
+        width: ``width`` argument of ``small-cnn`` (ignored by other architectures): 16 for
+            every attack's clone but random noise's (32, :class:`~attacker.attacks.RandomNoiseSettings`).
+            With hard labels, a Dual Student clone of width 32 with ``pool_first`` (about 0.8x
+            the queries/s) was ahead on the mnist5k validation split: 0.764 / 0.926 against
+            0.464 / 0.710 at 160k queries (seeds 3 / 4; docs/attacks.md). Like ``replay``, set
+            it with the label mode: it does not follow it.
         pool_first: ``pool_first`` argument of ``small-cnn``
             (:class:`stealsim.architectures.SmallCNN`: the same kind of function, a cheaper
             training step).

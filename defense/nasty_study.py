@@ -6,7 +6,7 @@ student on labels alone. As in the paper, students distil at the temperature
 the teacher was made nasty at (``T = tau``) unless the dataset's defaults or
 the caller say otherwise (mnist5k: ``T = 2 tau``). Every network is scored on
 the validation split (where the study's settings are chosen) and on the test
-split (the reported table, the one in the README).
+split (the reported table, docs/results/nasty-teacher-study.md).
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ NASTY_DEFAULTS: dict[str, NastySettings] = {
         kd_temperature=2.0, kd_alpha=0.5, student_epochs=15,
     ),
 }
-"""Per-dataset defaults, chosen on the validation split by the seed sweeps in docs/nasty-teacher.md."""
+"""Per-dataset defaults, chosen on the validation split by the seed sweeps in
+docs/results/nasty-teacher-sweep.md and docs/results/kd-sweep.md."""
 
 
 def nasty_teacher_loss(

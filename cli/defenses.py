@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -80,29 +79,18 @@ def nasty_study(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Train normal and Nasty teachers and compare students distilled from each."""
-    from defense.nasty_study import markdown_table, run_nasty_study
-    from defense.nasty_teacher import settings_for
-    from stealsim.architectures import default_architecture, default_student_architecture
+    from defense.distillation import study_nasty_teachers
+    from defense.nasty_study import markdown_table
     from stealsim.data import load_dataset
-    from stealsim.distill import DistillConfig
-    from stealsim.training import TrainConfig, augmentation_shift, resolve_device
+    from stealsim.training import resolve_device
 
     check_out_dir(out)
     seed_list = parse_seeds(seeds)
     torch_device = resolve_device(device)
-    data = load_dataset(dataset, data_dir)
-    protocol: dict[str, Any] = {"kd_alpha": alpha, "kd_temperature": temperature, "student_epochs": student_epochs}
-    settings = replace(settings_for(data.name, tau, omega), **{k: v for k, v in protocol.items() if v is not None})
-    channels, size, _ = data.input_shape
-    architecture = arch or default_architecture(channels, size)
-    config = DistillConfig(
-        settings.student_alpha, settings.student_temperature,
-        TrainConfig(epochs=epochs, max_shift=augmentation_shift(size)),
-    )
-    results = run_nasty_study(
-        data, architecture, student or default_student_architecture(channels, size), settings,
-        config, seed_list, out,
-        torch_device, not quiet,
+    results = study_nasty_teachers(
+        load_dataset(dataset, data_dir), out, seed_list, architecture=arch, student=student, tau=tau,
+        omega=omega, alpha=alpha, temperature=temperature, epochs=epochs, student_epochs=student_epochs,
+        device=torch_device, show_progress=not quiet,
     )
     typer.echo(markdown_table(results))
 

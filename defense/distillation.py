@@ -1,4 +1,5 @@
-"""The distillation check of a teacher checkpoint (``stealsim distill``).
+"""Distillation as the defense's test: a teacher checkpoint checked (``stealsim distill``), and
+the Nasty Teacher study set up from its flags (``stealsim nasty-study``).
 
 A Nasty Teacher is judged by how well a student learns from its soft outputs
 (Ma et al., ICLR 2021, Sec. 4; :func:`stealsim.distill.distillation_check`): this
@@ -9,17 +10,24 @@ runs that check on a checkpoint directory and writes what it found::
 
 ``out/metrics.json`` holds the three accuracies and the KD settings;
 ``out/softmax.png`` draws the teacher's (and the compared teacher's) softened
-outputs on one test image per class.
+outputs on one test image per class. :func:`study_nasty_teachers` resolves the
+study's settings (the dataset's Nasty Teacher defaults, the given overrides) and
+runs :func:`defense.nasty_study.run_nasty_study`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from stealsim.architectures import default_student_architecture
+from defense.nasty_study import SeedResult, run_nasty_study
+from defense.nasty_teacher import settings_for
+from stealsim.architectures import default_architecture, default_student_architecture
 from stealsim.checkpoint import load_checkpoint
 from stealsim.data import Dataset
 from stealsim.distill import DistillConfig, DistillResult, distillation_check
@@ -27,7 +35,7 @@ from stealsim.errors import ConfigError
 from stealsim.plots import one_image_per_class, plot_softmax_distributions
 from stealsim.training import TrainConfig, augmentation_shift
 
-__all__ = ["check_teacher"]
+__all__ = ["check_teacher", "study_nasty_teachers"]
 
 
 def check_teacher(
@@ -73,3 +81,37 @@ def check_teacher(
         data.x_test[picks], data.y_test[picks], data.class_names, temperature, out / "softmax.png",
     )
     return result
+
+
+def study_nasty_teachers(
+    data: Dataset,
+    out: Path,
+    seeds: Sequence[int],
+    *,
+    architecture: str | None = None,
+    student: str | None = None,
+    tau: float | None = None,
+    omega: float | None = None,
+    alpha: float | None = None,
+    temperature: float | None = None,
+    epochs: int = 30,
+    student_epochs: int | None = None,
+    device: torch.device | str = "cpu",
+    show_progress: bool = True,
+) -> list[SeedResult]:
+    """The Nasty Teacher study (:func:`defense.nasty_study.run_nasty_study`) on ``data`` for ``seeds``.
+
+    ``None`` takes the dataset's Nasty Teacher settings (:func:`defense.nasty_teacher.settings_for`):
+    ``alpha`` and ``temperature`` of the students' KD, ``student_epochs`` (else ``epochs``, the
+    teachers'); architectures default to those of the input shape.
+    """
+    protocol: dict[str, Any] = {"kd_alpha": alpha, "kd_temperature": temperature, "student_epochs": student_epochs}
+    settings = replace(settings_for(data.name, tau, omega), **{k: v for k, v in protocol.items() if v is not None})
+    channels, size, _ = data.input_shape
+    config = DistillConfig(settings.student_alpha, settings.student_temperature,
+                           TrainConfig(epochs=epochs, max_shift=augmentation_shift(size)))
+    return run_nasty_study(
+        data, architecture or default_architecture(channels, size),
+        student or default_student_architecture(channels, size), settings, config, seeds, out,
+        device, show_progress,
+    )

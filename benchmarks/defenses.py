@@ -42,7 +42,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.grid import GridSpec, load_spec, read_csv, run_grid
+from experiments.grid import GridSpec, load_spec, run_grid
+from experiments.store import read_csv
 from experiments.victims import VictimSettings, prepare_defender_models, prepare_victims
 
 
@@ -143,7 +144,7 @@ DETECTORS = ("seat", "seat-features", "ood-rate", "ood-mahalanobis")
 def long_honest_stream(spec: GridSpec, args: argparse.Namespace) -> None:
     """Each detector's false positives on a longer honest stream: ``--honest-passes`` shuffled passes
     over the test split, in requests of 32, through a key of its own."""
-    from experiments.grid import CellRunner, key_flags
+    from experiments.grid import GridRunner, key_flags
     from experiments.honest import HonestSettings, honest_traffic
     from experiments.service import create_key
     from stealsim.data import load_dataset
@@ -152,12 +153,12 @@ def long_honest_stream(spec: GridSpec, args: argparse.Namespace) -> None:
     settings = HonestSettings(batch=32, passes=args.honest_passes, shuffle=True)
     print(f"\nLong honest stream: {args.honest_passes} shuffled passes over the {len(data.y_test)} test images "
           "(repeats included: a user re-sending an image is honest too):")
-    runner = CellRunner(spec, args.out / "honest-stream", args.cache).start()
+    runner = GridRunner.for_spec(spec, args.out / "honest-stream", args.cache).start()
     try:
         for detector in (d for d in DETECTORS if d in spec.defenses):
             url = runner.url
             key = create_key(url, runner.admin_key, args.honest_passes * len(data.y_test),
-                             name=f"honest-stream/{detector}", models=["normal"], policy=runner.policy(detector))
+                             name=f"honest-stream/{detector}", models=["normal"], policy=runner.policy(spec, detector))
             result = honest_traffic(url, key, "normal", data, settings)
             flagged = key_flags(url, runner.admin_key, key)
             print(f"  {detector}: {result.images} images, flags: {flagged['flags'] or 'none'}"

@@ -19,12 +19,15 @@ one seed. Every evaluation records combined / best / mean member fidelity and
 the members' spread (:func:`attacker.uq.member_spread`) on the evaluation split
 and on the attacker's last answered queries (``query_*``).
 
-Results go to ``OUT/results.csv`` (one line per cell, appended as cells finish)
-and ``OUT/curves.jsonl`` (each cell's evaluation history); a cell already in
-the CSV is skipped, so a study resumes where it stopped. ``OUT/report.md`` has
-the table over seeds and the figures ``uq-fidelity.png`` and ``uq-spread.png``.
-On Redis, the cells are rq jobs for ``stealsim grid-worker`` (any number, on
-any hosts; each trains or reuses the victim in its own cache).
+Each cell runs through the experiments' one cell runner (:func:`experiments.cells.run_cell`).
+Results go to ``OUT/results.csv`` (one line per cell, appended as cells finish,
+:mod:`experiments.store`) and ``OUT/curves.jsonl`` (each cell's evaluation
+history); a cell already in the CSV is skipped, so a study resumes where it
+stopped. ``OUT/report.md`` has the table over seeds (:mod:`experiments.stats`)
+and the figures ``uq-fidelity.png`` and ``uq-spread.png``. On Redis, the cells
+are rq jobs (:func:`run_uq_job`, :mod:`experiments.queue`) for ``stealsim
+grid-worker`` (any number, on any hosts; each trains or reuses the victim in
+its own cache).
 """
 
 from __future__ import annotations
@@ -32,21 +35,26 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from experiments.grid import append_csv, finished_cells, read_csv, read_spec
+from experiments.cells import run_cell
+from experiments.queue import Job, collect_jobs, worker_options
+from experiments.spec import read_spec
+from experiments.stats import format_mean_std, mean_curve, parse_number, seed_groups, spread
+from experiments.store import ResultsStore
 from experiments.victims import VictimSettings, prepare_victims
 from stealsim.errors import ConfigError
+
+if TYPE_CHECKING:
+    from attacker.runner import RunSpec
 
 __all__ = [
     "CURVE_KEYS",
@@ -129,13 +137,13 @@ class UQStudySpec(BaseModel):
 
 def load_uq_spec(path: Path) -> UQStudySpec:
     """Read and validate a study spec; errors name the file and the bad field."""
-    from attacker.attacks.ensemble import EnsembleSettings
+    from attacker.attacks import make_settings
 
     spec = read_spec(path, UQStudySpec, "study")
     # The settings differ by kind, source and diversity, not by seed: the first seed's cells cover them.
     for cell in cells_of(spec)[: len(spec.kinds) * len(spec.sources) * len(spec.diversity)]:
         try:
-            EnsembleSettings(**spec.settings_of(cell))
+            make_settings("ensemble", **spec.settings_of(cell))
         except Exception as exc:
             raise ConfigError(f"{path}: the ensemble settings of {cell.id}: {exc}") from exc
     return spec
@@ -178,39 +186,42 @@ def peak_of(history: Sequence[dict[str, Any]], metric: str) -> dict[str, float |
 
 
 def run_uq_cell(spec: UQStudySpec, cell: UQCell, work_dir: Path, cache_dir: Path) -> dict[str, Any]:
-    """Run one cell; returns ``{"row": ..., "curve": ...}`` (a failed run: a row with status failed)."""
+    """Run one cell (:func:`experiments.cells.run_cell`) in process against the cached normal victim;
+    returns ``{"row": ..., "curve": ...}`` (a failed run: a row with status failed)."""
     import torch
 
     from attacker.evaluation import EvalConfig
-    from attacker.runner import RunSpec, run_attack
+    from attacker.rundir import RunDirectory
+    from attacker.runner import RunSpec
 
     torch.set_num_threads(spec.threads)
-    row: dict[str, Any] = {"cell": cell.id, **asdict(cell), "status": "failed", "split": spec.split}
+    axes = {"cell": cell.id, **asdict(cell), "status": "failed", "split": spec.split}
     curve: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    try:
+
+    def attack(run_dir: Path) -> RunSpec:
         victims = prepare_victims(spec.victim_settings(), cache_dir, show_progress=False)
-        run_dir = work_dir / "runs" / cell.id
-        if run_dir.exists():  # an unfinished earlier attempt: start the cell again
-            shutil.rmtree(run_dir)
-        metrics = run_attack(RunSpec(
+        return RunSpec(
             attack="ensemble", out=run_dir, budget=spec.budget, victim_checkpoint=victims.normal,
             eval_every=max(1, spec.budget // spec.evaluations), seed=cell.seed, device="cpu",
             show_progress=False, settings=spec.settings_of(cell),
             evaluation=EvalConfig(split=spec.split, transfer_samples=spec.transfer_samples,
                                   reference_epochs=spec.reference_epochs, seed=cell.seed),
-        ))
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        curve = [{key: line[key] for key in CURVE_KEYS if key in line} for line in history]
-        row.update({key: metrics.get(key) for key in UQ_COLUMNS if key in metrics and key not in row})
-        row.update(status="done", queries=int(metrics["queries_used"]))
+        )
+
+    def results(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+        history = RunDirectory(run_dir).read_history()
+        curve.extend({key: line[key] for key in CURVE_KEYS if key in line} for line in history)
+        measured = {key: metrics.get(key) for key in UQ_COLUMNS if key in metrics and key not in axes}
+        return measured | {"queries": int(metrics["queries_used"])}
+
+    def peaks(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+        found: dict[str, Any] = {}
         for prefix in ("", "query_"):
             peak = peak_of(curve, f"{prefix}member_variance")
-            row.update({f"{prefix}variance_{name}": value for name, value in peak.items()})
-    except Exception as exc:
-        logger.exception("cell %s failed", cell.id)
-        row["error"] = f"{type(exc).__name__}: {exc}"
-    row["wall_seconds"] = time.perf_counter() - started
+            found.update({f"{prefix}variance_{name}": value for name, value in peak.items()})
+        return found
+
+    row = run_cell(axes, work_dir / "runs" / cell.id, attack, results, peaks)
     return {"row": row, "curve": curve}
 
 
@@ -222,8 +233,6 @@ def _run_in_child(spec_data: dict[str, Any], cell_data: dict[str, Any], work_dir
 
 def run_uq_job(spec_data: dict[str, Any], cell_data: dict[str, Any]) -> dict[str, Any]:
     """An rq job for ``stealsim grid-worker``: one study cell, in the worker's work and cache directories."""
-    from experiments.grid_worker import worker_options
-
     options = worker_options()
     return run_uq_cell(UQStudySpec.model_validate(spec_data), UQCell(**cell_data), options.work_dir,
                        options.cache_dir)
@@ -257,10 +266,8 @@ def _failure(cell: UQCell) -> Callable[[str], dict[str, Any]]:
 
 def _on_queue(spec: UQStudySpec, todo: Sequence[UQCell], redis_url: str, queue: str,
               poll_seconds: float) -> Iterator[dict[str, Any]]:
-    from experiments.grid_worker import collect_jobs
-
-    jobs = [(f"{queue}-uq-{cell.id}", run_uq_job, (spec.model_dump(), asdict(cell)),
-             _failure(cell)) for cell in todo]
+    jobs = [Job(f"{queue}-uq-{cell.id}", run_uq_job, (spec.model_dump(), asdict(cell)), _failure(cell))
+            for cell in todo]
     for _, result in collect_jobs(jobs, redis_url, queue, poll_seconds):
         yield result
 
@@ -282,7 +289,8 @@ def run_uq_study(
         raise ConfigError(f"jobs must be >= 1, got {jobs}")
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.yaml"
-    if spec_path.is_file() and read_csv(out / "results.csv"):
+    results_store = ResultsStore(out / "results.csv", UQ_COLUMNS)
+    if spec_path.is_file() and results_store.rows():
         earlier = yaml.safe_load(spec_path.read_text())
         shared = {key: value for key, value in spec.model_dump().items()
                   if key not in ("kinds", "sources", "diversity", "seeds", "evaluations")}
@@ -291,8 +299,7 @@ def run_uq_study(
             raise ConfigError(f"{out} holds a study with other settings ({', '.join(changed)}); "
                               "use a new --out directory")
     spec_path.write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
-    results_path = out / "results.csv"
-    finished = finished_cells(results_path)
+    finished = results_store.finished()
     todo = [cell for cell in cells_of(spec) if cell.id not in finished]
     total = len(cells_of(spec))
     where = f"on Redis queue {queue!r}" if redis_url else f"in {jobs} local process{'es' if jobs > 1 else ''}"
@@ -303,12 +310,12 @@ def run_uq_study(
         row = result["row"]
         with (out / "curves.jsonl").open("a") as handle:
             handle.write(json.dumps({"cell": row["cell"], "history": result["curve"]}) + "\n")
-        append_csv(results_path, UQ_COLUMNS, row)
+        results_store.append(row)
         say(f"[{index}/{len(todo)}] {row['cell']}: {row['status']}"
             + (f", combined fidelity {row['combined_fidelity']:.3f}" if row["status"] == "done" else
                f" ({row.get('error')})"))
     write_uq_report(out)
-    return read_csv(results_path)
+    return results_store.rows()
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -319,52 +326,35 @@ REPORT_COLUMNS = ("combined_fidelity", "member_fidelity_best", "member_fidelity_
 
 
 def _groups(rows: Sequence[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
-    groups: dict[str, list[dict[str, str]]] = {}
-    for row in rows:
-        if row.get("status") == "done":
-            variant = row["cell"].rsplit("__s", 1)[0]
-            groups.setdefault(variant, []).append(row)
-    return groups
+    """Finished rows by variant (the cell without its seed), in order of first appearance."""
+    return seed_groups((row for row in rows if row.get("status") == "done"),
+                       lambda row: row["cell"].rsplit("__s", 1)[0])
 
 
-def _stats(values: Sequence[float]) -> tuple[float, float | None]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
-
-
-def _cell_text(values: list[float], column: str) -> str:
-    if not values:
-        return "–"
-    mean, std = _stats(values)
+def _formats(column: str) -> tuple[str, str]:
+    """Format specs of a column's mean and std: whole queries, variances in scientific notation, else 3 decimals."""
     if column.endswith("queries"):
-        mean_text, std_text = f"{mean:.0f}", f"{std or 0:.0f}"
-    elif column.endswith("variance"):
-        mean_text, std_text = f"{mean:.2e}", f"{std or 0:.1e}"
-    else:
-        mean_text, std_text = f"{mean:.3f}", f"{std or 0:.3f}"
-    return mean_text if std is None else f"{mean_text} ± {std_text}"
+        return ".0f", ".0f"
+    if column.endswith("variance"):
+        return ".2e", ".1e"
+    return ".3f", ".3f"
 
 
-def _value(row: dict[str, str], column: str) -> float | None:
-    try:
-        value = float(row.get(column) or "nan")
-    except ValueError:
-        return None
+def _finite(row: dict[str, str], column: str) -> float | None:
+    value = parse_number(row.get(column))
     return value if math.isfinite(value) else None
 
 
 def summary_table(rows: Sequence[dict[str, str]]) -> str:
-    """Markdown: one line per variant, each column mean ± sample std over its seeds."""
+    """Markdown: one line per variant, each column mean ± sample std over its seeds (those with a finite value)."""
     lines = ["| kind | source | diversity | seeds | " + " | ".join(REPORT_COLUMNS) + " |",
              "|" + "---|" * (4 + len(REPORT_COLUMNS))]
     for _, members in sorted(_groups(rows).items()):
         first = members[0]
         cells = []
         for column in REPORT_COLUMNS:
-            values = [v for v in (_value(row, column) for row in members) if v is not None]
-            cells.append(_cell_text(values, column))
+            values = [v for v in (_finite(row, column) for row in members) if v is not None]
+            cells.append(format_mean_std(spread(values), *_formats(column)))
         lines.append(f"| {first['kind']} | {first['source']} | {first['diversity']} | {len(members)} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -389,8 +379,6 @@ def _plot(rows: Sequence[dict[str, str]], curves: dict[str, list[dict[str, Any]]
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from experiments.stats import mean_curve
-
     groups = _groups(rows)
     kinds = list(dict.fromkeys(row["kind"] for members in groups.values() for row in members))
     if not kinds or not curves:
@@ -405,9 +393,7 @@ def _plot(rows: Sequence[dict[str, str]], curves: dict[str, list[dict[str, Any]]
             return None
         axis.plot(curve.queries, curve.mean, style, color=colour, lw=1.4, label=label)
         if curve.runs > 1:
-            axis.fill_between(curve.queries, [m - s for m, s in zip(curve.mean, curve.std, strict=True)],
-                              [m + s for m, s in zip(curve.mean, curve.std, strict=True)], color=colour,
-                              alpha=0.15, linewidth=0)
+            axis.fill_between(curve.queries, *curve.band(), color=colour, alpha=0.15, linewidth=0)
         return curve
 
     written = []
@@ -470,7 +456,7 @@ def _plot(rows: Sequence[dict[str, str]], curves: dict[str, list[dict[str, Any]]
 
 def write_uq_report(out: Path) -> Path:
     """``OUT/report.md``: the table over seeds and the two figures (when a cell finished)."""
-    rows = read_csv(out / "results.csv")
+    rows = ResultsStore(out / "results.csv", UQ_COLUMNS).rows()
     failed = [row for row in rows if row.get("status") != "done"]
     spec = yaml.safe_load((out / "spec.yaml").read_text()) if (out / "spec.yaml").is_file() else {}
     figures = _plot(rows, _curves(out), out) if len(failed) < len(rows) else []

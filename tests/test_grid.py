@@ -15,14 +15,8 @@ import pytest
 import yaml
 from redis_support import delete_matching, grid_workers, redis_url  # noqa: F401 - fixture
 
-from experiments.grid import (
-    RESULT_COLUMNS,
-    cells_of,
-    load_spec,
-    pareto_front,
-    run_grid,
-    write_grid_report,
-)
+from experiments.grid import RESULT_COLUMNS, cells_of, load_spec, run_grid
+from experiments.grid_report import pareto_front, write_grid_report
 
 SPEC = {
     "dataset": "digits",

@@ -1,4 +1,4 @@
-"""The uncertainty-quantification stealing study (issue #16): every UQ kind x query source x diversity x seed.
+"""The uncertainty-quantification stealing study: every UQ kind x query source x diversity x seed.
 
 Pape et al., "On the Limitations of Model Stealing with Uncertainty
 Quantification Models" (ESANN 2023, arXiv 2305.05293) claim that (a) a UQ

@@ -229,15 +229,3 @@ compare seeds with `stealsim report RUN...`), evaluated on `{config.get('eval_da
     (path / "report.md").write_text(text)
 
 
-
-_MOVED_TO_EXPERIMENTS_REPORT = ("aggregate_runs", "compare_runs", "read_reference_points")
-
-
-def __getattr__(name: str) -> Any:
-    """Transitional: the multi-run report lives in :mod:`experiments.report`; the CLI still
-    imports these names from here until it imports them from there (then delete this)."""
-    if name in _MOVED_TO_EXPERIMENTS_REPORT:
-        from experiments import report
-
-        return getattr(report, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ and whether a detector flags (or blocks) them::
     result.accuracy, result.ece, result.flags, result.blocked_at
 
 ``stealsim honest`` runs it from the command line; the grid's honest-cost cells
-(:meth:`experiments.grid.CellRunner.defense_cost`) are one pass of it.
+(:meth:`experiments.grid.GridRunner.defense_cost`) are one pass of it.
 """
 
 from __future__ import annotations

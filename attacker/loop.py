@@ -64,7 +64,7 @@ class AttackSettings:
             optimiser state, losses and the images sent to the victim stay float32; only the
             convolutions and linear layers compute in bfloat16). On this project's AMX CPU
             a step was 1.6x (Dual Student) and 1.8x (DFME) cheaper than in float32
-            (docs/attacks.md, Loop speed); a CPU without bfloat16 units is slower, and GPUs
+            (docs/results/loop-speed.md); a CPU without bfloat16 units is slower, and GPUs
             were not measured. Evaluation always runs in float32, and the victim never sees
             autocast (:meth:`Attack.take_step`).
     """

@@ -68,7 +68,7 @@ def test_the_loop_follows_updates_per_batch(name: str, digits_checkpoint: Path, 
 def test_knockoff_reads_the_shared_setting() -> None:
     assert make_settings("knockoff").student_settings().updates_per_batch == 16
     assert make_settings("knockoff", updates_per_batch=3).student_settings().updates_per_batch == 3
-    assert make_settings("dfme").student_settings().updates_per_batch == 4  # chosen on mnist5k validation (docs/attacks.md)
+    assert make_settings("dfme").student_settings().updates_per_batch == 4  # chosen on mnist5k validation (docs/results/updates-per-batch.md)
     assert make_settings("dual-student").student_settings().updates_per_batch == 4
 
 

@@ -26,7 +26,7 @@ PROBE = 2048
 DEAD_START_SHARE = 0.999
 """``generator_restart``: the victim's top class's share of a window's answers that counts as a dead start.
 On mnist5k with hard labels the runs that found other classes on their own within 40,000 queries had
-0.895-0.998 of their first 20,000 answers in one class; the ones that stayed had 1.000 (docs/attacks.md)."""
+0.895-0.998 of their first 20,000 answers in one class; the ones that stayed had 1.000 (docs/results/dual-student-hard-labels.md)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class DualStudentSettings(AttackSettings):
             fixed point: the students learn that constant class with a saturated softmax, their
             disagreement and its gradient vanish (generator losses of order 1e-6), and nothing
             moves the generator off the images (a width-32 mnist5k run sat at fidelity 0.099
-            for 260,000 queries; docs/attacks.md). Not in the paper or the authors' code.
+            for 260,000 queries; docs/results/dual-student-hard-labels.md). Not in the paper or the authors' code.
         preset: ``tuned`` (these defaults) or ``reference`` (:data:`REFERENCE`, the authors'
             code); settings given beside a preset override it.
 

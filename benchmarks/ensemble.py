@@ -1,4 +1,4 @@
-"""Benchmark of issue #6: UQ ensembles and Knockoff against normal vs Nasty Teacher victims.
+"""UQ ensembles and Knockoff against normal vs Nasty Teacher victims.
 
 Prints one JSON document of what it measured and writes ``OUT/ensemble.png``.
 

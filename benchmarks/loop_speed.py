@@ -1,7 +1,7 @@
 """Queries per second per core of the attack loop: the loop before and after its speed-ups, side by side.
 
 Builds each attack once per variant against the same in-process victim (one torch
-thread): ``before``, the loop as issue #12 found it (``memory_format=contiguous``
+thread): ``before``, the loop without its speed-ups (``memory_format=contiguous``
 clones, generator and victim: the explicit slow path, float32), ``channels_last``
 (the layout alone, float32: the default), ``bfloat16`` (``channels_last`` with
 ``precision=bfloat16``: the attacker's forwards under autocast) and, with

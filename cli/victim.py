@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -136,15 +135,9 @@ def worker(
     name: Annotated[str | None, typer.Option(help="Consumer name (default host-pid-random).")] = None,
 ) -> None:
     """Inference worker of `serve --batching redis`: reads a Redis Stream per model, batches, replies."""
-    import torch
-
-    from stealsim.training import resolve_device
-    from victim_server.runner import load_runners
     from victim_server.settings import parse_model_flag
-    from victim_server.worker import WorkerConfig, run_worker
+    from victim_server.worker import WorkerConfig, serve_checkpoints
 
-    if torch_threads is not None:
-        torch.set_num_threads(torch_threads)
     models = dict(parse_model_flag(text) for text in model)
     if dead_after_s <= heartbeat_s:
         raise ConfigError(f"--dead-after-s {dead_after_s} must be longer than --heartbeat-s {heartbeat_s}")
@@ -153,8 +146,4 @@ def worker(
         max_wait_ms=max_wait_ms, claim_idle_ms=claim_idle_ms, name=name,
         heartbeat_s=heartbeat_s, dead_after_s=dead_after_s,
     )
-    if inference_graph not in ("torchscript", "eager"):
-        raise ConfigError(f"--inference-graph {inference_graph!r}: choose torchscript or eager")
-    sys.setswitchinterval(gil_switch_interval_ms / 1000.0)
-    runners = load_runners(models, resolve_device(device), inference_graph)  # type: ignore[arg-type]
-    run_worker({key: runner.predict_batch for key, runner in runners.items()}, config)
+    serve_checkpoints(models, config, device, inference_graph, torch_threads, gil_switch_interval_ms)

@@ -35,17 +35,20 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from stealsim.errors import ConfigError
 from victim_server.batching import PredictFn
 from victim_server.batching_redis import (
     StreamRequest,
@@ -55,7 +58,7 @@ from victim_server.batching_redis import (
 )
 from victim_server.redis_keys import CONSUMER_GROUP, RedisNames, connect
 
-__all__ = ["StreamWorker", "WorkerConfig", "run_worker"]
+__all__ = ["StreamWorker", "WorkerConfig", "run_worker", "serve_checkpoints"]
 
 logger = logging.getLogger(__name__)
 
@@ -431,5 +434,35 @@ async def _run(predictors: Mapping[str, PredictFn], config: WorkerConfig) -> Non
 
 
 def run_worker(predictors: Mapping[str, PredictFn], config: WorkerConfig) -> None:
-    """Serve until SIGTERM/SIGINT (``stealsim worker``)."""
+    """Serve until SIGTERM/SIGINT."""
     asyncio.run(_run(predictors, config))
+
+
+def serve_checkpoints(
+    models: Mapping[str, Path], config: WorkerConfig, device: str = "auto",
+    inference_graph: str = "torchscript", torch_threads: int | None = None,
+    gil_switch_interval_ms: float = 1.0,
+) -> None:
+    """``stealsim worker``: load each checkpoint (name -> directory) onto ``device`` and serve
+    its stream until SIGTERM/SIGINT.
+
+    ``gil_switch_interval_ms`` sets :func:`sys.setswitchinterval`: the forward pass runs in
+    a thread beside the event loop that reads the stream, and a shorter interval than
+    Python's 5 ms hands the GIL back to that loop sooner (benchmarks/gil_contention.py).
+
+    Raises:
+        ConfigError: an unknown ``inference_graph`` or no models; CheckpointError: a
+        checkpoint cannot be loaded.
+    """
+    import torch
+
+    from stealsim.training import resolve_device
+    from victim_server.runner import load_runners
+
+    if inference_graph not in ("torchscript", "eager"):
+        raise ConfigError(f"--inference-graph {inference_graph!r}: choose torchscript or eager")
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    sys.setswitchinterval(gil_switch_interval_ms / 1000.0)
+    runners = load_runners(models, resolve_device(device), inference_graph)  # type: ignore[arg-type]  # checked above
+    run_worker({name: runner.predict_batch for name, runner in runners.items()}, config)

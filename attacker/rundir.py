@@ -163,6 +163,22 @@ class RunDirectory:
             metrics = {**evaluated[-1], "stopped_at": evaluated[-1].get("queries")}
         return RunRecord(self.path, config, metrics, history)
 
+    def interruption_note(self, budget: int, resumed: bool) -> str:
+        """Where an interrupted run stopped (its ledger and last evaluation) and how to go on."""
+        if not (self.path / "config.json").is_file():
+            return "interrupted before the run started: nothing was written"
+        try:
+            used = self.read_ledger().attack_queries
+            history = self.read_history()
+        except (AttackError, ValueError, TypeError):
+            return f"interrupted; rerun the same command with --resume to continue the run in {self.path}"
+        checkpoint = "no checkpoint yet (training restarts, the query count does not)"
+        if (self.path / "checkpoint.pt").is_file() and history:
+            checkpoint = f"training resumes from its checkpoint at {int(history[-1]['queries']):,} queries"
+        again = "the same command" if resumed else "the same command with --resume"
+        return (f"interrupted at {used:,} of {budget:,} queries; {checkpoint}. "
+                f"Rerun {again} to continue the run in {self.path}.")
+
     def rewrite_history(self, history: list[dict[str, Any]]) -> None:
         """Drop evaluation lines written after the checkpoint a resumed run restarts from."""
         text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in history)

@@ -11,29 +11,9 @@ import typer
 
 from cli.options import DeviceOption
 from cli.set_aliases import alias_settings, with_set_aliases
-from stealsim.errors import ConfigError, StealsimError
+from stealsim.errors import ConfigError
 
 __all__ = ["attack"]
-
-
-def _interrupted_message(out: Path, budget: int, resumed: bool) -> str:
-    """Where an interrupted attack stopped, read back from its run directory, and how to go on."""
-    from attacker.rundir import RunDirectory
-
-    run_dir = RunDirectory(out)
-    if not (out / "config.json").is_file():
-        return "interrupted before the run started: nothing was written"
-    try:
-        used = run_dir.read_ledger().attack_queries
-        history = run_dir.read_history()
-    except (StealsimError, ValueError, TypeError):
-        return f"interrupted; rerun the same command with --resume to continue the run in {out}"
-    checkpoint = "no checkpoint yet (training restarts, the query count does not)"
-    if (out / "checkpoint.pt").is_file() and history:
-        checkpoint = f"training resumes from its checkpoint at {int(history[-1]['queries']):,} queries"
-    again = "the same command" if resumed else "the same command with --resume"
-    return (f"interrupted at {used:,} of {budget:,} queries; {checkpoint}. "
-            f"Rerun {again} to continue the run in {out}.")
 
 
 def _numbers(flag: str, text: str, count: tuple[int, ...], kind: type = float) -> tuple[Any, ...]:
@@ -187,7 +167,9 @@ def attack(
             )
         )
     except KeyboardInterrupt:
-        typer.echo(_interrupted_message(out, budget, resume), err=True)
+        from attacker.rundir import RunDirectory
+
+        typer.echo(RunDirectory(out).interruption_note(budget, resume), err=True)
         raise typer.Exit(code=130) from None
     shown = ("queries_used", "fidelity", "accuracy", "victim_accuracy", "transfer_success_rate",
              "eval_queries", "planned_eval_queries", "stop_reason")

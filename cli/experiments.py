@@ -166,9 +166,9 @@ def grid_worker(
     name: Annotated[str | None, typer.Option(help="Worker name (default: rq's).")] = None,
 ) -> None:
     """Run grid cells from a Redis queue (rq), with a victim service of this worker's own."""
-    from experiments.grid_worker import WorkerOptions, run_grid_worker
+    from experiments.queue import WorkerOptions, run_worker
 
-    run_grid_worker(redis_url, queue or ["stealsim-grid"], WorkerOptions(work_dir, cache_dir),
+    run_worker(redis_url, queue or ["stealsim-grid"], WorkerOptions(work_dir, cache_dir),
                     burst=burst, name=name)
 
 

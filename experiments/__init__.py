@@ -5,12 +5,12 @@ This package sits above the roles (it may import ``stealsim``, ``defense``,
 
 - :mod:`experiments.spec`: a YAML spec validated by pydantic (grid, uq-study)
 - :mod:`experiments.store`: the results CSV of a grid or study (resume by finished cells)
-- :mod:`experiments.queue`: rq jobs, their collection, and the worker loop
+- :mod:`experiments.queue`: rq jobs, their collection, and the worker loop (``grid-worker``)
 - :mod:`experiments.cells`: the one cell runner (an attack run as a result row)
 - :mod:`experiments.stats`: mean ± sample std (min), seed groups, mean curves with a band
 - :mod:`experiments.report`: the multi-run report (``stealsim report``)
-- :mod:`experiments.grid`, :mod:`experiments.grid_report`, :mod:`experiments.grid_worker`:
-  grids of attacks x victims x defenses x budgets x seeds, their report, the worker command
+- :mod:`experiments.grid`, :mod:`experiments.grid_report`: grids of attacks x victims x
+  defenses x budgets x seeds, and their report
 - :mod:`experiments.uq_study`: the UQ stealing study
 - :mod:`experiments.demo`: the one-command demo
 - :mod:`experiments.victims`, :mod:`experiments.service`, :mod:`experiments.honest`:

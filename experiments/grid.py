@@ -19,7 +19,7 @@ the CSV is skipped, so a grid resumes where it stopped. ``OUT/report.md`` has
 the tables and plots (:mod:`experiments.grid_report`). In-process, the grid
 trains (or reuses) the victims and runs its own service (:class:`GridRunner`);
 on Redis, each ``stealsim grid-worker`` does that on its own host
-(:mod:`experiments.grid_worker`) and the grid command only enqueues and
+(:mod:`experiments.queue`) and the grid command only enqueues and
 collects (:func:`run_cell_job`, :func:`run_defense_job` are the jobs).
 """
 

@@ -11,8 +11,17 @@ Workers (:func:`run_worker`, behind ``stealsim grid-worker``) are rq
 ``SimpleWorker``s: jobs run in the worker process itself (no fork per job), so
 what a job starts survives until the worker stops: :func:`worker_resource`
 keeps it (a victim service, say) and stops it with the worker; a job finds the
-worker's directories with :func:`worker_options`. This module knows no grid and
-no study: their job functions live beside their drivers.
+worker's directories with :func:`worker_options`. Any number of workers on any
+number of hosts consume a queue; each trains or reuses the victims in its own
+cache and starts its own victim service, so a host needs only the code and the
+Redis URL::
+
+    stealsim grid-worker --redis-url redis://queue-host:6379 --queue grid   # on each host
+    stealsim grid examples/grid.yaml --redis-url redis://queue-host:6379 --queue grid
+
+This module knows no grid and no study: their job functions live beside their
+drivers (:func:`experiments.grid.run_cell_job`, :func:`experiments.grid.run_defense_job`,
+:func:`experiments.uq_study.run_uq_job`; rq imports them by name).
 """
 
 from __future__ import annotations
@@ -155,7 +164,8 @@ def run_worker(
     burst: bool = False,
     name: str | None = None,
 ) -> None:
-    """Consume jobs until stopped (SIGINT/SIGTERM: finish the current job) or, with ``burst``, empty queues."""
+    """``stealsim grid-worker``: consume jobs until stopped (SIGINT/SIGTERM: finish the current
+    job) or, with ``burst``, until the queues are empty; then stop what the jobs started."""
     from rq import SimpleWorker
 
     if _WorkerState.options is not None:

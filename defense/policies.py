@@ -36,47 +36,15 @@ from pydantic import ValidationError
 from defense.steps import (
     STEP_LIST,
     STEPS,
-    AdaptiveMisinformation,
     DetectorStep,
-    GaussianNoise,
-    LabelOnly,
-    OodRateStep,
     OutputKind,
     PolicyContext,
     PolicyStep,
-    PradaStep,
-    PredictionPoisoning,
-    Probabilities,
-    ReverseSigmoid,
-    Round,
-    SeatStep,
-    TopK,
-    Watermark,
     WatermarkMarks,
 )
 from stealsim.errors import ConfigError
 
-__all__ = [
-    "AdaptiveMisinformation",
-    "GaussianNoise",
-    "LabelOnly",
-    "OodRateStep",
-    "OutputKind",
-    "OutputPolicy",
-    "PolicyAnswer",
-    "PolicyContext",
-    "PolicyStep",
-    "PradaStep",
-    "PredictionPoisoning",
-    "Probabilities",
-    "ReverseSigmoid",
-    "Round",
-    "SeatStep",
-    "TopK",
-    "Watermark",
-    "WatermarkMarks",
-    "parse_policy",
-]
+__all__ = ["OutputPolicy", "PolicyAnswer", "PolicyContext", "parse_policy"]
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import pytest
 from redis_support import prefix, redis_url  # noqa: F401
 from server_support import free_port
 
-from defense.policies import PradaStep
 from defense.prada import PradaDetector
+from defense.steps import PradaStep
 from stealsim.errors import BudgetExceededError, KeyNotFoundError, UnavailableError
 from victim_server.audit import AuditRecord
 from victim_server.audit_redis import RedisAuditLog

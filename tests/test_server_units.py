@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from defense.policies import (
-    GaussianNoise,
-    ReverseSigmoid,
-    Round,
-    TopK,
-    parse_policy,
-)
+from defense.policies import parse_policy
 from defense.prada import PradaDetector
+from defense.steps import GaussianNoise, ReverseSigmoid, Round, TopK
 from stealsim.checkpoint import load_checkpoint
 from stealsim.data import load_dataset
 from stealsim.errors import (

@@ -69,8 +69,9 @@ class StudentSettings:
             every attack's clone but random noise's (32, :class:`~attacker.attacks.RandomNoiseSettings`).
             With hard labels, a Dual Student clone of width 32 with ``pool_first`` (about 0.8x
             the queries/s) was ahead on the mnist5k validation split: 0.764 / 0.926 against
-            0.464 / 0.710 at 160k queries (seeds 3 / 4; docs/results/dual-student-hard-labels.md). Like ``replay``, set
-            it with the label mode: it does not follow it.
+            0.464 / 0.710 at 160k queries (seeds 3 / 4;
+            docs/results/dual-student-hard-labels.md). Like ``replay``, set it with the label
+            mode: it does not follow it.
         pool_first: ``pool_first`` argument of ``small-cnn``
             (:class:`stealsim.architectures.SmallCNN`: the same kind of function, a cheaper
             training step).
@@ -89,12 +90,13 @@ class StudentSettings:
             answers already paid for: it costs compute, not queries. With hard labels, Dual
             Student on the mnist5k validation split needed 250,000 (0.912 at 1M queries; with
             20,000 the clone stayed near 0.80, with 100,000 it slid from 0.93 to 0.844; one
-            seed each, docs/results/dual-student-hard-labels.md): set it with the label mode, it does not follow it.
+            seed each, docs/results/dual-student-hard-labels.md): set it with the label mode,
+            it does not follow it.
         replay_policy: what a full replay memory keeps: ``reservoir``, a uniform sample of
             every answer so far, or ``ring``, the last ``replay`` answers
             (:class:`attacker.replay.ReplayMemory`). Reservoir was chosen on the mnist5k
-            validation split at 200,000 queries (docs/results/dual-student-settings.md): the same fidelity where
-            the generator stays diverse, and no decline where it collapses onto one class of
+            validation split at 200,000 queries (docs/results/dual-student-settings.md): the
+            same fidelity where the generator stays diverse, and no decline where it collapses onto one class of
             answers and a ring forgets the others.
         updates_per_batch: training effort: updates per :meth:`Students.train_step`. The
             first trains on the fresh batch joined with as many replayed answers, the others

@@ -41,8 +41,8 @@ def distill(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Distil a student from a teacher; compare with the same student trained on labels."""
-    from defense.distillation import check_teacher
     from stealsim.data import load_dataset
+    from stealsim.distill import check_teacher
     from stealsim.training import resolve_device
 
     check_out_dir(out)
@@ -79,8 +79,7 @@ def nasty_study(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Train normal and Nasty teachers and compare students distilled from each."""
-    from defense.distillation import study_nasty_teachers
-    from defense.nasty_study import markdown_table
+    from defense.nasty_study import markdown_table, study_nasty_teachers
     from stealsim.data import load_dataset
     from stealsim.training import resolve_device
 

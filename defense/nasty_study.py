@@ -7,6 +7,8 @@ the teacher was made nasty at (``T = tau``) unless the dataset's defaults or
 the caller say otherwise (mnist5k: ``T = 2 tau``). Every network is scored on
 the validation split (where the study's settings are chosen) and on the test
 split (the reported table, docs/results/nasty-teacher-study.md).
+:func:`study_nasty_teachers` (``stealsim nasty-study``) resolves the study's
+settings from the dataset's Nasty Teacher defaults and the given overrides.
 """
 
 from __future__ import annotations
@@ -15,19 +17,21 @@ import json
 import logging
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from defense.nasty_teacher import NastySettings, train_nasty_teacher
+from defense.nasty_teacher import NastySettings, settings_for, train_nasty_teacher
+from stealsim.architectures import default_architecture, default_student_architecture
 from stealsim.checkpoint import save_checkpoint
 from stealsim.data import Dataset
 from stealsim.distill import DistillConfig, distill_student
 from stealsim.plots import one_image_per_class, plot_softmax_distributions
-from stealsim.training import TrainConfig, accuracy, train_classifier
+from stealsim.training import TrainConfig, accuracy, augmentation_shift, train_classifier
 
-__all__ = ["SeedResult", "run_nasty_study", "summarise"]
+__all__ = ["SeedResult", "markdown_table", "run_nasty_study", "study_nasty_teachers", "summarise"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,3 +133,37 @@ def markdown_table(results: Sequence[SeedResult]) -> str:
         std = {c: statistics.stdev(getattr(r, c) for r in results) for c in COLUMNS}
         rows.append("| std | " + " | ".join(f"{100 * std[c]:.2f}" for c in COLUMNS) + " |")
     return header + "\n".join(rows) + "\n"
+
+
+def study_nasty_teachers(
+    data: Dataset,
+    out: Path,
+    seeds: Sequence[int],
+    *,
+    architecture: str | None = None,
+    student: str | None = None,
+    tau: float | None = None,
+    omega: float | None = None,
+    alpha: float | None = None,
+    temperature: float | None = None,
+    epochs: int = 30,
+    student_epochs: int | None = None,
+    device: torch.device | str = "cpu",
+    show_progress: bool = True,
+) -> list[SeedResult]:
+    """The Nasty Teacher study (:func:`run_nasty_study`) on ``data`` for ``seeds``.
+
+    ``None`` takes the dataset's Nasty Teacher settings (:func:`defense.nasty_teacher.settings_for`):
+    ``alpha`` and ``temperature`` of the students' KD, ``student_epochs`` (else ``epochs``, the
+    teachers'); architectures default to those of the input shape.
+    """
+    protocol: dict[str, Any] = {"kd_alpha": alpha, "kd_temperature": temperature, "student_epochs": student_epochs}
+    settings = replace(settings_for(data.name, tau, omega), **{k: v for k, v in protocol.items() if v is not None})
+    channels, size, _ = data.input_shape
+    config = DistillConfig(settings.student_alpha, settings.student_temperature,
+                           TrainConfig(epochs=epochs, max_shift=augmentation_shift(size)))
+    return run_nasty_study(
+        data, architecture or default_architecture(channels, size),
+        student or default_student_architecture(channels, size), settings, config, seeds, out,
+        device, show_progress,
+    )

@@ -7,6 +7,11 @@ Metrics (``victim`` answers fetched through a metered victim, counted as
 - ``accuracy``: the clone's top-1 accuracy on the split's labels;
 - ``fidelity``: label agreement between clone and victim on the split's images;
 - ``normalised_accuracy``: clone accuracy / victim accuracy;
+- their resolution: ``eval_images`` (the split's size ``n``) and, for
+  ``accuracy``, ``fidelity`` and ``victim_accuracy``, a 95 % interval
+  ``METRIC_ci95_low`` / ``METRIC_ci95_high`` (:func:`proportion_interval`,
+  Wilson's score interval). On the 360 images of the digits test split one image
+  moves a metric by 0.28 points, and 342 of 360 (0.95) has the interval 0.922 to 0.968;
 - transfer, over the split's images the victim classifies correctly, at each
   L∞ budget of a small sweep (:func:`default_epsilons`): adversarial examples
   crafted on the clone by untargeted and by targeted PGD (:func:`pgd_linf`),
@@ -43,6 +48,8 @@ from stealsim.data import Dataset
 from stealsim.errors import AttackError
 
 __all__ = [
+    "CONFIDENCE",
+    "INTERVAL_METRICS",
     "EvalConfig",
     "EvalPlan",
     "EvalSplit",
@@ -53,6 +60,7 @@ __all__ = [
     "epsilon_key",
     "pgd_linf",
     "predict_labels",
+    "proportion_interval",
 ]
 
 logger = logging.getLogger(__name__)
@@ -204,6 +212,42 @@ def pgd_linf(
             x = torch.minimum(torch.maximum(x, x0 - epsilon), x0 + epsilon).clamp(0, 1)
     model.train(was_training)
     return x.detach().cpu()
+
+
+CONFIDENCE = 0.95
+"""The level of the intervals put beside each proportion (``*_ci95_low`` / ``*_ci95_high``)."""
+INTERVAL_METRICS = ("accuracy", "fidelity", "victim_accuracy")
+"""The proportions of the split that carry an interval."""
+
+
+def proportion_interval(successes: int, trials: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson's score interval of a binomial proportion ``successes / trials``: ``(low, high)``.
+
+    Wilson, E. B. (1927), "Probable inference, the law of succession, and statistical
+    inference", JASA 22(158):209-212, without continuity correction; recommended over
+    the normal (Wald) interval by Brown, Cai & DasGupta (2001), "Interval estimation for
+    a binomial proportion", Statistical Science 16(2):101-133, because it keeps its
+    coverage near 0 and 1 (a perfect score, 360 of 360, gives ``(0.9894, 1.0)``, where
+    Wald's interval has width 0). Computed by scipy (``binomtest(...).proportion_ci(
+    method="wilson")``). The only uncertainty it covers is the sampling of the
+    evaluation split, not the spread over seeds.
+    """
+    from scipy.stats import binomtest
+
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(f"a proportion needs 0 <= successes <= trials and trials >= 1, got {successes}/{trials}")
+    interval = binomtest(successes, trials).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def _with_intervals(counts: dict[str, int], trials: int) -> dict[str, float]:
+    """Each proportion ``count / trials`` with its :func:`proportion_interval`, and ``eval_images``."""
+    metrics: dict[str, float] = {}
+    for name, successes in counts.items():
+        metrics[name] = successes / trials
+        metrics[f"{name}_ci95_low"], metrics[f"{name}_ci95_high"] = proportion_interval(successes, trials)
+    metrics["eval_images"] = float(trials)
+    return metrics
 
 
 def _labels_of(answers: Tensor) -> Tensor:
@@ -461,14 +505,13 @@ class Evaluator:
     def evaluate(self, clone: nn.Module, final: bool) -> dict[str, float]:
         victim_labels = self.victim_labels()
         predictions = predict_labels(clone, self.images)
-        victim_accuracy = self.victim_accuracy()
-        accuracy = float((predictions == self.labels).float().mean())
-        metrics = {
-            "accuracy": accuracy,
-            "fidelity": float((predictions == victim_labels).float().mean()),
-            "victim_accuracy": victim_accuracy,
-            "normalised_accuracy": accuracy / victim_accuracy if victim_accuracy > 0 else float("nan"),
-        }
+        metrics = _with_intervals({
+            "accuracy": int((predictions == self.labels).sum()),
+            "fidelity": int((predictions == victim_labels).sum()),
+            "victim_accuracy": int((victim_labels == self.labels).sum()),
+        }, len(self.labels))
+        accuracy, victim_accuracy = metrics["accuracy"], metrics["victim_accuracy"]
+        metrics["normalised_accuracy"] = accuracy / victim_accuracy if victim_accuracy > 0 else float("nan")
         if final or self.config.transfer_every_eval:
             rng = torch.get_rng_state()
             clone_rates = self.transfer_rates(clone)

@@ -235,6 +235,8 @@ def _check_keys(
 
 def _stored_config(spec: RunSpec, victim: Victim, eval_dataset: str, settings: dict[str, Any],
                    evaluator: Evaluator) -> dict[str, Any]:
+    from attacker.provenance import provenance
+
     return {
         "attack": spec.attack,
         "budget": spec.budget,
@@ -253,6 +255,7 @@ def _stored_config(spec: RunSpec, victim: Victim, eval_dataset: str, settings: d
         "settings": settings,
         "evaluation": asdict(spec.evaluation),
         "transfer_epsilons": list(evaluator.epsilons),
+        "provenance": provenance(evaluator.device),
     }
 
 

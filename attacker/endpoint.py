@@ -7,26 +7,41 @@ input tensor to send, the output tensor to ask for and check, and the
 :class:`~attacker.victims.VictimInfo` the attacks see. It is pure (dicts in,
 dataclass out), so every rule below is tested on fixed metadata.
 
-The rules, in order of precedence (user flag, then metadata, then default):
+Every field follows one precedence: **the user's flag, then the metadata, then
+the default**. A flag that contradicts the metadata wins, and
+:meth:`Endpoint.describe` (logged at negotiation) names it.
 
-- **wire**: ``binary`` (the binary tensor extension) when the server advertises
-  ``binary_tensor_data`` in ``GET /v2`` ``extensions``, else ``json``;
-  ``--wire`` forces one.
+- **wire**: ``--wire``; else ``binary`` (the binary tensor extension) when the
+  server advertises ``binary_tensor_data`` in ``GET /v2`` ``extensions``, else ``json``.
 - **input**: the first declared input: its name, datatype (FP16, FP32, FP64) and
   shape, batch dimension first. ``[-1, C, H, W]`` is an image; ``[-1, H, W]`` a
-  one-channel image; ``[-1, D]`` a flat vector, attacked as the image
-  ``--input-shape`` names (same number of values), else as ``(1, s, s)`` when
-  ``D = s*s`` or ``(3, s, s)`` when ``D = 3*s*s``. With no declared input,
-  ``--input-shape`` is also the shape sent.
-- **pixel range**: ``parameters.pixel_range``, else ``--input-range``, else
+  one-channel image; ``[-1, D]`` a flat vector. ``--input-shape`` names the image
+  the attacks see; the tensor is sent in the declared layout when it holds as
+  many values, else (or with no or variable declared dimensions) in the
+  ``--input-shape`` layout. Without the flag a flat ``D`` is attacked as
+  ``(1, s, s)`` when ``D = s*s`` or ``(3, s, s)`` when ``D = 3*s*s``.
+- **pixel range**: ``--input-range``, else ``parameters.pixel_range``, else
   ``[0, 1]``. The attacks always work in [0, 1]; the client rescales.
-- **output**: the first declared output, requested by name; the answer's name,
-  datatype and shape must match the declaration. Its kind: stealsim's
-  ``parameters.output_kind``, else ``--output-kind``, else ``label`` for an
-  integer datatype and ``probabilities`` for a float one. ``logits`` are turned
-  into probabilities with a softmax on the client.
-- **classes**: ``parameters.num_classes``, else the declared output's last
-  dimension, else ``--num-classes``.
+- **output**: ``--output-name``, else the first declared output; requested by
+  name. The answer must carry that name, and it is checked against the
+  declaration of that name (none when ``--output-name`` names an undeclared
+  output).
+- **kind**: ``--output-kind``, else stealsim's ``parameters.output_kind``, else
+  ``label`` for a declared integer datatype and ``probabilities`` otherwise.
+  ``logits`` are turned into probabilities with a softmax on the client; rows
+  given as logits that already sum to 1 get one warning (they look like
+  probabilities, which a softmax flattens).
+- **classes**: ``--num-classes``, else ``parameters.num_classes``, else the
+  declared output's last dimension (for labels only when it is above 1: a
+  declared ``[-1, 1]`` or ``[-1]`` says nothing about the classes).
+- **datatype**: an answer in another float width than declared (MLServer
+  declares FP64 ``predict_proba`` and answers FP32) is read, with one warning.
+  An integer answer where floats are declared, or the reverse, is refused
+  naming ``--output-kind`` unless that flag was given; an answer shape other
+  than the declared one is refused naming ``--output-kind`` and
+  ``--num-classes`` unless one of them was given. With the flags, the kind's
+  own checks decide (labels whole and in ``[0, K)``, scores ``[N, K]`` finite,
+  probabilities summing to 1).
 - **metering**: ``server`` (reconciled with ``GET /v1/usage``) when the server
   advertises ``stealsim_metering``, else ``client`` (counted by the attacker alone).
 """
@@ -34,8 +49,9 @@ The rules, in order of precedence (user flag, then metadata, then default):
 from __future__ import annotations
 
 import json
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -59,6 +75,8 @@ __all__ = [
     "negotiate",
 ]
 
+logger = logging.getLogger(__name__)
+
 BINARY_EXTENSION = "binary_tensor_data"
 METERING_EXTENSION = "stealsim_metering"
 
@@ -74,19 +92,19 @@ ANSWER_TYPES = {**FLOAT_TYPES, "INT32": "<i4", "INT64": "<i8", "INT16": "<i2", "
 
 @dataclass(frozen=True)
 class EndpointOptions:
-    """What the user says about the endpoint, where its metadata is silent (or wrong).
+    """What the user says about the endpoint: each field given wins over the metadata.
 
     Every field is optional; ``None`` means "from the metadata, else the default".
     """
 
     wire: Wire = "auto"
     input_shape: tuple[int, ...] | None = None
-    """Per-example shape: ``C,H,W`` or ``H,W`` (an image), or ``D`` (flat, sent as is)."""
+    """Per-example shape: ``C,H,W`` or ``H,W`` (an image), or ``D`` (flat)."""
     input_range: tuple[float, float] | None = None
     output_kind: AnswerKind | None = None
     num_classes: int | None = None
     output_name: str | None = None
-    """The output to request when the metadata declares none (e.g. MLServer's ``predict_proba``)."""
+    """The output to request (e.g. MLServer's ``predict_proba``), whatever the metadata declares."""
 
 
 @dataclass(frozen=True)
@@ -102,9 +120,9 @@ class Endpoint:
     output_name: str | None
     """The output requested by name (``None``: the server's default output)."""
     output_datatype: str | None
-    """Declared output datatype, checked on every answer (``None``: not declared)."""
+    """The requested output's declared datatype (``None``: not declared)."""
     output_shape: tuple[int, ...] | None
-    """Declared per-example output shape (``-1``: any), checked on every answer."""
+    """The requested output's declared per-example shape (``-1``: any; ``None``: not declared)."""
     answer_kind: AnswerKind
     metering: Literal["server", "client"]
     info: VictimInfo
@@ -112,13 +130,30 @@ class Endpoint:
     """Server name and version from ``GET /v2`` (``"unknown"`` if it has no such route)."""
     extensions: tuple[str, ...] = ()
     """The extensions ``GET /v2`` advertises."""
+    kind_given: bool = False
+    """``--output-kind`` was given: the declared datatype's kind (integer or float) is not enforced."""
+    shape_given: bool = False
+    """``--output-kind`` or ``--num-classes`` was given: the declared output shape is not enforced."""
+    declared_outputs: tuple[str, ...] = ()
+    """The output names the metadata declares."""
+    overrides: tuple[str, ...] = ()
+    """The flags that contradict the metadata, each as one phrase (they win)."""
+    _warned: set[str] = field(default_factory=set, compare=False, repr=False)
+    """Warnings already logged (each at most once per endpoint)."""
 
     def describe(self) -> str:
         shape = ", ".join(str(v) for v in self.wire_shape)
-        return (f"{self.server}, model {self.model}: {self.wire} wire, input {self.input_name!r} "
+        text = (f"{self.server}, model {self.model}: {self.wire} wire, input {self.input_name!r} "
                 f"{self.input_datatype} [N, {shape}] in [{self.info.pixel_range[0]:g}, "
                 f"{self.info.pixel_range[1]:g}], output {self.output_name or '(default)'!r} as "
                 f"{self.answer_kind} over {self.info.num_classes} classes, {self.metering}-side metering")
+        return text + (f"; flags over the metadata: {'; '.join(self.overrides)}" if self.overrides else "")
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Log ``message`` as a warning the first time ``key`` comes up on this endpoint."""
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("%s", message)
 
 
 def image_shape_for(shape: tuple[int, ...]) -> tuple[int, int, int] | None:
@@ -145,32 +180,39 @@ def _shape_text(shape: tuple[int, ...] | list[int]) -> str:
     return "[" + ", ".join(str(v) for v in shape) + "]"
 
 
-def _resolve_input(model_meta: dict[str, Any], options: EndpointOptions) -> tuple[str, str, tuple[int, ...],
-                                                                                  tuple[int, int, int]]:
+def _flag_shape(shape: tuple[int, ...]) -> str:
+    return ",".join(str(v) for v in shape)
+
+
+def _resolve_input(model_meta: dict[str, Any], options: EndpointOptions,
+                   overrides: list[str]) -> tuple[str, str, tuple[int, ...], tuple[int, int, int]]:
     """``(name, datatype, wire shape, image shape)`` of the input the attacks feed."""
     inputs = model_meta.get("inputs") or []
     given = options.input_shape
-    if not inputs:
-        if given is None:
-            raise AttackError("the model metadata declares no input; pass --input-shape (e.g. 1,28,28 or 64)")
-        name, datatype, wire_shape = "input", "FP32", tuple(given)
-    else:
-        declared = inputs[0]
-        name = str(declared.get("name") or "input")
-        datatype = str(declared.get("datatype") or "FP32").upper()
-        shape = [int(v) for v in declared.get("shape") or []]
-        if len(shape) < 2:
-            if given is None:
-                raise AttackError(f"the model's input {name!r} has shape {_shape_text(shape)}, with no batch "
-                                  "dimension and example shape; pass --input-shape")
-            wire_shape = tuple(given)
+    declared = inputs[0] if inputs else {}
+    name = str(declared.get("name") or "input")
+    datatype = str(declared.get("datatype") or "FP32").upper()
+    shape = [int(v) for v in declared.get("shape") or []]
+    declared_wire = tuple(shape[1:]) if len(shape) >= 2 else None
+    fixed = declared_wire is not None and all(v > 0 for v in declared_wire)
+    if given is not None:
+        if fixed and declared_wire is not None and math.prod(declared_wire) == math.prod(given):
+            wire_shape = declared_wire  # the metadata's layout on the wire, the flag's image
         else:
-            wire_shape = tuple(shape[1:])
-            if -1 in wire_shape or any(v == 0 for v in wire_shape):
-                if given is None or len(given) != len(wire_shape):
-                    raise AttackError(f"the model's input {name!r} has variable dimensions "
-                                      f"{_shape_text(shape)}; pass --input-shape with {len(wire_shape)} values")
-                wire_shape = tuple(given)
+            if fixed:
+                overrides.append(f"--input-shape {_flag_shape(given)} sent as [N, {_flag_shape(given)}] "
+                                 f"(the metadata declares {_shape_text(shape)})")
+            wire_shape = tuple(given)
+    elif not inputs:
+        raise AttackError("the model metadata declares no input; pass --input-shape (e.g. 1,28,28 or 64)")
+    elif declared_wire is None:
+        raise AttackError(f"the model's input {name!r} has shape {_shape_text(shape)}, with no batch "
+                          "dimension and example shape; pass --input-shape")
+    elif not fixed:
+        raise AttackError(f"the model's input {name!r} has variable dimensions "
+                          f"{_shape_text(shape)}; pass --input-shape with {len(declared_wire)} values")
+    else:
+        wire_shape = declared_wire
     if datatype not in FLOAT_TYPES:
         raise AttackError(f"the model's input {name!r} is {datatype}; the attacks send images as "
                           f"{', '.join(FLOAT_TYPES)} only")
@@ -182,27 +224,65 @@ def _resolve_input(model_meta: dict[str, Any], options: EndpointOptions) -> tupl
         raise AttackError(f"the model's input {name!r} takes {_shape_text(wire_shape)} per example, which is not "
                           "an image shape the attacks can tell; pass --input-shape C,H,W "
                           f"with C*H*W = {values}")
-    if math.prod(image) != values:
-        raise AttackError(f"--input-shape {','.join(map(str, given or ()))} holds {math.prod(image)} values; "
-                          f"the model's input {name!r} takes {values} ({_shape_text(wire_shape)})")
     return name, datatype, wire_shape, image
 
 
-def _pixel_range(parameters: dict[str, Any], options: EndpointOptions) -> tuple[float, float]:
+def _pixel_range(parameters: dict[str, Any], options: EndpointOptions,
+                 overrides: list[str]) -> tuple[float, float]:
+    declared = parameters.get("pixel_range")
     if options.input_range is not None:
         low, high = options.input_range
+        if declared is not None and tuple(float(v) for v in declared) != (float(low), float(high)):
+            overrides.append(f"--input-range {low:g},{high:g} (the metadata declares "
+                             f"{float(declared[0]):g},{float(declared[1]):g})")
     else:
-        low, high = parameters.get("pixel_range", (0.0, 1.0))
+        low, high = declared if declared is not None else (0.0, 1.0)
     low, high = float(low), float(high)
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise AttackError(f"pixel range [{low:g}, {high:g}] is not an interval (give --input-range LOW,HIGH)")
     return low, high
 
 
+def _declared_outputs(model_meta: dict[str, Any]) -> list[dict[str, Any]]:
+    return [o for o in model_meta.get("outputs") or [] if isinstance(o, dict)]
+
+
+def _resolve_output(model_meta: dict[str, Any], options: EndpointOptions,
+                    overrides: list[str]) -> tuple[str | None, dict[str, Any] | None]:
+    """``(output name to request, its declaration or None)``: ``--output-name`` first, then the first declared."""
+    outputs = _declared_outputs(model_meta)
+    if options.output_name:
+        declared = next((o for o in outputs if o.get("name") == options.output_name), None)
+        if declared is None and outputs:
+            names = ", ".join(repr(o.get("name")) for o in outputs)
+            overrides.append(f"--output-name {options.output_name} (the metadata declares {names})")
+        return options.output_name, declared
+    if not outputs:
+        return None, None
+    return (str(outputs[0]["name"]) if outputs[0].get("name") else None), outputs[0]
+
+
+def _missing_classes(output_name: str | None, declared: dict[str, Any] | None, kind: AnswerKind,
+                     model_meta: dict[str, Any]) -> str:
+    """Why the number of classes is unknown, naming what the metadata lacks."""
+    if kind == "label":
+        return ("the answers are class labels, and the metadata does not say how many classes there are "
+                "(no parameters.num_classes); pass --num-classes")
+    if declared is None:
+        if output_name is not None and _declared_outputs(model_meta):
+            return (f"the metadata declares no output {output_name!r} to read the number of classes from; "
+                    "pass --num-classes")
+        return "the metadata declares no output to read the number of classes from; pass --num-classes"
+    shape = declared.get("shape")
+    return (f"the declared output {output_name!r} has shape {_shape_text(list(shape or []))}, without a fixed "
+            "class dimension; pass --num-classes")
+
+
 def negotiate(server_meta: dict[str, Any] | None, model_meta: dict[str, Any],
               options: EndpointOptions | None = None, model: str = "victim") -> Endpoint:
-    """The endpoint the metadata and the user's options describe; :class:`AttackError` naming what is missing."""
+    """The endpoint the user's options and the metadata describe; :class:`AttackError` naming what is missing."""
     options = options or EndpointOptions()
+    overrides: list[str] = []
     try:
         extensions = [str(e) for e in (server_meta or {}).get("extensions") or []]
         server = (f"{server_meta.get('name', 'server')} {server_meta.get('version', '')}".strip()
@@ -210,37 +290,40 @@ def negotiate(server_meta: dict[str, Any] | None, model_meta: dict[str, Any],
         parameters = dict(model_meta.get("parameters") or {})
         wire: Literal["json", "binary"]
         wire = ("binary" if BINARY_EXTENSION in extensions else "json") if options.wire == "auto" else options.wire
-        input_name, input_datatype, wire_shape, image = _resolve_input(model_meta, options)
-        outputs = model_meta.get("outputs") or []
-        declared = outputs[0] if outputs else {}
-        output_name = str(declared["name"]) if declared.get("name") else options.output_name
-        output_datatype = str(declared["datatype"]).upper() if declared.get("datatype") else None
+        input_name, input_datatype, wire_shape, image = _resolve_input(model_meta, options, overrides)
+        output_name, declared = _resolve_output(model_meta, options, overrides)
+        output_datatype = str(declared["datatype"]).upper() if declared and declared.get("datatype") else None
         output_shape = (tuple(int(v) for v in declared["shape"][1:])
-                        if isinstance(declared.get("shape"), list) and declared["shape"] else None)
+                        if declared and isinstance(declared.get("shape"), list) and declared["shape"] else None)
         if output_datatype is not None and output_datatype not in ANSWER_TYPES:
-            raise AttackError(f"the model's output {output_name!r} is {output_datatype}; "
-                              f"the client reads {', '.join(ANSWER_TYPES)}")
-        kind = options.output_kind or parameters.get("output_kind")
-        if kind == "label" or (kind is None and output_datatype is not None and output_datatype not in FLOAT_TYPES):
-            answer_kind: AnswerKind = "label"
-        else:
-            answer_kind = cast(AnswerKind, kind or "probabilities")
-        if answer_kind not in ("probabilities", "logits", "label"):
-            raise AttackError(f"unknown output kind {answer_kind!r}: choose probabilities, logits or label")
+            raise AttackError(f"the model's output {output_name!r} is {output_datatype}; the client reads "
+                              f"{', '.join(ANSWER_TYPES)} (pass --output-name to read another output)")
+        declared_kind = parameters.get("output_kind")
+        kind = options.output_kind or declared_kind
+        if kind is None:
+            kind = "label" if output_datatype is not None and output_datatype not in FLOAT_TYPES else "probabilities"
+        elif options.output_kind and declared_kind and options.output_kind != declared_kind:
+            overrides.append(f"--output-kind {options.output_kind} (the metadata declares {declared_kind})")
+        if kind not in ("probabilities", "logits", "label"):
+            raise AttackError(f"unknown output kind {kind!r}: choose probabilities, logits or label")
+        answer_kind = cast(AnswerKind, kind)
         classes = options.num_classes or parameters.get("num_classes")
-        if classes is None and answer_kind != "label" and output_shape and output_shape[-1] > 0:
-            classes = output_shape[-1]
+        if classes is None and output_shape and output_shape[-1] > (1 if answer_kind == "label" else 0):
+            classes = output_shape[-1]  # for labels only a declared score dimension, not [-1, 1]
         if classes is None:
-            raise AttackError(f"the number of classes is not in the metadata (output {output_name!r} "
-                              f"{_shape_text(list(output_shape or ()))}); pass --num-classes")
+            raise AttackError(_missing_classes(output_name, declared, answer_kind, model_meta))
         classes = int(classes)
         if classes < 2:
             raise AttackError(f"a classifier needs at least 2 classes, the endpoint says {classes}")
+        if (options.num_classes and answer_kind != "label" and output_shape and output_shape[-1] > 0
+                and output_shape[-1] != options.num_classes):
+            overrides.append(f"--num-classes {options.num_classes} (the output {output_name!r} is declared "
+                             f"{_shape_text([-1, *output_shape])})")
         info = VictimInfo(
             input_shape=image,
             num_classes=classes,
             output_kind="label" if answer_kind == "label" else "probabilities",
-            pixel_range=_pixel_range(parameters, options),
+            pixel_range=_pixel_range(parameters, options, overrides),
             max_images_per_request=int(parameters.get("max_images_per_request", 1024)),
             name=str(model_meta.get("name", model)),
         )
@@ -251,6 +334,10 @@ def negotiate(server_meta: dict[str, Any] | None, model_meta: dict[str, Any],
         output_name=output_name, output_datatype=output_datatype, output_shape=output_shape,
         answer_kind=answer_kind, metering="server" if METERING_EXTENSION in extensions else "client",
         info=info, server=server, extensions=tuple(extensions),
+        kind_given=options.output_kind is not None,
+        shape_given=options.output_kind is not None or options.num_classes is not None,
+        declared_outputs=tuple(str(o.get("name")) for o in _declared_outputs(model_meta) if o.get("name")),
+        overrides=tuple(overrides),
     )
 
 
@@ -290,12 +377,53 @@ def _mismatch(endpoint: Endpoint, message: str) -> VictimAPIError:
                           status=200, code="output_mismatch")
 
 
+def _family(datatype: str) -> str:
+    return "float" if datatype in FLOAT_TYPES else "integer"
+
+
+def _missing_output(endpoint: Endpoint, outputs: list[dict[str, Any]]) -> VictimAPIError:
+    """The requested output is not in the answer: name what is, and the flags that read it."""
+    names = ", ".join(repr(o.get("name")) for o in outputs) or "no output"
+    source = " (--output-name)" if endpoint.output_name not in endpoint.declared_outputs else " (from the metadata)"
+    hint = ""
+    if len(outputs) == 1 and outputs[0].get("name"):
+        other = str(outputs[0]["name"])
+        hint = f"; pass --output-name {other}"
+        shape = outputs[0].get("shape")
+        if other not in endpoint.declared_outputs and isinstance(shape, list) and len(shape) == 2:
+            hint += f" --num-classes {shape[1]}"
+    return _mismatch(endpoint, f"asked for output {endpoint.output_name!r}{source}, the answer holds {names}{hint}")
+
+
+def _check_declaration(endpoint: Endpoint, name: object, datatype: str, shape: tuple[int, ...]) -> None:
+    """The answer against the requested output's declaration, unless a flag overrides it (see the module)."""
+    declared = endpoint.output_datatype
+    if declared is not None and datatype != declared:
+        if _family(datatype) == _family(declared):
+            endpoint.warn_once("width", f"model {endpoint.model!r}: output {name!r} came back {datatype}, the "
+                                        f"metadata declares {declared}: read as sent ({_family(datatype)}s "
+                                        "of another width)")
+        elif not endpoint.kind_given:
+            hint = ("if these are class labels, pass --output-kind label" if _family(datatype) == "integer"
+                    else "if these are scores, pass --output-kind probabilities or logits")
+            raise _mismatch(endpoint, f"output {name!r} came back {datatype} {_shape_text(list(shape))}, the "
+                                      f"metadata declares {declared}; {hint}")
+    expected = endpoint.output_shape
+    if expected is not None and not endpoint.shape_given and (
+            len(expected) != len(shape) - 1
+            or any(d not in (-1, s) for d, s in zip(expected, shape[1:], strict=False))):
+        raise _mismatch(endpoint, f"output {name!r} came back {_shape_text(list(shape))}, the metadata declares "
+                                  f"{_shape_text([-1, *expected])}; if the answer is right, pass --output-kind "
+                                  "(label, probabilities or logits) and --num-classes to read it")
+
+
 def decode_answer(endpoint: Endpoint, raw: bytes, header_length: str | None, count: int) -> Tensor:
     """Probabilities ``[N, K]`` (float32) or labels ``[N]`` (int64) from one response body.
 
-    Checks the output's name, datatype and shape against the metadata, and the
-    values against the output kind (finite probabilities summing to 1, labels in
-    ``[0, K)``); a mismatch raises :class:`VictimAPIError` naming it.
+    Checks the output's name, datatype and shape against the metadata (as far as
+    the flags leave it, see the module docstring), and the values against the
+    output kind (finite probabilities summing to 1, labels in ``[0, K)``); a
+    mismatch raises :class:`VictimAPIError` naming it and the flag that reads it.
     """
     try:
         offset = int(header_length) if header_length is not None else len(raw)
@@ -304,15 +432,12 @@ def decode_answer(endpoint: Endpoint, raw: bytes, header_length: str | None, cou
         chosen = next((o for o in outputs if o.get("name") == endpoint.output_name), None) \
             if endpoint.output_name else outputs[0]
         if chosen is None:
-            names = ", ".join(repr(o.get("name")) for o in outputs)
-            raise _mismatch(endpoint, f"asked for output {endpoint.output_name!r}, got {names}")
+            raise _missing_output(endpoint, outputs)
         datatype = str(chosen["datatype"]).upper()
         shape = tuple(int(v) for v in chosen["shape"])
-        if endpoint.output_datatype is not None and datatype != endpoint.output_datatype:
-            raise _mismatch(endpoint, f"output {chosen.get('name')!r} came back {datatype} "
-                                      f"{_shape_text(list(shape))}, the metadata declares {endpoint.output_datatype}")
         if datatype not in ANSWER_TYPES:
             raise _mismatch(endpoint, f"output {chosen.get('name')!r} is {datatype}, not a number type")
+        _check_declaration(endpoint, chosen.get("name"), datatype, shape)
         if "data" in chosen:
             values = np.asarray(chosen["data"], dtype=ANSWER_TYPES[datatype])
         else:
@@ -327,11 +452,6 @@ def decode_answer(endpoint: Endpoint, raw: bytes, header_length: str | None, cou
         raise VictimAPIError(f"cannot decode the answer of model {endpoint.model!r}: {exc!r}", status=200) from exc
     if not shape or shape[0] != count:
         raise _mismatch(endpoint, f"{shape[0] if shape else 0} answers for {count} images")
-    declared = endpoint.output_shape
-    if declared is not None and (len(declared) != len(shape) - 1
-                                 or any(d not in (-1, s) for d, s in zip(declared, shape[1:], strict=False))):
-        raise _mismatch(endpoint, f"output {chosen.get('name')!r} came back {_shape_text(list(shape))}, "
-                                  f"the metadata declares {_shape_text([-1, *declared])}")
     classes = endpoint.info.num_classes
     if endpoint.answer_kind == "label":
         if values.ndim == 2 and values.shape[1] == 1:
@@ -340,24 +460,31 @@ def decode_answer(endpoint: Endpoint, raw: bytes, header_length: str | None, cou
             raise _mismatch(endpoint, f"labels must be [N] or [N, 1], got {_shape_text(list(shape))} "
                                       "(pass --output-kind probabilities or logits if these are scores)")
         if values.dtype.kind == "f" and not (np.all(np.isfinite(values)) and np.all(values == np.round(values))):
-            raise _mismatch(endpoint, "labels are not whole numbers")
+            raise _mismatch(endpoint, "labels are not whole numbers (pass --output-kind probabilities or logits "
+                                      "if these are scores)")
         labels = torch.from_numpy(values.astype(np.int64))
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            raise _mismatch(endpoint, f"labels outside [0, {classes})")
+            raise _mismatch(endpoint, f"labels outside [0, {classes}) (pass --num-classes if there are more)")
         return labels
     if values.dtype.kind not in "f":
         raise _mismatch(endpoint, f"{endpoint.answer_kind} must be floating point, got {datatype} "
                                   "(pass --output-kind label if these are class labels)")
     if values.ndim != 2 or values.shape[1] != classes:
-        raise _mismatch(endpoint, f"{endpoint.answer_kind} must be [N, {classes}], got {_shape_text(list(shape))}")
+        raise _mismatch(endpoint, f"{endpoint.answer_kind} must be [N, {classes}], got {_shape_text(list(shape))}"
+                                  " (pass --num-classes to read another number of classes)")
     scores = values.astype(np.float32)  # a copy: the buffer is the response's (numpy: cheaper checks)
     if not np.isfinite(scores).all():
         raise _mismatch(endpoint, "the answer holds NaN or infinite values")
-    if endpoint.answer_kind == "logits":
-        return torch.softmax(torch.from_numpy(scores), dim=1)
     tolerance = 1e-2 if datatype == "FP16" else 1e-3
     sums = scores.sum(axis=1)
-    if (scores < -tolerance).any() or (np.abs(sums - 1) > tolerance).any():
+    rows_are_probabilities = bool((scores >= -tolerance).all() and (np.abs(sums - 1) <= tolerance).all())
+    if endpoint.answer_kind == "logits":
+        if rows_are_probabilities:
+            endpoint.warn_once("logits-sum-to-1", f"model {endpoint.model!r}: the answers read as logits already "
+                                                  "sum to 1 in every row: they look like probabilities, which a "
+                                                  "softmax flattens; pass --output-kind probabilities if they are")
+        return torch.softmax(torch.from_numpy(scores), dim=1)
+    if not rows_are_probabilities:
         raise _mismatch(endpoint, f"rows do not sum to 1 (e.g. {float(sums[0]):.4g}): these are not "
                                   "probabilities; pass --output-kind logits (or label)")
     return torch.from_numpy(scores)

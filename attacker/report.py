@@ -5,8 +5,16 @@ The runner (:func:`attacker.runner.run_attack`) writes them when a run ends::
     write_run_report(Path("runs/ds"), config, metrics, history)
 
 The figure style (:func:`plot_panels`: one panel per metric against queries, the
-legend outside) and the number format (:func:`format_value`) are shared with the
-reports over several runs (:mod:`experiments.report`), which aggregate seeds.
+legend outside), the number format (:func:`format_value`, :func:`format_interval`)
+and what the evaluation split resolves (:func:`resolution_note`,
+:func:`victim_is_perfect`) are shared with the reports over several runs
+(:mod:`experiments.report`), which aggregate seeds.
+
+Accuracy and fidelity are proportions of the evaluation split: each is shown with
+its 95 % interval (Wilson's, :func:`attacker.evaluation.proportion_interval`) as a
+band in the plots and ``(low–high)`` in the tables. Where the victim is right on
+every image of the split, accuracy equals fidelity at every evaluation: the plot
+draws one panel for both and the report says so.
 """
 
 from __future__ import annotations
@@ -20,12 +28,17 @@ from typing import Any
 __all__ = [
     "COMPARED_METRICS",
     "CURVE_METRICS",
+    "SAME_PANEL",
     "Line",
+    "format_interval",
     "format_value",
+    "interval_band",
     "plot_panels",
     "plot_run",
     "queries_to_reach",
+    "resolution_note",
     "run_title",
+    "victim_is_perfect",
     "write_run_report",
 ]
 
@@ -44,6 +57,8 @@ COMPARED_METRICS = (
 )
 CURVE_METRICS = ("fidelity", "accuracy")
 """The metrics drawn against queries, one panel each."""
+SAME_PANEL = "fidelity = accuracy"
+"""The one panel drawn for both when the victim is right on every image of the split."""
 
 def queries_to_reach(history: Sequence[dict[str, Any]], fidelity: float) -> int | None:
     """Queries at the first evaluation whose fidelity reaches ``fidelity`` (None: never)."""
@@ -67,6 +82,65 @@ def format_value(value: Any) -> str:
         return f"{value:,}"
     return str(value)
 
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def format_interval(record: Mapping[str, Any], metric: str) -> str | None:
+    """``low–high``: the 95 % interval ``record`` holds for ``metric`` (None when it holds none)."""
+    low, high = _number(record.get(f"{metric}_ci95_low")), _number(record.get(f"{metric}_ci95_high"))
+    if low is None or high is None:
+        return None
+    return f"{low:.4f}–{high:.4f}"
+
+
+def _with_interval(record: Mapping[str, Any], metric: str) -> str:
+    """The value, followed by ``(low–high)`` when ``record`` holds its interval."""
+    interval = format_interval(record, metric)
+    value = format_value(record.get(metric))
+    return value if interval is None or value == "—" else f"{value} ({interval})"
+
+
+def victim_is_perfect(histories: Sequence[Sequence[Mapping[str, Any]]]) -> bool:
+    """True when every evaluation of every history has ``victim_accuracy`` 1 (and there is one):
+    the victim's labels are the true ones, so accuracy equals fidelity at every point."""
+    evaluated = [line for history in histories for line in history if _number(line.get("fidelity")) is not None]
+    return bool(evaluated) and all(_number(line.get("victim_accuracy")) == 1.0 for line in evaluated)
+
+
+def resolution_note(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """What the evaluation split resolves: its size, one image in points, the widest fidelity interval.
+
+    None when no record holds ``eval_images`` (a run written before it was recorded).
+    """
+    sizes = sorted({int(size) for record in records if (size := _number(record.get("eval_images")))})
+    if not sizes:
+        return None
+    widths = [high - low for record in records
+              if (low := _number(record.get("fidelity_ci95_low"))) is not None
+              and (high := _number(record.get("fidelity_ci95_high"))) is not None]
+    split = " or ".join(f"{size:,}" for size in sizes)
+    text = (f"Resolution: accuracy and fidelity are proportions of {split} evaluation images, so one image moves "
+            f"them by {100 / sizes[-1]:.2f} points{' or more' if len(sizes) > 1 else ''}; "
+            "(low–high) is the 95 % interval of the split (Wilson's score interval)")
+    if widths:
+        text += f", {max(widths) / 2:.4f} half-width at most here"
+    return text + "."
+
+
+def interval_band(history: Sequence[Mapping[str, Any]], metric: str,
+                  queries: Sequence[float]) -> tuple[list[float], list[float]] | None:
+    """The 95 % interval of ``metric`` at each of ``queries`` from ``history`` (None if any is missing)."""
+    by_queries = {float(line["queries"]): (_number(line.get(f"{metric}_ci95_low")),
+                                           _number(line.get(f"{metric}_ci95_high")))
+                  for line in history if "queries" in line and _number(line.get(metric)) is not None}
+    edges = [by_queries.get(float(query), (None, None)) for query in queries]
+    if not edges or any(low is None or high is None for low, high in edges):
+        return None
+    return [float(low) for low, _ in edges if low is not None], [float(high) for _, high in edges if high is not None]
 
 
 # -- the figure -------------------------------------------------------------------------
@@ -126,14 +200,27 @@ def _points(history: Sequence[dict[str, Any]], metric: str) -> list[tuple[float,
 
 
 def plot_run(label: str, history: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
-    """``history``'s fidelity and accuracy against queries, a panel each; False (and no file) without a point."""
+    """``history``'s fidelity and accuracy against queries, a panel each, with their 95 % interval as a
+    band; one panel for both when the victim is perfect on the split. False (and no file) without a point."""
     points = {metric: _points(history, metric) for metric in CURVE_METRICS}
     if not any(points.values()):
         path.unlink(missing_ok=True)  # never leave a plot of an earlier, longer history
         return False
-    plot_panels({metric: [Line(f"{label} (1 seed)", [q for q, _ in drawn], [v for _, v in drawn], "C0")]
-                         if drawn else [] for metric, drawn in points.items()},
-                path, f"{title}\none run per curve (no band)")
+    names = dict(zip(CURVE_METRICS, CURVE_METRICS, strict=True))
+    if victim_is_perfect([history]):
+        names = {"fidelity": SAME_PANEL}
+    panels: dict[str, list[Line]] = {}
+    banded = False
+    for metric, panel in names.items():
+        drawn = points[metric]
+        queries = [q for q, _ in drawn]
+        band = interval_band(history, metric, queries)
+        banded = banded or band is not None
+        panels[panel] = [Line(f"{label} (1 seed)", queries, [v for _, v in drawn], "C0", band=band)] if drawn else []
+    caption = "one run; band: 95 % interval of the evaluation split (Wilson)" if banded else "one run (no band)"
+    if SAME_PANEL in panels:
+        caption += "; the victim is right on every image of the split, so accuracy = fidelity"
+    plot_panels(panels, path, f"{title}\n{caption}")
     return True
 
 
@@ -188,30 +275,35 @@ def write_run_report(
         figure = ("No plot: the run has no evaluated point (no line of `metrics.jsonl` holds a "
                   "fidelity), so there is nothing to draw.")
     rows = "\n".join(
-        f"| {name} | {format_value(metrics.get(name))} |"
-        for name in (*COMPARED_METRICS, "eval_queries", "planned_eval_queries", "evaluation_error",
+        f"| {name} | {format_value(metrics.get(name))} | {format_interval(metrics, name) or ''} |"
+        for name in (*COMPARED_METRICS, "eval_images", "eval_queries", "planned_eval_queries", "evaluation_error",
                      "stop_reason", "server_queries", "server_count_matches", "lost_queries",
                      "transfer_epsilon")
         if name in metrics
     )
     settings = "\n".join(f"| {k} | {format_value(v)} |" for k, v in sorted(config.get("settings", {}).items()))
     evaluations = "\n".join(
-        f"| {format_value(line.get('queries'))} | {format_value(line.get('fidelity'))} | {format_value(line.get('accuracy'))} "
+        f"| {format_value(line.get('queries'))} | {_with_interval(line, 'fidelity')} | {_with_interval(line, 'accuracy')} "
         f"| {format_value(line.get('attack_seconds'))} |"
         for line in history
     ) or "| — | — | — | — |"
+    notes = [note for note in (resolution_note([metrics, *history]),) if note]
+    if victim_is_perfect([history]):
+        notes.append("The victim is right on every image of the split (`victim_accuracy` 1 at every "
+                     "evaluation), so accuracy equals fidelity throughout: the plot draws one panel for both.")
+    resolution = "\n\n".join(notes) + ("\n\n" if notes else "")
     text = f"""# {title}
 
 Budget {format_value(config.get('budget'))} queries, seed {config.get('seed')} (a single seed:
 compare seeds with `stealsim report RUN...`), evaluated on `{config.get('eval_dataset')}`
-(test split). {_evaluation_cost(config, metrics)}
+({config.get('eval_split', 'test')} split). {_evaluation_cost(config, metrics)}
 
-{figure}
+{resolution}{figure}
 
 ## Final metrics
 
-| metric | value |
-| --- | --- |
+| metric | value | 95 % interval |
+| --- | --- | --- |
 {rows}
 
 ## Evaluations

@@ -55,8 +55,8 @@ def honest(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories written by `stealsim attack`.")],
     plot: Annotated[Path | None, typer.Option(
-        help="Also draw fidelity and accuracy against queries here (PNG): a panel per metric, "
-             "each group's mean over seeds with a ±1 std band.")] = None,
+        help="Also draw fidelity and accuracy against queries into this PNG file (its folder must exist): a panel "
+             "per metric, each group's mean over seeds with a ±1 std band (one seed: its 95 % interval).")] = None,
     per_run: Annotated[bool, typer.Option(
         "--per-run", help="One row (and curve) per run instead of aggregating over seeds.")] = False,
     label: Annotated[list[str] | None, typer.Option(
@@ -72,6 +72,10 @@ def report(
     (mean ± std (min) per metric, n seeds, the random baseline beside each attack)."""
     from experiments.report import aggregate_runs, compare_runs, read_reference_points
 
+    if plot is not None and not plot.parent.is_dir():
+        raise ConfigError(f"--plot {plot}: the folder {plot.parent} does not exist; create it first")
+    if plot is not None and plot.is_dir():
+        raise ConfigError(f"--plot {plot} is a folder; give the PNG file to write, e.g. {plot / 'runs.png'}")
     references = [point for path in reference or [] for point in read_reference_points(path)]
     if references and plot is None:
         raise ConfigError("--reference draws markers on --plot: give --plot too")

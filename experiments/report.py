@@ -10,8 +10,12 @@ sample standard deviation (n - 1) and the minimum, and the number of seeds
     print(seed_table(groups))                 # "mean ± std (min)" cells, an n column
     plot_groups(groups, Path("cmp.png"), "attacks")   # mean curves with a ±1 std band
 
-Every aggregated table shows the random-noise baseline (``random``, run with
-the same victim, budget and evaluation set) beside each attack. ``stealsim report``
+Every table names each group's victim and evaluation dataset (columns) and shows
+the random-noise baseline (``random``, run with the same victim, budget and
+evaluation set) beside each attack. A group of one run shows accuracy and
+fidelity with their 95 % interval over the evaluation split (``(low–high)``,
+Wilson's), a note gives the split's resolution, and a one-run curve is drawn
+with that interval as its band (a group of several seeds: ±1 std). ``stealsim report``
 prints :func:`aggregate_runs` (or, per run, :func:`compare_runs`). One run's own
 ``report.md`` is :func:`attacker.report.write_run_report`.
 """
@@ -24,7 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attacker.report import COMPARED_METRICS, CURVE_METRICS, Line, format_value, plot_panels
+from attacker.report import (
+    COMPARED_METRICS,
+    CURVE_METRICS,
+    SAME_PANEL,
+    Line,
+    format_interval,
+    format_value,
+    interval_band,
+    plot_panels,
+    resolution_note,
+    victim_is_perfect,
+)
 from attacker.rundir import RunDirectory, RunRecord
 from experiments.stats import format_spread, mean_curve, seed_groups, spread
 from stealsim.errors import AttackError
@@ -59,6 +74,9 @@ SEED_METRICS = (
 
 BASELINE_ATTACK = "random"
 BAND = "±1 std over seeds"
+INTERVAL_BAND = "95 % interval of the evaluation split (Wilson)"
+INTERVAL_METRICS = ("fidelity", "accuracy", "victim_accuracy")
+"""The metrics whose single-run cells carry their interval."""
 
 
 # -- runs and groups ----------------------------------------------------------------------
@@ -86,6 +104,18 @@ def _victim_id(config: Mapping[str, Any]) -> str:
     if config.get("victim_kind") == "http":
         return "http model " + victim.rsplit(" model ", 1)[-1]
     return victim
+
+
+def victim_name(config: Mapping[str, Any]) -> str:
+    """The victim for a table: ``MODEL (HTTP)`` or the checkpoint's path (in process)."""
+    if config.get("victim_kind") == "http":
+        return f"{_victim_id(config).removeprefix('http model ')} (HTTP)"
+    return _victim_id(config)
+
+
+def dataset_name(config: Mapping[str, Any]) -> str:
+    """The evaluation set for a table: ``DATASET SPLIT`` (``digits test``)."""
+    return f"{config.get('eval_dataset')} {config.get('eval_split') or (config.get('evaluation') or {}).get('split', 'test')}"
 
 
 def seed_group_key(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,6 +149,15 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def _shown(value: Any) -> str:
+    """A setting's value as a reader writes it: text as is, lists comma-joined, never cut."""
+    if isinstance(value, list | tuple):
+        return ",".join(_shown(item) for item in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{name}={_shown(item)}" for name, item in sorted(value.items()))
+    return value if isinstance(value, str) else _canonical(value)
+
+
 @dataclass(frozen=True)
 class RunGroup:
     """Runs of one experiment over seeds (or of one user-given label)."""
@@ -138,13 +177,25 @@ class RunGroup:
     def values(self, metric: str) -> list[Any]:
         return [run.metrics.get(metric) for run in self.runs]
 
+    def column(self, describe: Any) -> str:
+        """``describe(config)`` of the group's runs: one value, or the distinct ones joined by " / "."""
+        return " / ".join(dict.fromkeys(describe(run.config) for run in self.runs))
+
 
 _CONTEXT_FIELDS = ("victim", "victim_info", "budget", "eval_dataset")
+_COLUMN_FIELDS = {"victim": victim_name, "eval_dataset": dataset_name}
+"""Context fields with a column of their own: named in a group's label only where the columns look alike."""
 
 
-def _short_value(value: Any) -> str:
-    text = value if isinstance(value, str) else _canonical(value)
-    return text if len(text) <= 40 else "…" + text[-39:]
+def _differences(field: str, value: Any, others: Sequence[Any]) -> list[str]:
+    """``name=value`` parts telling ``value`` apart from ``others``: for a dict, only its entries that differ."""
+    name = field.split(".", 1)[1] if "." in field else field
+    if isinstance(value, dict) and all(isinstance(other, dict) for other in others):
+        return [f"{key}={_shown(item)}" for key, item in sorted(value.items())
+                if any(_canonical(other.get(key)) != _canonical(item) for other in others)]
+    if any(_canonical(other) != _canonical(value) for other in others):
+        return [f"{name}={_shown(value)}"]
+    return []
 
 
 def group_runs(runs: Sequence[RunRecord], labels: Sequence[str] | None = None) -> list[RunGroup]:
@@ -163,19 +214,22 @@ def group_runs(runs: Sequence[RunRecord], labels: Sequence[str] | None = None) -
         return [RunGroup(label, [run for run, _ in pairs]) for label, pairs in named.items()]
     keyed = seed_groups(runs, lambda run: _canonical(seed_group_key(run.config)))
     keys = [seed_group_key(members[0].config) for members in keyed.values()]
+    firsts = [members[0].config for members in keyed.values()]
     groups = []
-    for key, members in zip(keys, keyed.values(), strict=True):
+    for key, config, members in zip(keys, firsts, keyed.values(), strict=True):
         shown = []
         for field, value in key.items():
             if field == "attack":
                 continue
+            indices: list[int]
             if field in _CONTEXT_FIELDS:
-                others = keys
+                indices = list(range(len(keys)))
             else:  # settings differ between attacks anyway: compare with the same attack
-                others = [other for other in keys if other["attack"] == key["attack"]]
-            if any(_canonical(other.get(field)) != _canonical(value) for other in others):
-                name = field.split(".", 1)[1] if field.startswith("settings.") else field
-                shown.append(f"{name}={_short_value(value)}")
+                indices = [i for i, other in enumerate(keys) if other["attack"] == key["attack"]]
+            describe = _COLUMN_FIELDS.get(field)
+            if describe is not None:  # its column tells the groups apart unless it shows the same text
+                indices = [i for i in indices if describe(firsts[i]) == describe(config)]
+            shown += _differences(field, value, [keys[i].get(field) for i in indices])
         label = str(key["attack"]) + (f" ({', '.join(shown)})" if shown else "")
         groups.append(RunGroup(label, members))
     return groups
@@ -196,21 +250,42 @@ def _baselines(groups: Sequence[RunGroup]) -> dict[int, RunGroup | None]:
     return found
 
 
+def _cell(group: RunGroup, metric: str) -> str:
+    """``mean ± std (min)`` over the group; a single run's proportion with its 95 % interval."""
+    text = format_spread(spread(group.values(metric)))
+    if len(group.runs) == 1 and metric in INTERVAL_METRICS and text != "—":
+        interval = format_interval(group.runs[0].metrics, metric)
+        if interval is not None:
+            text += f" ({interval})"
+    return text
+
+
+def _resolution_notes(runs: Sequence[RunRecord]) -> list[str]:
+    """The evaluation split's resolution; that accuracy equals fidelity where the victim is perfect."""
+    notes = [note for note in (resolution_note([run.metrics for run in runs]),) if note]
+    if victim_is_perfect([run.history for run in runs]):
+        notes.append("The victim is right on every image of the evaluation split in every run (victim_accuracy "
+                     "1 at every evaluation), so accuracy equals fidelity throughout.")
+    return notes
+
+
 def seed_table(groups: Sequence[RunGroup], metrics: Sequence[str] = SEED_METRICS) -> str:
-    """A markdown table of the groups: ``mean ± std (min)`` per metric, the seeds, the baseline.
+    """A markdown table of the groups: victim, evaluation set, ``mean ± std (min)`` per metric, the seeds,
+    the baseline.
 
     The last column is the group's mean fidelity minus that of the random-noise
-    baseline with the same victim, budget and evaluation set. Notes below the
-    table say what the cells mean, which groups have a single seed or no
-    baseline, and which runs report an evaluation error.
+    baseline with the same victim, budget and evaluation set. A group of one run
+    shows accuracy and fidelity with their 95 % interval. Notes below the table
+    say what the cells mean, what the evaluation split resolves, which groups
+    have a single seed or no baseline, and which runs report an evaluation error.
     """
     baselines = _baselines(groups)
-    header = ("| group | attack | n | seeds | " + " | ".join(metrics)
+    header = ("| group | attack | victim | dataset | n | seeds | " + " | ".join(metrics)
               + f" | fidelity − {BASELINE_ATTACK} |")
-    lines = [header, "| --- " * (len(metrics) + 5) + "|"]
+    lines = [header, "| --- " * (len(metrics) + 7) + "|"]
     for index, group in enumerate(groups):
         count = len(group.runs)
-        cells = " | ".join(format_spread(spread(group.values(name))) for name in metrics)
+        cells = " | ".join(_cell(group, name) for name in metrics)
         baseline = baselines[index]
         if baseline is group:
             versus = "baseline"
@@ -220,13 +295,15 @@ def seed_table(groups: Sequence[RunGroup], metrics: Sequence[str] = SEED_METRICS
             ours, theirs = spread(group.values("fidelity")), spread(baseline.values("fidelity"))
             versus = f"{ours.mean - theirs.mean:+.4f}" if ours and theirs else "—"
         seeds = ", ".join(str(seed) for seed in group.seeds)
-        lines.append(f"| {group.label} | {group.attack} | {'1 seed' if count == 1 else count} | {seeds} "
-                     f"| {cells} | {versus} |")
+        lines.append(f"| {group.label} | {group.attack} | {group.column(victim_name)} | {group.column(dataset_name)} "
+                     f"| {'1 seed' if count == 1 else count} | {seeds} | {cells} | {versus} |")
     notes = [
         "",
-        f"Cells: mean ± sample std (n − 1) (min) over the seeds of a group; n: runs in the group; "
+        f"Cells: mean ± sample std (n − 1) (min) over the seeds of a group, a single run's value alone "
+        f"(accuracy and fidelity with their 95 % interval); n: runs in the group; "
         f"[k/n]: only k runs have the value; fidelity − {BASELINE_ATTACK}: difference of the mean fidelities "
         f"from the random-noise baseline with the same victim, budget and evaluation set.",
+        *_resolution_notes([run for group in groups for run in group.runs]),
     ]
     single = [group.label for group in groups if len(group.runs) == 1]
     if single:
@@ -319,13 +396,27 @@ def plot_groups(
         return []
     panels: dict[str, list[Line]] = {}
     interpolated: set[str] = set()
-    for metric in metrics:
-        lines = panels.setdefault(metric, [])
+    bands: set[str] = set()
+    shown = {metric: metric for metric in metrics}
+    if ("fidelity" in shown and "accuracy" in shown
+            and victim_is_perfect([history for _, histories in named for history in histories])):
+        del shown["accuracy"]  # the same curve twice: one panel says so
+        shown["fidelity"] = SAME_PANEL
+    for metric, panel in shown.items():
+        lines = panels.setdefault(panel, [])
         for index, (label, curve) in enumerate(curves[metric]):
             if curve is None:
                 continue
+            band = curve.band() if curve.runs > 1 else None
+            if band is not None:
+                bands.add(BAND)
+            else:
+                drawn = [history for history in named[index][1] if any(metric in line for line in history)]
+                band = interval_band(drawn[0], metric, curve.queries) if len(drawn) == 1 else None
+                if band is not None:
+                    bands.add(INTERVAL_BAND)
             lines.append(Line(f"{label} ({curve.runs} seed{'s' if curve.runs > 1 else ''})", curve.queries,
-                              curve.mean, f"C{index % 10}", band=curve.band() if curve.runs > 1 else None))
+                              curve.mean, f"C{index % 10}", band=band))
             if curve.interpolated:
                 interpolated.add(label)
         methods = sorted({point.method for point in references if point.metric == metric})
@@ -334,11 +425,17 @@ def plot_groups(
             lines.append(Line(f"{method}, published ({points[0].source})", [p.queries for p in points],
                               [p.value for p in points], "black", marker="xs^vDo"[index % 6]))
     seeds = {curve.runs for drawn in curves.values() for _, curve in drawn if curve is not None}
-    caption = "one run per curve (no band)" if seeds == {1} else f"mean over seeds, band {BAND}"
+    caption = "one run per curve" if seeds == {1} else "mean over seeds"
+    if bands == {BAND, INTERVAL_BAND}:
+        caption += f", band {BAND} (several seeds) or the {INTERVAL_BAND} (one seed)"
+    else:
+        caption += f", band {bands.pop()}" if bands else " (no band)"
+    if SAME_PANEL in panels:
+        caption += "; the victim is right on every image of the split, so accuracy = fidelity"
     if interpolated:
         caption += "; interpolated onto common queries: " + ", ".join(sorted(interpolated))
     plot_panels(panels, path, f"{title}\n{caption}")
-    return [f"{path}: {', '.join(metrics)} against queries, {caption}"]
+    return [f"{path}: {', '.join(panels)} against queries, {caption}"]
 
 
 def plot_runs(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, title: str) -> bool:
@@ -352,16 +449,20 @@ def plot_runs(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, titl
 def compare_runs(paths: Sequence[Path], plot_path: Path | None = None) -> str:
     """A markdown table of runs, one row each (and, with ``plot_path``, one curve per run)."""
     runs = read_runs(paths)
-    header = "| run | attack | seed | " + " | ".join(COMPARED_METRICS) + " |"
-    rule = "| --- " * (len(COMPARED_METRICS) + 3) + "|"
+    header = "| run | attack | victim | dataset | seed | " + " | ".join(COMPARED_METRICS) + " |"
+    rule = "| --- " * (len(COMPARED_METRICS) + 5) + "|"
     lines = [header, rule]
     for run in runs:
-        cells = " | ".join(format_value(run.metrics.get(name)) for name in COMPARED_METRICS)
-        lines.append(f"| {run.path.name} | {run.config.get('attack')} | {run.seed} | {cells} |")
+        cells = " | ".join(_cell(RunGroup(run.path.name, [run]), name) for name in COMPARED_METRICS)
+        lines.append(f"| {run.path.name} | {run.config.get('attack')} | {victim_name(run.config)} "
+                     f"| {dataset_name(run.config)} | {run.seed} | {cells} |")
     text = "\n".join(lines) + "\n"
+    notes = _resolution_notes(runs)
     stopped = stopped_runs_note(runs)
     if stopped:
-        text += "\n" + stopped + "\n"
+        notes.append(stopped)
+    if notes:
+        text += "\n" + "\n".join(notes) + "\n"
     if plot_path is not None and not plot_runs([(run.path.name, run.history) for run in runs],
                                                plot_path, "attack runs"):
         text += f"\nNo plot written to {plot_path}: no run has an evaluated point.\n"

@@ -89,3 +89,5 @@ def test_a_run_records_its_provenance_and_the_resolution_of_its_numbers(
     record = RunDirectory(out).read_record()
     assert record.config["provenance"] == origin and record.metrics["fidelity"] == metrics["fidelity"]
     assert "| random |" in aggregate_runs([out])
+    report = (out / "report.md").read_text()
+    assert "| fidelity | " in report and "95 % interval" in report and "360 evaluation images" in report

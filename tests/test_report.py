@@ -150,9 +150,12 @@ def test_cli_report_aggregates_by_default(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "stealsim", "report", *paths]
     aggregated = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert aggregated.returncode == 0, aggregated.stderr
-    assert "| dual-student | dual-student | 2 | 0, 1 | 0.8500 ± 0.0707 (0.8000) |" in aggregated.stdout
+    assert aggregated.stdout.startswith("| group | attack | victim | dataset | n | seeds | fidelity |")
+    assert ("| dual-student | dual-student | normal (HTTP) | digits test | 2 | 0, 1 | 0.8500 ± 0.0707 (0.8000) |"
+            in aggregated.stdout)
     each = subprocess.run([*command, "--per-run"], capture_output=True, text=True, timeout=120)
-    assert each.returncode == 0 and "| s1 | dual-student | 1 |" in each.stdout
+    assert each.stdout.startswith("| run | attack | victim | dataset | seed |")
+    assert each.returncode == 0 and "| s1 | dual-student | normal (HTTP) | digits test | 1 |" in each.stdout
 
 
 def test_published_reference_points_are_read_and_drawn(tmp_path: Path) -> None:
@@ -201,3 +204,81 @@ def test_stopped_runs_are_reported_from_their_last_evaluation_and_named(tmp_path
     (empty / "metrics.json").unlink()
     with pytest.raises(AttackError, match=r"no metrics\.json and no evaluation"):
         read_runs([empty])
+
+
+def test_report_plot_into_a_missing_folder_is_one_error_line(tmp_path: Path) -> None:
+    run = str(fake_run(tmp_path, "s0"))
+    for plot in (tmp_path / "missing" / "runs.png", tmp_path):  # a missing folder; a folder instead of a file
+        done = subprocess.run([sys.executable, "-m", "stealsim", "report", run, "--plot", str(plot)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.startswith("error: --plot ") and done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "missing").exists()
+
+
+def with_intervals(fidelity: float, accuracy: float, victim_accuracy: float, n: int = 360) -> dict[str, Any]:
+    """One evaluation's proportions with their Wilson intervals, as attacker/evaluation.py writes them."""
+    from attacker.evaluation import proportion_interval
+
+    line: dict[str, Any] = {"eval_images": n}
+    for name, value in (("fidelity", fidelity), ("accuracy", accuracy), ("victim_accuracy", victim_accuracy)):
+        line[name] = value
+        line[f"{name}_ci95_low"], line[f"{name}_ci95_high"] = proportion_interval(round(value * n), n)
+    return line
+
+
+def test_tables_show_intervals_victim_dataset_and_whole_group_names(tmp_path: Path) -> None:
+    final = with_intervals(342 / 360, 340 / 360, 358 / 360)
+    history = [{"queries": 500, **with_intervals(0.5, 0.5, 358 / 360)}, {"queries": 1000, **final}]
+    long_arch = ["resnet18", "resnet34", "lenet5", "small-cnn", "resnet18", "resnet34"]
+    paths = [
+        fake_run(tmp_path, "a", history=history, **final, settings={"architectures": long_arch}),
+        fake_run(tmp_path, "b", history=history, **final, settings={"architectures": ["lenet5"]}),
+        fake_run(tmp_path, "c", history=history, **final),
+    ]
+    # another victim (its column tells it apart) and a label-only victim of the same name
+    config = json.loads((paths[2] / "config.json").read_text())
+    config["victim"] = "http://127.0.0.1:9000 model nasty"
+    (paths[2] / "config.json").write_text(json.dumps(config))
+    labels = fake_run(tmp_path, "d", history=history, **final)
+    config = json.loads((labels / "config.json").read_text())
+    config["victim_info"]["output_kind"] = "label"
+    (labels / "config.json").write_text(json.dumps(config))
+    groups = group_runs(read_runs([*paths, labels]))
+    names = [group.label for group in groups]
+    assert names[0] == f"dual-student (output_kind=probabilities, architectures={','.join(long_arch)})"
+    assert names[1] == "dual-student (output_kind=probabilities, architectures=lenet5)"
+    assert names[2] == "dual-student (output_kind=probabilities)"
+    assert names[3] == "dual-student (output_kind=label)"
+    assert [group.label for group in group_runs(read_runs(paths[1:3]))] == [
+        "dual-student (architectures=lenet5)", "dual-student"]  # the victim column alone tells "c" apart
+    assert not any("…" in name or "{" in name for name in names)
+    table = seed_table(groups, ("fidelity", "accuracy"))
+    low, high = final["fidelity_ci95_low"], final["fidelity_ci95_high"]
+    assert f"| nasty (HTTP) | digits test | 1 seed | 0 | 0.9500 ({low:.4f}–{high:.4f}) |" in table
+    assert 0.92 < low < 0.95 < high < 0.97
+    assert "360 evaluation images, so one image moves them by 0.28 points" in table
+    assert "accuracy equals fidelity" not in table  # the victim gets 358 of 360
+    per_run = compare_runs(paths)
+    assert f"| c | dual-student | nasty (HTTP) | digits test | 0 | 1,000 | 0.9500 ({low:.4f}–{high:.4f}) |" in per_run
+
+    write_run_report(paths[0], json.loads((paths[0] / "config.json").read_text()), final, history)
+    report = (paths[0] / "report.md").read_text()
+    assert f"| fidelity | 0.9500 | {low:.4f}–{high:.4f} |" in report
+    assert f"| 1,000 | 0.9500 ({low:.4f}–{high:.4f}) |" in report and "one image moves them by 0.28" in report
+
+
+def test_a_perfect_victim_draws_one_panel_and_says_so(tmp_path: Path) -> None:
+    history = [{"queries": q, **with_intervals(f, f, 1.0)} for q, f in ((500, 0.5), (1000, 0.9))]
+    paths = [fake_run(tmp_path, f"s{seed}", seed=seed, history=history, **history[-1]) for seed in range(2)]
+    text = aggregate_runs(paths, tmp_path / "perfect.png")
+    assert "so accuracy equals fidelity throughout" in text
+    assert "fidelity = accuracy against queries" in text and (tmp_path / "perfect.png").stat().st_size > 1000
+    single = aggregate_runs(paths[:1], tmp_path / "one.png")
+    assert "band 95 % interval of the evaluation split (Wilson)" in single
+    write_run_report(paths[0], json.loads((paths[0] / "config.json").read_text()), history[-1], history)
+    assert "so accuracy equals fidelity throughout: the plot draws one panel" in (paths[0] / "report.md").read_text()
+    # an imperfect victim keeps its two panels
+    history[0]["victim_accuracy"] = 0.99
+    imperfect = fake_run(tmp_path, "imperfect", history=history)
+    assert "fidelity, accuracy against queries" in aggregate_runs([imperfect], tmp_path / "two.png")

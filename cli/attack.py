@@ -59,7 +59,7 @@ def _parse_headers(texts: list[str]) -> dict[str, str]:
 
 @with_set_aliases
 def attack(
-    name: Annotated[str, typer.Argument(help="dual-student, dfme, random, ensemble or knockoff.")],
+    name: Annotated[str, typer.Argument(help="dual-student, dfme, random, ensemble, knockoff, art-knockoff or art-copycat (the art- ones need the stealsim[art] extra).")],
     out: Annotated[Path, typer.Option(help="Run directory to write (or resume).")],
     budget: Annotated[int, typer.Option(min=1, help="Attack queries (images) to spend.")],
     url: Annotated[str | None, typer.Option(help="Base URL of the victim: stealsim's server or any Open Inference Protocol v2 server.")] = None,

@@ -361,12 +361,25 @@ class Evaluator:
                 self._victim_labels = labels
         return self._victim_labels
 
-    def victim_labels(self) -> Tensor:
-        """The victim's labels for the split's images (queried once, cached on disk)."""
+    def victim_labels(self, probe: Callable[[Tensor, Tensor], None] | None = None, probe_images: int = 0) -> Tensor:
+        """The victim's labels for the split's images (queried once, cached on disk).
+
+        With ``probe``, the split's first ``probe_images`` images are sent first and
+        ``probe(answers, true labels)`` sees them before the rest is sent (it raises
+        to stop there); their answers are kept, so a probe costs no extra query.
+        """
         cached = self._cached_labels()
         if cached is not None:
             return cached
-        labels = _labels_of(self.victim.query(self.images))
+        first = min(probe_images, len(self.images)) if probe is not None else 0
+        parts: list[Tensor] = []
+        if probe is not None and first > 0:
+            answers = self.victim.query(self.images[:first])
+            probe(answers, self.labels[:first])
+            parts.append(_labels_of(answers))
+        if first < len(self.images):
+            parts.append(_labels_of(self.victim.query(self.images[first:])))
+        labels = torch.cat(parts)
         if self._labels_cache is not None:
             torch.save(labels, self._labels_cache)
         self._victim_labels = labels

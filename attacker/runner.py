@@ -20,8 +20,10 @@ an upper bound). Against a stealsim server the keys' remaining budgets
 :class:`AttackError` naming the numbers and the ways out; against a server that
 does not meter keys (no ``stealsim_metering`` extension) the budget is counted
 on the client alone, and ``config.json`` and the report say ``client-only``.
-The last check queries the evaluation split (which the plan holds anyway): its
-answers must match the endpoint's metadata (:func:`~attacker.endpoint.decode_answer`).
+The last check queries the evaluation split (which the plan holds anyway), its
+first images as a probe (:mod:`attacker.probe`): the answers must pass the
+endpoint's checks (:func:`~attacker.endpoint.decode_answer`) and the victim must
+be better than chance on them, or the run stops after the probe's images.
 Only then is anything written. ``metrics.json`` records ``planned_eval_queries``
 next to the actual ``eval_queries``; if the final evaluation still fails (a key
 drained by someone else mid-run), the run writes what it has with
@@ -43,6 +45,7 @@ from attacker.client import HttpVictim
 from attacker.endpoint import EndpointOptions
 from attacker.evaluation import EvalConfig, EvalPlan, Evaluator
 from attacker.loop import LoopConfig
+from attacker.probe import checked_victim_labels
 from attacker.report import queries_to_reach, write_run_report
 from attacker.rundir import Ledger, RunDirectory
 from attacker.students import build_student
@@ -89,7 +92,8 @@ def infer_eval_dataset(input_shape: tuple[int, int, int]) -> str:
     if input_shape == (1, 28, 28):
         return "mnist5k"
     raise AttackError(
-        f"no built-in test set has images of shape {input_shape}; pass --eval-dataset (and --data-dir)"
+        f"no built-in test set has images of shape {input_shape}: --eval-dataset takes the built-ins digits "
+        "(1, 8, 8) and mnist5k (1, 28, 28), and attack reads no dataset from disk"
     )
 
 
@@ -340,9 +344,10 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
         attack = build_attack(spec.attack, victim.info, device, **settings_dict)
 
         # The last check: the victim's answers to the evaluation split (queries the plan
-        # holds anyway) pass the endpoint's output checks, so a server that answers in
-        # another form than its metadata declares is refused before anything is written.
-        evaluator.victim_labels()
+        # holds anyway), its first images sent as a probe: answers in the form the metadata
+        # and flags say, a victim better than chance, or a refusal naming the images sent,
+        # before the rest of the split and before anything is written (attacker.probe).
+        checked_victim_labels(evaluator)
         # Every check passed: from here on the run writes.
         run_dir.prepare(spec.resume)
         writing = True

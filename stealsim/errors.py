@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "APIRequestError",
     "ArchitectureError",
+    "BackendError",
     "BudgetExceededError",
     "CheckpointError",
     "ConfigError",
@@ -163,3 +164,13 @@ class UnavailableError(ServiceError):
     """The model or its batching backend cannot answer (in time); the images are refunded."""
 
     code = "unavailable"
+
+
+class BackendError(ServiceError):
+    """A backend (Redis) refused an operation for a reason other than an outage (500).
+
+    A script error or a value of the wrong type: a fault of the server or its data,
+    which retrying does not cure. The message says which operation failed.
+    """
+
+    code = "backend_error"

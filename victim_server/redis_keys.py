@@ -8,22 +8,38 @@ runs) share one Redis server without seeing each other's state::
     names.key("key_ab12")        # stealsim:key:key_ab12
     names.stream("victim")       # stealsim:stream:victim
 
-Redis errors are translated here, at the boundary, into the project's
-:class:`~stealsim.errors.UnavailableError` (503), with :func:`redis_errors`.
+Redis errors are translated here, at the boundary, with :func:`redis_errors`: an
+outage (no connection, a timeout, a server loading, out of memory, read-only, busy)
+into the project's :class:`~stealsim.errors.UnavailableError` (503, retry later);
+anything else Redis refuses (a script error, a value of the wrong type) into
+:class:`~stealsim.errors.BackendError` (500). Messages never carry a script's SHA.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from stealsim.errors import ConfigError, UnavailableError
+from stealsim.errors import BackendError, ConfigError, UnavailableError
 
 __all__ = ["RedisNames", "connect", "redis_errors"]
+
+logger = logging.getLogger(__name__)
 
 CONSUMER_GROUP = "workers"
 """The consumer group every worker of a model reads its stream with."""
@@ -97,12 +113,33 @@ def connect(url: str, socket_timeout: float = 5.0, **options: object) -> aioredi
     return client
 
 
+_OUTAGES = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError, ClusterDownError,
+            TryAgainError)
+"""Errors of a Redis that cannot serve now (BusyLoadingError is a ConnectionError)."""
+
+_OUTAGE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "NOGROUP")
+"""Error replies that mean the same: a long script, a restart, a lost stream group."""
+
+_SCRIPT_SHA = re.compile(r"(?:f_)?\b[0-9a-f]{40}\b")
+_SCRIPT_PLACE = re.compile(r"\s*script: ?, on @user_script:\d+\.?|\s*\(call to \): ?")
+
+
+def _reason(exc: RedisError) -> str:
+    """Redis's reason for ``exc``, without a script's SHA (what a client may see)."""
+    text = _SCRIPT_PLACE.sub("", _SCRIPT_SHA.sub("", str(exc))).strip()
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
 @contextlib.contextmanager
 def redis_errors(what: str) -> Iterator[None]:
-    """Translate Redis errors raised inside into UnavailableError naming ``what`` failed."""
+    """Translate Redis errors raised inside into UnavailableError or BackendError naming ``what`` failed."""
     try:
         yield
     except RedisError as exc:
-        raise UnavailableError(
-            f"{what}: Redis is unavailable ({type(exc).__name__}: {exc})", retry_after=1
-        ) from exc
+        reason = _reason(exc)
+        if isinstance(exc, _OUTAGES) or (
+            isinstance(exc, ResponseError) and str(exc).startswith(_OUTAGE_REPLIES)
+        ):
+            raise UnavailableError(f"{what}: Redis is unavailable ({reason})", retry_after=1) from exc
+        logger.error("%s failed: Redis refused it: %s", what, exc)
+        raise BackendError(f"{what} failed: Redis refused the operation ({reason})") from exc

@@ -8,7 +8,12 @@ The budget is charged with :meth:`StateStore.reserve`, one atomic
 check-and-charge: however many requests race, the images charged never exceed
 the budget, and a request that does not fit is refused whole. Images that are
 not served afterwards (failed inference, caller gone) are given back with
-:meth:`StateStore.refund`. Secrets are stored only as SHA-256 digests.
+:meth:`StateStore.refund`, which never takes ``used`` below 0 (so ``remaining``
+never exceeds the budget). Secrets are stored only as SHA-256 digests.
+
+Budgets and top-ups are integers from 0 to :data:`MAX_BUDGET`; every store
+refuses others with the same :class:`~stealsim.errors.InvalidRequestError`, so
+every backend answers alike and exactly.
 """
 
 from __future__ import annotations
@@ -20,9 +25,60 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
-from stealsim.errors import BudgetExceededError, KeyNotFoundError
+from stealsim.errors import BudgetExceededError, InvalidRequestError, KeyNotFoundError
 
-__all__ = ["KeyRecord", "MemoryStateStore", "StateStore", "hash_secret", "new_secret"]
+__all__ = [
+    "MAX_BUDGET", "KeyRecord", "MemoryStateStore", "StateStore", "budget_exceeded", "check_budget",
+    "check_count", "check_top_up", "hash_secret", "new_secret", "top_up_over_limit",
+]
+
+MAX_BUDGET = 2**53 - 1
+"""The largest budget a key may have, and the largest top-up: 9,007,199,254,740,991 images.
+
+The largest integer an IEEE double holds exactly, with every integer below it: Redis's
+Lua numbers are doubles, and so are the numbers of JSON clients in JavaScript.
+"""
+
+
+def check_budget(budget: int) -> None:
+    """Raises InvalidRequestError unless ``budget`` is from 0 to :data:`MAX_BUDGET` images."""
+    if not 0 <= budget <= MAX_BUDGET:
+        raise InvalidRequestError(
+            f"budget must be from 0 to {MAX_BUDGET} images (2**53 - 1), got {budget}",
+            max_budget=MAX_BUDGET,
+        )
+
+
+def check_top_up(images: int) -> None:
+    """Raises InvalidRequestError unless the top-up ``images`` is from 1 to :data:`MAX_BUDGET`."""
+    if not 1 <= images <= MAX_BUDGET:
+        raise InvalidRequestError(
+            f"a top-up must be from 1 to {MAX_BUDGET} images (2**53 - 1), got {images}",
+            max_budget=MAX_BUDGET,
+        )
+
+
+def top_up_over_limit(key_id: str, budget: int, images: int) -> InvalidRequestError:
+    """The error of a top-up that would take a key's budget over :data:`MAX_BUDGET`."""
+    return InvalidRequestError(
+        f"a top-up of {images} images would take the budget of key {key_id} from {budget} to "
+        f"{budget + images} images, over the maximum budget of {MAX_BUDGET} images (2**53 - 1)",
+        max_budget=MAX_BUDGET,
+    )
+
+
+def check_count(images: int) -> None:
+    """Raises ValueError for a negative number of images to charge or refund (a caller's bug)."""
+    if images < 0:
+        raise ValueError(f"images to charge or refund must be >= 0, got {images}")
+
+
+def budget_exceeded(images: int, remaining: int) -> BudgetExceededError:
+    """The error of a request of ``images`` that does not fit ``remaining``."""
+    return BudgetExceededError(
+        f"request of {images} images does not fit the remaining budget of {remaining} images",
+        remaining=remaining, requested=images,
+    )
 
 
 def new_secret() -> str:
@@ -74,8 +130,6 @@ class StateStore(Protocol):
     async def ping(self) -> None:
         """Raises UnavailableError when the store cannot be reached."""
 
-    async def create_key(self, record: KeyRecord, secret: str) -> KeyRecord: ...
-
     async def authenticate(self, secret: str) -> KeyRecord | None:
         """The live (not revoked) key with this secret, or None."""
 
@@ -86,15 +140,23 @@ class StateStore(Protocol):
 
     async def revoke(self, key_id: str) -> KeyRecord: ...
 
-    async def top_up(self, key_id: str, images: int) -> KeyRecord: ...
+    async def create_key(self, record: KeyRecord, secret: str) -> KeyRecord:
+        """Store a new key; ValueError if its id or secret exists, InvalidRequestError for a budget
+        outside 0..MAX_BUDGET."""
+
+    async def top_up(self, key_id: str, images: int) -> KeyRecord:
+        """Add ``images`` (1..MAX_BUDGET) to the budget; InvalidRequestError, and no change, if
+        the budget would exceed MAX_BUDGET."""
 
     async def reserve(self, key_id: str, images: int) -> int:
         """Charge ``images`` if they fit the remaining budget; return what remains after.
 
-        Raises BudgetExceededError (with ``remaining``) and charges nothing otherwise.
+        Raises BudgetExceededError (with ``remaining``) and charges nothing otherwise;
+        ValueError for negative ``images``.
         """
 
-    async def refund(self, key_id: str, images: int) -> None: ...
+    async def refund(self, key_id: str, images: int) -> None:
+        """Give back up to ``images``: ``used`` never goes below 0; ValueError for negative ``images``."""
 
     async def flag(self, key_id: str, flag: str, block: bool = False) -> KeyRecord: ...
 
@@ -111,6 +173,7 @@ class MemoryStateStore:
         """Always reachable."""
 
     async def create_key(self, record: KeyRecord, secret: str) -> KeyRecord:
+        check_budget(record.budget)
         digest = hash_secret(secret)
         async with self._lock:
             if record.key_id in self._keys or digest in self._by_digest:
@@ -143,26 +206,27 @@ class MemoryStateStore:
         return await self._update(key_id, revoked=True)
 
     async def top_up(self, key_id: str, images: int) -> KeyRecord:
+        check_top_up(images)
         async with self._lock:
             record = await self.get(key_id)
+            if record.budget + images > MAX_BUDGET:
+                raise top_up_over_limit(key_id, record.budget, images)
             record = replace(record, budget=record.budget + images)
             self._keys[key_id] = record
             return record
 
     async def reserve(self, key_id: str, images: int) -> int:
+        check_count(images)
         async with self._lock:
             record = await self.get(key_id)
             if images > record.remaining:
-                raise BudgetExceededError(
-                    f"request of {images} images does not fit the remaining budget of "
-                    f"{record.remaining} images",
-                    remaining=record.remaining, requested=images,
-                )
+                raise budget_exceeded(images, record.remaining)
             record = replace(record, used=record.used + images)
             self._keys[key_id] = record
             return record.remaining
 
     async def refund(self, key_id: str, images: int) -> None:
+        check_count(images)
         async with self._lock:
             record = await self.get(key_id)
             self._keys[key_id] = replace(record, used=max(0, record.used - images))

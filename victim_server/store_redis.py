@@ -5,6 +5,11 @@ secret's SHA-256 maps to the id in ``PREFIX:digests``. Every operation that
 reads and writes is one Lua script, which Redis runs atomically: however many
 API processes race on one key, :meth:`RedisStateStore.reserve` never charges
 more than the budget, and a request that does not fit is refused whole.
+
+The arithmetic is exact for every count Redis holds (64-bit integers): Lua's
+numbers are doubles, so the scripts never compute with them. They change counts
+with HINCRBY (Redis's own integers), compare the decimal strings, and return
+strings; Python computes ``remaining``.
 """
 
 from __future__ import annotations
@@ -15,9 +20,18 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from stealsim.errors import BudgetExceededError, KeyNotFoundError
+from stealsim.errors import KeyNotFoundError
 from victim_server.redis_keys import RedisNames, redis_errors
-from victim_server.store import KeyRecord, hash_secret
+from victim_server.store import (
+    MAX_BUDGET,
+    KeyRecord,
+    budget_exceeded,
+    check_budget,
+    check_count,
+    check_top_up,
+    hash_secret,
+    top_up_over_limit,
+)
 
 __all__ = ["RedisStateStore"]
 
@@ -39,31 +53,57 @@ if not id then return false end
 return redis.call('HGETALL', ARGV[2] .. id)
 """
 
-# Returns {charged (1) / refused (0) / no such key (-1), remaining after}.
-_RESERVE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
-local budget = tonumber(redis.call('HGET', KEYS[1], 'budget'))
-local used = tonumber(redis.call('HGET', KEYS[1], 'used'))
-local n = tonumber(ARGV[1])
-if used + n > budget then return {0, math.max(0, budget - used)} end
-redis.call('HINCRBY', KEYS[1], 'used', n)
-return {1, budget - used - n}
+# Is the decimal string a greater than b? Both hold non-negative integers as Redis writes them.
+_GREATER = """
+local function greater(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
 """
 
+# Returns {charged (1) / refused (0) / no such key (-1), budget, used after}.
+_RESERVE = _GREATER + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, '0', '0'} end
+local budget = redis.call('HGET', KEYS[1], 'budget')
+local used = redis.call('HGET', KEYS[1], 'used')
+redis.call('HINCRBY', KEYS[1], 'used', ARGV[1])
+local after = redis.call('HGET', KEYS[1], 'used')
+if greater(after, budget) then
+  redis.call('HSET', KEYS[1], 'used', used)
+  return {0, budget, used}
+end
+return {1, budget, after}
+"""
+
+# ARGV[1]: minus the images to give back; 'used' stops at 0.
 _REFUND = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local used = tonumber(redis.call('HGET', KEYS[1], 'used'))
-redis.call('HINCRBY', KEYS[1], 'used', -math.min(used, tonumber(ARGV[1])))
+redis.call('HINCRBY', KEYS[1], 'used', ARGV[1])
+if string.sub(redis.call('HGET', KEYS[1], 'used'), 1, 1) == '-' then
+  redis.call('HSET', KEYS[1], 'used', '0')
+end
 return 1
 """
 
-# ARGV[1]: 'revoke' | 'top_up' | 'flag'; ARGV[2]: images or flag; ARGV[3]: block ('1'/'0').
+# ARGV[1]: images (1..MAX_BUDGET), ARGV[2]: MAX_BUDGET. Returns {added (1) / over the maximum (0)
+# / no such key (-1), budget before, the key's fields after}.
+_TOP_UP = _GREATER + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, '0', {}} end
+local budget = redis.call('HGET', KEYS[1], 'budget')
+if greater(budget, ARGV[2]) then return {0, budget, {}} end
+redis.call('HINCRBY', KEYS[1], 'budget', ARGV[1])
+if greater(redis.call('HGET', KEYS[1], 'budget'), ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'budget', budget)
+  return {0, budget, {}}
+end
+return {1, budget, redis.call('HGETALL', KEYS[1])}
+"""
+
+# ARGV[1]: 'revoke' | 'flag'; ARGV[2]: the flag; ARGV[3]: block ('1'/'0').
 _UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if ARGV[1] == 'revoke' then
   redis.call('HSET', KEYS[1], 'revoked', '1')
-elseif ARGV[1] == 'top_up' then
-  redis.call('HINCRBY', KEYS[1], 'budget', tonumber(ARGV[2]))
 elseif ARGV[1] == 'flag' then
   local flags = cjson.decode(redis.call('HGET', KEYS[1], 'flags'))
   local found = false
@@ -122,6 +162,7 @@ class RedisStateStore:
         self._authenticate = client.register_script(_AUTHENTICATE)
         self._reserve = client.register_script(_RESERVE)
         self._refund = client.register_script(_REFUND)
+        self._top_up = client.register_script(_TOP_UP)
         self._update = client.register_script(_UPDATE)
 
     async def ping(self) -> None:
@@ -130,6 +171,7 @@ class RedisStateStore:
             await self._redis.ping()
 
     async def create_key(self, record: KeyRecord, secret: str) -> KeyRecord:
+        check_budget(record.budget)
         fields = [part for pair in _fields(record).items() for part in pair]
         with redis_errors("creating a key"):
             created = await self._create(
@@ -179,24 +221,34 @@ class RedisStateStore:
         return await self._change(key_id, "revoke")
 
     async def top_up(self, key_id: str, images: int) -> KeyRecord:
-        return await self._change(key_id, "top_up", str(images))
-
-    async def reserve(self, key_id: str, images: int) -> int:
-        with redis_errors("charging the budget"):
-            status, remaining = await self._reserve(keys=[self._names.key(key_id)], args=[images])
+        check_top_up(images)
+        with redis_errors("topping up the budget"):
+            status, budget, flat = await self._top_up(
+                keys=[self._names.key(key_id)], args=[images, MAX_BUDGET]
+            )
         if status == -1:
             raise KeyNotFoundError(f"no API key with id {key_id!r}", key_id=key_id)
         if status == 0:
-            raise BudgetExceededError(
-                f"request of {images} images does not fit the remaining budget of "
-                f"{remaining} images",
-                remaining=int(remaining), requested=images,
-            )
-        return int(remaining)
+            raise top_up_over_limit(key_id, int(budget), images)
+        return _record(flat)
+
+    async def reserve(self, key_id: str, images: int) -> int:
+        check_count(images)
+        with redis_errors("charging the budget"):
+            status, budget, used = await self._reserve(keys=[self._names.key(key_id)], args=[images])
+        if status == -1:
+            raise KeyNotFoundError(f"no API key with id {key_id!r}", key_id=key_id)
+        remaining = max(0, int(budget) - int(used))
+        if status == 0:
+            raise budget_exceeded(images, remaining)
+        return remaining
 
     async def refund(self, key_id: str, images: int) -> None:
+        check_count(images)
         with redis_errors("refunding the budget"):
-            await self._refund(keys=[self._names.key(key_id)], args=[images])
+            found = await self._refund(keys=[self._names.key(key_id)], args=[-images])
+        if found == -1:
+            raise KeyNotFoundError(f"no API key with id {key_id!r}", key_id=key_id)
 
     async def flag(self, key_id: str, flag: str, block: bool = False) -> KeyRecord:
         return await self._change(key_id, "flag", flag, block)

@@ -1,12 +1,17 @@
-"""Project extensions: usage of the calling key, admin key management, audit, metrics."""
+"""Project extensions: usage of the calling key, admin key management, audit, metrics.
+
+The admin bodies are validated strictly by pydantic (``strict=True``: no ``true`` or
+``"100"`` for a number, no number for a string), with bounds on every number, string
+and list; a value outside them is a 400 naming the field and the bound.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from stealsim.wire import (
     ADMIN_KEY_PATH,
@@ -21,27 +26,39 @@ from stealsim.wire import (
     WATERMARK_PATH,
 )
 from victim_server.deps import AdminDep, CallerKey, ServiceDep
+from victim_server.store import MAX_BUDGET
 
 __all__ = ["router"]
 
 router = APIRouter()
 
 
-class CreateKeyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+MAX_NAME_LENGTH = 200
+"""The longest key name, model name or key id the admin API takes (characters)."""
 
-    budget: int = Field(ge=0, description="Lifetime budget in images.")
-    name: str = ""
-    rate: str | None = Field(default=None, description="Requests per window, e.g. '20/second'.")
-    image_rate: str | None = Field(default=None, description="Images per window, e.g. '5000/minute'.")
-    models: list[str] | None = None
-    policy: list[dict[str, Any]] | None = None
+_PRINTABLE = r"^[^\p{Cc}\p{Cf}\p{Zl}\p{Zp}]*$"
+"""No control or format characters and no line breaks: a name cannot forge a log line."""
+
+Label = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH, pattern=_PRINTABLE)]
+Rate = Annotated[str, StringConstraints(max_length=64)]
+KeyId = Annotated[str, Path(max_length=MAX_NAME_LENGTH)]
+
+
+class CreateKeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    budget: int = Field(ge=0, le=MAX_BUDGET, description="Lifetime budget in images (at most 2**53 - 1).")
+    name: Label = Field(default="", description="Printable, at most 200 characters.")
+    rate: Rate | None = Field(default=None, description="Requests per window, e.g. '20/second'.")
+    image_rate: Rate | None = Field(default=None, description="Images per window, e.g. '5000/minute'.")
+    models: list[Label] | None = Field(default=None, max_length=1000)
+    policy: list[dict[str, Any]] | None = Field(default=None, max_length=100)
 
 
 class TopUpRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    images: int = Field(gt=0)
+    images: int = Field(gt=0, le=MAX_BUDGET, description="Images to add; the budget stays at most 2**53 - 1.")
 
 
 @router.get(USAGE_PATH, tags=["usage"])
@@ -61,17 +78,19 @@ async def list_keys(_: AdminDep, service: ServiceDep) -> JSONResponse:
 
 
 @router.delete(ADMIN_KEY_PATH, tags=["admin"])
-async def revoke_key(key_id: str, _: AdminDep, service: ServiceDep) -> JSONResponse:
+async def revoke_key(key_id: KeyId, _: AdminDep, service: ServiceDep) -> JSONResponse:
     return JSONResponse((await service.store.revoke(key_id)).public())
 
 
 @router.post(TOPUP_PATH, tags=["admin"])
-async def top_up(key_id: str, body: TopUpRequest, _: AdminDep, service: ServiceDep) -> JSONResponse:
+async def top_up(key_id: KeyId, body: TopUpRequest, _: AdminDep, service: ServiceDep) -> JSONResponse:
     return JSONResponse((await service.store.top_up(key_id, body.images)).public())
 
 
 @router.get(WATERMARK_PATH, tags=["admin"])
-async def watermark_record(key_id: str, model: str, _: AdminDep, service: ServiceDep) -> Response:
+async def watermark_record(
+    key_id: KeyId, model: Annotated[str, Query(max_length=MAX_NAME_LENGTH)], _: AdminDep, service: ServiceDep,
+) -> Response:
     """The watermarked answers the key got from ``model`` (``.npz``: images, labels, victim_labels, classes)."""
     record = await service.watermark_record(key_id, model)
     return Response(record.to_bytes(), media_type=BINARY_CONTENT_TYPE,

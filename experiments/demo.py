@@ -296,6 +296,40 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class _DropRepeats(logging.Filter):
+    """Drops a record whose message repeats the one before it (until :meth:`reset`).
+
+    A demo run opens the victim twice, with its attack key and with its evaluation
+    key, and the HTTP client logs the same negotiated endpoint for each: the run
+    shows it once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: str | None = None
+
+    def reset(self) -> None:
+        self.last = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        repeated = message == self.last
+        self.last = message
+        return not repeated
+
+
+@contextmanager
+def _one_negotiation_line() -> Iterator[_DropRepeats]:
+    """The HTTP client's repeated lines dropped while the demo runs (see :class:`_DropRepeats`)."""
+    client_logger = logging.getLogger("attacker.client")
+    repeats = _DropRepeats()
+    client_logger.addFilter(repeats)
+    try:
+        yield repeats
+    finally:
+        client_logger.removeFilter(repeats)
+
+
 def _run_one(config: DemoConfig, row: RunRow, url: str, admin_key: str) -> None:
     from attacker.evaluation import EvalConfig
     from attacker.runner import RunSpec, run_attack
@@ -364,7 +398,7 @@ def run_demo(config: DemoConfig, announce: Callable[[str], None] | None = None) 
     service: ServiceProcess | None = None
     status: Literal["done", "failed", "interrupted"] = "done"
     current: RunRow | None = None
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(), _one_negotiation_line() as repeats:
         try:
             if config.url is None:
                 say(f"victims: {config.victims.dataset}, {config.victims.epochs} epochs (cache {config.cache_dir})")
@@ -394,6 +428,7 @@ def run_demo(config: DemoConfig, announce: Callable[[str], None] | None = None) 
             _write_outputs(config, rows, meta, "running")
             for index, row in enumerate(rows, start=1):
                 current = row
+                repeats.reset()
                 row.status = "running"
                 _write_outputs(config, rows, meta, "running")
                 say(f"[{index}/{len(rows)}] {row.attack} against the {row.victim} victim, "
@@ -420,8 +455,7 @@ def run_demo(config: DemoConfig, announce: Callable[[str], None] | None = None) 
             raise
         finally:
             if service is not None:
-                code = service.stop()
-                say(f"victim service stopped (exit status {code})")
+                service.stop()  # logs how it ended: "victim service stopped (pid N)" after our SIGTERM
             meta["wall_seconds"] = time.perf_counter() - started
             if not config.victims_only:
                 summary_path, report_path = _write_outputs(config, rows, meta, status)

@@ -90,6 +90,8 @@ class ServiceProcess:
         self.ready_timeout = ready_timeout
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
+        self.stop_outcome: str | None = None
+        """How :meth:`stop` ended it: ``stopped`` (our SIGTERM), ``killed ...``, or ``had exited ...`` by itself."""
 
     @property
     def url(self) -> str:
@@ -127,7 +129,13 @@ class ServiceProcess:
         return self
 
     def stop(self, grace: float = 20.0) -> int | None:
-        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Returns the exit status."""
+        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Returns the exit status.
+
+        :attr:`stop_outcome` says how it ended: ``stopped`` when our SIGTERM ended it
+        (exit status 0, or -15 for the signal itself: not an error), ``stopped (exit status
+        N after SIGTERM)``, ``killed after ignoring SIGTERM for G s``, or ``had exited by
+        itself with status N`` when it was gone before the SIGTERM.
+        """
         process = self.process
         if process is None:
             return None
@@ -135,11 +143,16 @@ class ServiceProcess:
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=grace)
+                self.stop_outcome = ("stopped" if process.returncode in (0, -signal.SIGTERM)
+                                     else f"stopped (exit status {process.returncode} after SIGTERM)")
             except subprocess.TimeoutExpired:
                 logger.warning("victim service (pid %d) ignored SIGTERM; killing it", process.pid)
                 process.kill()
                 process.wait()
-        logger.info("victim service stopped (status %s)", process.returncode)
+                self.stop_outcome = f"killed after ignoring SIGTERM for {grace:g} s"
+        elif self.stop_outcome is None:
+            self.stop_outcome = f"had exited by itself with status {process.returncode}"
+        logger.info("victim service %s (pid %d)", self.stop_outcome, process.pid)
         return process.returncode
 
     def __enter__(self) -> ServiceProcess:

@@ -114,6 +114,9 @@ def test_quick_demo_end_to_end(tmp_path: Path, victim_cache: Path) -> None:
     assert "fidelity" in result.stdout and all(attack in result.stdout for attack in demo_attacks())
     assert not alive(int(summary["service_pid"]))
     assert "victim service stopped" in result.stderr
+    assert "exit status" not in result.stderr  # our own SIGTERM of the service is no failure
+    # the attack key and the evaluation key negotiate the same endpoint: one line per run
+    assert result.stderr.count("negotiated") == len(rows)
 
 
 @pytest.mark.slow

@@ -63,7 +63,8 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
             # Python's json (and clients built on it) write NaN / Infinity, which orjson refuses:
             # parse them so that the pixel check can name the problem.
             header = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # RecursionError: nested deeper than Python's json can follow (orjson stops at 1024).
             raise InvalidRequestError(f"malformed JSON in the request: {exc}") from exc
     if not isinstance(header, dict):
         raise InvalidRequestError("the request must be a JSON object with an 'inputs' list")
@@ -113,11 +114,19 @@ def _check_pixels(images: np.ndarray) -> None:
     )
 
 
+def _flag(parameters: dict[str, Any], name: str) -> bool:
+    """A boolean parameter: JSON true or false (absent: false); a string or number is refused."""
+    value = parameters.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{name!r} must be true or false, got {value!r:.100}")
+    return value
+
+
 def _output_request(header: dict[str, Any]) -> tuple[bool, tuple[str, ...]]:
     parameters = header.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidRequestError("'parameters' must be a JSON object")
-    binary = bool(parameters.get("binary_data_output", False))
+    binary = _flag(parameters, "binary_data_output")
     outputs = header.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise InvalidRequestError("'outputs' must be a list of objects with a 'name'")
@@ -125,7 +134,9 @@ def _output_request(header: dict[str, Any]) -> tuple[bool, tuple[str, ...]]:
     for output in outputs:
         names.append(str(output.get("name")))
         output_parameters = output.get("parameters") or {}
-        if isinstance(output_parameters, dict) and output_parameters.get("binary_data"):
+        if not isinstance(output_parameters, dict):
+            raise InvalidRequestError("an output's 'parameters' must be a JSON object")
+        if _flag(output_parameters, "binary_data"):
             binary = True
     return binary, tuple(names)
 
@@ -180,7 +191,8 @@ def decode_infer_request(
             raise InvalidRequestError("binary body after the header but no binary_data_size")
         try:
             flat = np.asarray(data, dtype=np.float32).reshape(-1)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
+            # OverflowError: an integer too large for float32 (JSON integers have no size limit).
             raise InvalidRequestError(f"input 'data' must be a (flat) list of numbers: {exc}") from exc
         if flat.size != expected:
             raise InvalidRequestError(

@@ -12,17 +12,60 @@ from typing import Any
 import orjson
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from stealsim.errors import CheckpointError, ConfigError
 from victim_server.app import create_app
 from victim_server.settings import ServerSettings
 
-__all__ = ["JsonLogFormatter", "app_from_environment", "check_startup", "serve"]
+__all__ = ["BoundedHttpToolsProtocol", "JsonLogFormatter", "app_from_environment", "check_startup", "serve"]
 
 _SETTINGS_ENV = "STEALSIM_SERVE_SETTINGS_JSON"
 """How ``serve`` hands its settings to the API processes uvicorn starts (``workers`` > 1)."""
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a limit on the request head (line and headers).
+
+    httptools (llhttp) buffers a header of any size; h11 stops at uvicorn's
+    ``h11_max_incomplete_event_size``. This applies that same setting to httptools: once
+    more bytes than it arrived for a request whose head is not complete, the client gets
+    431 and the connection is closed, so an anonymous client holds at most the limit plus
+    one socket read. The check runs per read, not per byte, which keeps the parser's
+    speed on the hot path.
+    """
+
+    _head_bytes = 0
+    _head_complete = False
+
+    def on_message_begin(self) -> None:
+        self._head_bytes = 0
+        self._head_complete = False
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._head_complete = True
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_complete or self.transport.is_closing():
+            return
+        self._head_bytes += len(data)
+        limit = self.config.h11_max_incomplete_event_size
+        if limit is not None and self._head_bytes > limit:
+            body = orjson.dumps({"error": f"request headers over the limit of {limit} bytes",
+                                 "code": "headers_too_large"})
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
+            )
+            self.transport.close()
+
+
+_HTTP_PROTOCOL = f"{__name__}:{BoundedHttpToolsProtocol.__name__}"
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -115,6 +158,7 @@ def serve(settings: ServerSettings) -> None:
             "victim_server.server:app_from_environment", factory=True, workers=settings.workers,
             host=settings.host, port=settings.port, log_config=None, access_log=False,
             timeout_graceful_shutdown=max(5, int(settings.inference_timeout_s) + 5), lifespan="on",
+            http=_HTTP_PROTOCOL, h11_max_incomplete_event_size=settings.max_header_bytes,
         )
         return
     app = create_app(settings)
@@ -126,5 +170,7 @@ def serve(settings: ServerSettings) -> None:
         access_log=False,  # the service logs each served request itself
         timeout_graceful_shutdown=max(5, int(settings.inference_timeout_s) + 5),
         lifespan="on",
+        http=_HTTP_PROTOCOL,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     uvicorn.Server(config).run()

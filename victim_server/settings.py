@@ -94,6 +94,20 @@ class ServerSettings(BaseSettings):
     inference_timeout_s: float = Field(default=30.0, gt=0.0)
     max_images_per_request: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Body of an inference request at most; more gets 413 (read only after the key is checked)."""
+    max_json_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Body of every other route (admin and usage JSON) at most; more gets 413."""
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Request line and headers at most; more gets 431 and the connection is closed. Passed to
+    uvicorn as ``h11_max_incomplete_event_size``, which ``server.BoundedHttpToolsProtocol``
+    applies to the httptools parser too."""
+    request_read_timeout_s: float = Field(default=30.0, gt=0.0)
+    """Time a request's body may take to arrive once its headers are in; then 408."""
+    auth_failure_rate: str | None = "20/minute"
+    """Wrong keys (API or admin) one client address may present per window (``limits``
+    syntax) before every key it presents gets 429 until the window ends; None: unlimited."""
+    api_docs: bool = False
+    """Serve ``/docs``, ``/redoc`` and ``/openapi.json`` (the admin schema) without a key."""
 
     default_rate: str | None = "100/second"
     """Request rate limit of keys created without one (``limits`` syntax); None: unlimited."""

@@ -8,6 +8,7 @@ and, on shutdown, stops taking requests and drains every queued batch::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
@@ -15,7 +16,6 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 import torch
@@ -23,7 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive, Scope, Send
 
 from stealsim.errors import (
     BudgetExceededError,
@@ -38,8 +39,8 @@ from stealsim.errors import (
     UnavailableError,
 )
 from stealsim.training import resolve_device
-from stealsim.wire import MODEL_INFER_PATH
-from victim_server import routes_oip, routes_v1
+from stealsim.wire import ADMIN_KEYS_PATH, MODEL_INFER_PATH
+from victim_server import deps, routes_oip, routes_v1
 from victim_server.audit import AuditLog, JsonlAuditLog
 from victim_server.audit_redis import RedisAuditLog
 from victim_server.batching import Batcher, LocalBatcher
@@ -49,7 +50,7 @@ from victim_server.metrics import ServerMetrics
 from victim_server.ratelimit import RateLimiter
 from victim_server.redis_keys import RedisNames, connect
 from victim_server.runner import ModelRunner, load_runners
-from victim_server.service import VictimService
+from victim_server.service import VictimService, printable
 from victim_server.settings import ServerSettings
 from victim_server.store import MemoryStateStore, StateStore
 from victim_server.store_redis import RedisStateStore
@@ -84,21 +85,38 @@ def _status(error: ServiceError) -> int:
     return 500
 
 
-def _error_response(request: Request, status: int, code: str, message: str, **details: Any) -> JSONResponse:
+CLIENT_GONE = 499
+"""Status counted (never sent) for a request whose client disconnected before its answer."""
+
+
+def _count(request: Request, status: int, code: str) -> None:
+    """Count an error; an inference request under its model's name only if that model is served."""
     service: VictimService | None = getattr(request.app.state, "service", None)
-    if service is not None:
-        service.metrics.errors.labels(str(status), code).inc()
-        model = request.path_params.get("model")
-        if model is not None and request.url.path.endswith("/infer"):
-            service.metrics.requests.labels(str(model), str(status)).inc()
+    if service is None:
+        return
+    service.metrics.errors.labels(str(status), code).inc()
+    model = request.path_params.get("model")
+    if model is not None and request.scope.get("endpoint") is routes_oip.infer:
+        service.metrics.requests.labels(service.metrics_label(str(model)), str(status)).inc()
+
+
+def _error_response(request: Request, status: int, code: str, message: str, **details: Any) -> JSONResponse:
+    _count(request, status, code)
     return JSONResponse({"error": message, "code": code, **details}, status_code=status)
+
+
+def _client_gone(request: Request) -> None:
+    """A client that disconnected before its answer: counted as 499, logged without a traceback."""
+    _count(request, CLIENT_GONE, "client_disconnected")
+    logger.info("%s %s: the client disconnected before the answer", request.method,
+                printable(request.url.path))
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     status = _status(exc)
     if status >= 500:
-        logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
+        logger.warning("%s %s: %s", request.method, printable(request.url.path), exc.message)
     response = _error_response(request, status, exc.code, exc.message, **exc.details)
     if isinstance(exc, RateLimitedError):
         response.headers.update(exc.headers)
@@ -108,40 +126,158 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    logger.error("%s %s failed", request.method, printable(request.url.path), exc_info=exc)
     return _error_response(request, 500, "internal", f"internal error: {type(exc).__name__}")
 
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's body reading wraps it in a 400
+        _client_gone(request)
+        return Response(status_code=400)  # never reaches the client
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return _error_response(request, exc.status_code, code, str(exc.detail))
+
+
 _INFER_PATH = re.compile(MODEL_INFER_PATH.replace("{model}", "([^/]+)"))  # no regex characters in it
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_ADMIN_PREFIX = ADMIN_KEYS_PATH.rsplit("/", 1)[0] + "/"
+
+
+class _BoundedBody:
+    """The ASGI ``receive`` of one request, bounded in time and size; tells whether the body was read.
+
+    The body must be complete ``timeout_s`` after the app got the request (its headers are
+    in by then): a slow or stalled client gets 408 rather than holding the connection.
+    More than ``limit`` bytes (None: no limit here) get 413. Messages after the body (the
+    disconnect) pass through unbounded. (FastAPI's ``max_body_size`` would count the bytes
+    too, but answers a declared Content-Length over the limit in plain text, not in the
+    API's JSON error form.)
+    """
+
+    __slots__ = ("_deadline", "_limit", "_receive", "_received", "_timeout_s", "complete")
+
+    def __init__(self, receive: Receive, timeout_s: float, expects_body: bool, limit: int | None) -> None:
+        self._receive = receive
+        self._timeout_s = timeout_s
+        self._deadline = asyncio.get_running_loop().time() + timeout_s
+        self._limit = limit
+        self._received = 0
+        self.complete = not expects_body
+
+    async def __call__(self) -> Message:
+        if self.complete:
+            return await self._receive()
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                message = await self._receive()
+        except TimeoutError:
+            raise StarletteHTTPException(
+                408, f"the request body did not arrive within {self._timeout_s:g} s"
+            ) from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.complete = True
+        if self._limit is not None and message["type"] == "http.request":
+            self._received += len(message.get("body", b""))
+            if self._received > self._limit:
+                raise StarletteHTTPException(413, f"body is over the limit of {self._limit} bytes")
+        return message
+
+
+def _declared_body(scope: Scope) -> int | None:
+    """The body's declared length: None without a body, -1 when chunked (length unknown)."""
+    if scope["method"] not in _BODY_METHODS:
+        return None
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() and value != b"0" else None
+        if name == b"transfer-encoding":
+            return -1
+    return None
 
 
 class VictimApp(FastAPI):
-    """FastAPI, plus a direct path for ``POST /v2/models/{model}/infer``.
+    """FastAPI, plus a direct path for ``POST /v2/models/{model}/infer`` and a guard for bodies.
 
     The inference route skips FastAPI's and Starlette's middleware stack (error,
     exception, exit-stack and body-limit middlewares, router matching): on 2 cores
     that stack cost about as much per single-image request as the route itself.
     Errors are answered by the same handlers as every other route, so the JSON
     bodies and statuses are the same; every other request takes the normal path.
+
+    Every request's body must arrive within ``request_read_timeout_s``; an admin request
+    with a body is authenticated before the body is read (FastAPI reads a route's body
+    before its dependencies); an answer sent before the body was read closes the
+    connection rather than draining the rest.
     """
 
+    victim_settings: ServerSettings
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and not self.root_path:
-            match = _INFER_PATH.fullmatch(scope["path"])
-            if match is not None:
-                scope["app"] = self
-                scope["path_params"] = {"model": unquote(match.group(1))}
-                request = Request(scope, receive)
-                response: Response
-                try:
-                    response = await routes_oip.infer(request)
-                except ServiceError as exc:
-                    response = await _service_error(request, exc)
-                except Exception as exc:
-                    response = await _unexpected_error(request, exc)
-                await response(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        settings = self.victim_settings
+        declared = _declared_body(scope)
+        infer = None
+        if scope["method"] == "POST" and not self.root_path:
+            infer = _INFER_PATH.fullmatch(scope["path"])
+        limit = None if infer is not None else settings.max_json_body_bytes  # infer: read_body's own
+        body = _BoundedBody(receive, settings.request_read_timeout_s, declared is not None, limit)
+
+        async def send_closing_if_unread(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body.complete:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        if infer is not None:
+            # scope["path"] is decoded once already (by the server): no second unquote.
+            scope["app"] = self
+            scope["path_params"] = {"model": infer.group(1)}
+            scope["endpoint"] = routes_oip.infer
+            await self._infer(scope, body, send_closing_if_unread)
+            return
+        if declared is not None:
+            refusal = await self._refuse_body(scope, body, declared)
+            if refusal is not None:
+                await refusal(scope, body, send_closing_if_unread)
                 return
-        await super().__call__(scope, receive, send)
+        await super().__call__(scope, body, send_closing_if_unread)
+
+    async def _refuse_body(self, scope: Scope, receive: Receive, declared: int) -> Response | None:
+        """The answer to a request with a body, before the body is read: an admin route's
+        authentication (FastAPI would read the body first), then the declared size."""
+        scope["app"] = self
+        request = Request(scope, receive)
+        try:
+            if scope["path"].startswith(_ADMIN_PREFIX):
+                await deps.require_admin(request, request.app.state.service)
+        except ServiceError as exc:
+            return await _service_error(request, exc)
+        limit = self.victim_settings.max_json_body_bytes
+        if declared > limit:
+            return await _http_error(request, StarletteHTTPException(
+                413, f"body of {declared} bytes is over the limit of {limit} bytes"))
+        return None
+
+    async def _infer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        response: Response
+        try:
+            response = await routes_oip.infer(request)
+        except ServiceError as exc:
+            response = await _service_error(request, exc)
+        except StarletteHTTPException as exc:
+            response = await _http_error(request, exc)
+        except ClientDisconnect:
+            _client_gone(request)
+            return
+        except Exception as exc:
+            response = await _unexpected_error(request, exc)
+        await response(scope, receive, send)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -152,15 +288,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
         return _error_response(request, 400, "invalid_request", f"invalid request: {problems}")
 
-    async def http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error_response(request, exc.status_code, code, str(exc.detail))
-
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
 
 
 @dataclass
@@ -248,7 +379,7 @@ def create_app(
                     models=spec.models, policy=spec.policy, secret=secret,
                 )
             except ValueError:
-                logger.info("key %r was provisioned by another API process", spec.name)
+                logger.info("key %s was provisioned by another API process", printable(spec.name))
         app.state.service = service
         await batcher.start()
         service.ready = True
@@ -267,11 +398,13 @@ def create_app(
         title="stealsim victim",
         version="1",
         lifespan=lifespan,
-        docs_url="/docs",
-        redoc_url=None,
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url="/redoc" if settings.api_docs else None,
+        openapi_url="/openapi.json" if settings.api_docs else None,
         # FastAPI's native OpenTelemetry is off: it would check its providers on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
+    app.victim_settings = settings
     _install_error_handlers(app)
     app.include_router(routes_oip.router)
     app.include_router(routes_v1.router)

@@ -11,7 +11,10 @@ from stealsim.wire import API_KEY_HEADER, AUTHORIZATION_HEADER, BEARER_SCHEME
 from victim_server.service import VictimService
 from victim_server.store import KeyRecord
 
-__all__ = ["AdminDep", "CallerKey", "ServiceDep", "authenticate", "get_service", "presented_secret"]
+__all__ = [
+    "AdminDep", "CallerKey", "ServiceDep", "authenticate", "client_address", "get_service",
+    "presented_secret", "require_admin",
+]
 
 
 async def get_service(request: Request) -> VictimService:
@@ -33,13 +36,25 @@ def presented_secret(request: Request) -> str | None:
     return None
 
 
+def client_address(request: Request) -> str:
+    """The client's address as the server saw it (uvicorn applies trusted proxy headers)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
 async def authenticate(request: Request, service: VictimService) -> KeyRecord:
-    """The live key the request presents; raises UnauthorizedError (401) otherwise."""
+    """The live key the request presents; raises UnauthorizedError (401) otherwise.
+
+    A wrong key counts against the client's address; past ``auth_failure_rate`` of them
+    every key it presents gets 429 (RateLimitedError) until the window ends.
+    """
     secret = presented_secret(request)
     if secret is None:
         raise UnauthorizedError("no API key: send X-API-Key: KEY or Authorization: Bearer KEY")
+    address = client_address(request)
+    service.auth_throttle.check(address)
     record = await service.store.authenticate(secret)
     if record is None:
+        await service.auth_throttle.failed(address)
         raise UnauthorizedError("unknown or revoked API key")
     return record
 
@@ -49,12 +64,16 @@ async def require_key(request: Request, service: ServiceDep) -> KeyRecord:
 
 
 async def require_admin(request: Request, service: ServiceDep) -> None:
+    """The admin key, or 403 (another key, or no admin API), 401 (none) or 429 (too many wrong)."""
     secret = presented_secret(request)
     if service.settings.admin_key is None:
         raise ForbiddenError("the admin API is disabled: start the server with --admin-key")
     if secret is None:
         raise UnauthorizedError("no admin key: send X-API-Key: KEY or Authorization: Bearer KEY")
+    address = client_address(request)
+    service.auth_throttle.check(address)
     if not service.is_admin(secret):
+        await service.auth_throttle.failed(address)
         raise ForbiddenError("this key is not the admin key")
 
 

@@ -19,7 +19,7 @@ from limits.storage import storage_from_string
 
 from stealsim.errors import ConfigError, InvalidRequestError, RateLimitedError, UnavailableError
 
-__all__ = ["RateLimiter", "parse_rate"]
+__all__ = ["AuthFailureThrottle", "RateLimiter", "parse_rate"]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -86,6 +86,13 @@ class RateLimiter:
             retry_after=retry_after, headers=headers, limit=str(check.item), kind=check.kind,
         )
 
+    async def hit_raw(self, item: limits.RateLimitItem, *identifiers: str) -> bool:
+        """One hit of ``item`` for ``identifiers``; False when over the limit (StorageError passes)."""
+        return await self._limiter.hit(item, *identifiers)
+
+    async def window_stats(self, item: limits.RateLimitItem, *identifiers: str) -> limits.WindowStats:
+        return await self._limiter.get_window_stats(item, *identifiers)
+
     async def describe(self, key_id: str, rate: str | None, image_rate: str | None) -> list[dict[str, Any]]:
         """The key's limits with what remains of the current windows (for /v1/usage)."""
         try:
@@ -111,3 +118,54 @@ class RateLimiter:
 def _window(item: limits.RateLimitItem) -> str:
     seconds = item.get_expiry()
     return f"{seconds} s" if seconds != 1 else "second"
+
+
+class AuthFailureThrottle:
+    """Wrong keys per client address: past ``rate`` of them, every key it presents gets 429.
+
+    The failures are counted in the limiter's storage (shared by the API processes with
+    Redis); the addresses over the limit are remembered in the process until their window
+    ends, so checking a request costs a dictionary look-up, not a storage round trip. A
+    process refuses an address once a failure it sees tips the shared count over.
+    """
+
+    def __init__(self, limiter: RateLimiter, rate: str | None) -> None:
+        self._limiter = limiter
+        self._item = parse_rate(rate) if rate else None
+        self._blocked: dict[str, float] = {}  # address -> end of its window (time.time())
+
+    def check(self, address: str) -> None:
+        """Raise RateLimitedError while ``address`` is over the limit."""
+        until = self._blocked.get(address)
+        if until is None:
+            return
+        if until <= time.time():
+            del self._blocked[address]
+            return
+        self._refuse(until)
+
+    async def failed(self, address: str) -> None:
+        """Count a wrong key from ``address``; raise RateLimitedError if that tips it over."""
+        if self._item is None:
+            return
+        try:
+            allowed = await self._limiter.hit_raw(self._item, address, "auth-failures")
+            if allowed:
+                return
+            stats = await self._limiter.window_stats(self._item, address, "auth-failures")
+        except StorageError as exc:
+            raise UnavailableError(f"rate limits: storage unavailable ({exc})", retry_after=1) from exc
+        now = time.time()
+        for expired in [a for a, until in self._blocked.items() if until <= now]:
+            del self._blocked[expired]
+        self._blocked[address] = stats.reset_time
+        self._refuse(stats.reset_time)
+
+    def _refuse(self, until: float) -> None:
+        assert self._item is not None
+        retry_after = max(1, math.ceil(until - time.time()))
+        raise RateLimitedError(
+            f"too many wrong keys from this address ({self._item.amount} per {_window(self._item)}); "
+            f"retry in {retry_after} s",
+            retry_after=retry_after, headers={"Retry-After": str(retry_after)}, kind="auth_failures",
+        )

@@ -6,6 +6,7 @@ import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from stealsim.errors import InvalidRequestError, PayloadTooLargeError
 from stealsim.wire import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, MODEL_INFER_PATH, OIP_PREFIX
@@ -23,7 +24,10 @@ router = APIRouter(prefix=OIP_PREFIX, tags=["inference"])
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it grows beyond ``limit`` bytes."""
+    """The request body, refused with 413 as soon as it grows beyond ``limit`` bytes.
+
+    Raises ``ClientDisconnect`` when the client goes away mid-body (counted, not an error).
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"body of {declared} bytes is over the limit of {limit} bytes")
@@ -69,6 +73,11 @@ async def infer(request: Request) -> Response:
     if unknown:
         raise InvalidRequestError(f"unknown outputs {unknown}; this model answers {output_name!r}")
     result = await service.infer(key, model, decoded.images, decoded.request_id)
+    if await request.is_disconnected():
+        # Gone before its answer is written: refunded (an answer written is charged: TCP does
+        # not tell the server whether the client read it).
+        await service.refund_undelivered(key, model, result.images_charged)
+        raise ClientDisconnect
     answer = result.answer
     output = Output(output_name, "INT64" if answer.kind == "label" else "FP32", answer.values)
     content, headers = encode_infer_response(

@@ -34,13 +34,13 @@ from victim_server.defender_models import DefenderModels
 from victim_server.detector_state import DetectorStates, MemoryDetectorStates
 from victim_server.metrics import ServerMetrics
 from victim_server.protocol import INPUT_NAME
-from victim_server.ratelimit import RateLimiter, parse_rate
+from victim_server.ratelimit import AuthFailureThrottle, RateLimiter, parse_rate
 from victim_server.runner import ModelRunner
 from victim_server.settings import ServerSettings
 from victim_server.store import KeyRecord, StateStore, new_secret
 from victim_server.watermark_ledger import MemoryWatermarkLedger, WatermarkLedger
 
-__all__ = ["InferenceResult", "VictimService"]
+__all__ = ["InferenceResult", "VictimService", "printable"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,12 @@ def _pixel_encoding(images: np.ndarray) -> np.ndarray:
     """Images flattened and scaled by ``1/sqrt(C*H*W)``: Euclidean distances become RMS pixel differences."""
     flat = images.reshape(len(images), -1).astype(np.float32)
     return flat / np.float32(np.sqrt(flat.shape[1]))
+
+
+def printable(text: str, limit: int = 100) -> str:
+    """``text`` for a log line: quoted, control characters escaped, at most ``limit`` characters."""
+    shown = ascii(text[:limit])
+    return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class VictimService:
         self.batcher = batcher
         self.store = store
         self.limiter = limiter
+        self.auth_throttle = AuthFailureThrottle(limiter, settings.auth_failure_rate)
         self.audit = audit
         self.metrics = metrics
         self.defender_models = DefenderModels()
@@ -96,13 +103,17 @@ class VictimService:
 
     # --- models -----------------------------------------------------------------
 
-    def runner(self, name: str) -> ModelRunner:
+    def runner(self, name: str, key: KeyRecord | None = None) -> ModelRunner:
+        """The model ``name``; the 404 for an unknown one lists only the models ``key`` may use."""
         runner = self.runners.get(name)
         if runner is None:
-            raise ModelNotFoundError(
-                f"no model named {name!r}; served: {sorted(self.runners)}", model=name
-            )
+            usable = sorted(self.runners) if key is None or key.models is None else sorted(key.models)
+            raise ModelNotFoundError(f"no model named {printable(name)}; this key may use: {usable}", model=name)
         return runner
+
+    def metrics_label(self, model: str) -> str:
+        """``model`` if it is served, else ``"unknown"``: clients cannot add label values."""
+        return model if model in self.runners else "unknown"
 
     def policy_for(self, key: KeyRecord, model: str) -> OutputPolicy:
         """The key's own policy if it has one (parsed once per key), else the model's."""
@@ -134,7 +145,7 @@ class VictimService:
         return policy
 
     def check_access(self, key: KeyRecord, model: str) -> ModelRunner:
-        runner = self.runner(model)
+        runner = self.runner(model, key)
         if key.models is not None and model not in key.models:
             raise ForbiddenError(f"this key may not use model {model!r}", model=model)
         if key.blocked:
@@ -209,6 +220,12 @@ class VictimService:
                 f"model {model!r} did not answer within {self.settings.inference_timeout_s} s",
                 retry_after=1,
             ) from exc
+
+    async def refund_undelivered(self, key: KeyRecord, model: str, images: int) -> None:
+        """Refund a served request whose client disconnected before the answer was written."""
+        await self._refund(key.key_id, images)
+        logger.info("refunded %d images of %s to key %s: the client disconnected before the answer",
+                    images, model, key.key_id)
 
     async def _refund(self, key_id: str, images: int) -> None:
         try:
@@ -329,7 +346,8 @@ class VictimService:
             policy=None if policy is None else tuple(policy),
         )
         await self.store.create_key(record, secret)
-        logger.info("created key %s (%s) with budget %d", record.key_id, name, budget)
+        # A user string: quoted, control characters escaped (no forged lines), cut at 100 characters.
+        logger.info("created key %s (%s) with budget %d", record.key_id, printable(name), budget)
         return secret, record
 
     def is_admin(self, secret: str | None) -> bool:

@@ -277,6 +277,32 @@ def test_budget_limits_are_the_same_on_every_store(with_store: Any) -> None:
     ]
 
 
+def test_racing_charges_at_the_maximum_budget_stay_exact(with_store: Any) -> None:
+    """100 images left of a budget of 2**53 - 1, and 90 racing requests: never a charge too many.
+
+    (90: one Redis client's pool holds 100 connections; more at once fail with MaxConnectionsError.)
+    """
+    async def scenario(store: StateStore) -> None:
+        await store.create_key(KeyRecord("key_x", "x", budget=MAX_BUDGET), "sk-x")
+        assert await store.reserve("key_x", MAX_BUDGET - 100) == 100
+        sizes = np.random.default_rng(2).integers(1, 9, size=90).tolist()
+
+        async def one(size: int) -> int:
+            try:
+                await store.reserve("key_x", size)
+            except BudgetExceededError as exc:
+                assert int(str(exc.details["remaining"])) < size
+                return 0
+            return size
+
+        charged = sum(await asyncio.gather(*(one(size) for size in sizes)))
+        assert sum(sizes) > 100 and 100 - max(sizes) < charged <= 100
+        record = await store.get("key_x")
+        assert (record.used, record.remaining) == (MAX_BUDGET - 100 + charged, 100 - charged)
+
+    with_store(scenario)
+
+
 def test_redis_arithmetic_is_exact_beyond_2_53(redis_url: str, prefix: str) -> None:  # noqa: F811
     """Budgets written by an older deployment, beyond the limit, are still charged exactly."""
     async def scenario() -> None:

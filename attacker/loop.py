@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import nn
 
+from attacker.replay import ReplayMemory
 from attacker.rundir import Ledger, RunDirectory
 from attacker.students import MEMORY_FORMATS, MemoryFormat, Students, StudentSettings
 from attacker.victims import BudgetedVictim, Victim, VictimInfo
@@ -196,15 +197,32 @@ class Attack(ABC):
         for index, optimizer in enumerate(students.optimizers):
             self.track(f"student_optimizer_{index}", optimizer)
 
+    def _memories(self) -> dict[str, ReplayMemory]:
+        """The replay memories of tracked objects (students' and UQ models' ``memory``), checkpointed with them."""
+        found: dict[str, ReplayMemory] = {}
+        for name, thing in self._tracked.items():
+            memory = getattr(thing, "memory", None)
+            if isinstance(memory, ReplayMemory):
+                found[f"{name}.memory"] = memory
+        return found
+
     def state_dict(self) -> dict[str, Any]:
-        return {name: thing.state_dict() for name, thing in self._tracked.items()}
+        state = {name: thing.state_dict() for name, thing in self._tracked.items()}
+        state.update({name: memory.state_dict() for name, memory in self._memories().items()})
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = set(self._tracked) - set(state)
         if missing:
             raise AttackError(f"the checkpoint lacks {sorted(missing)}; was it written by another attack?")
         for name, thing in self._tracked.items():
-            thing.load_state_dict(state[name])
+            thing.load_state_dict(_on_device(state[name], self.device) if isinstance(thing, ReplayMemory)
+                                  else state[name])
+        for name, memory in self._memories().items():
+            if name in state:
+                memory.load_state_dict(_on_device(state[name], self.device))
+            else:
+                logger.warning("the checkpoint holds no %s (an older checkpoint): it starts empty", name)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -221,94 +239,136 @@ class Attack(ABC):
 
         ``ledger`` is the run's query ledger (shared with the evaluator, which
         adds evaluation queries); a resumed run reads it from ``run_dir``.
+        Every answered request goes to the run's answers journal before it is
+        counted; a resumed run restarts from its checkpoint and replays the
+        journal (:class:`~attacker.victims.BudgetedVictim`), so its training is
+        the uninterrupted run's and no answer is bought twice.
         """
         ledger = ledger if ledger is not None else (run_dir.read_ledger() if resume else Ledger())
         history: list[dict[str, Any]] = []
         attack_seconds = 0.0
         interval = config.evaluation_interval
         next_eval = interval
+        journal = run_dir.journal()
         state = run_dir.load_checkpoint() if resume else None
+        used_at_checkpoint = spent_at_checkpoint = 0
+        finished: dict[str, Any] | None = None
         if state is not None:
             self.load_state_dict(state["attack"])
             torch.set_rng_state(state["rng"])
+            if state.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
             history = [dict(line) for line in state["history"]]
             attack_seconds = float(state["attack_seconds"])
             next_eval = int(state["next_eval"])
+            spent_at_checkpoint = int(state["queries"])
+            used_at_checkpoint = int(state.get("used", spent_at_checkpoint))
+            finished = state.get("finished")
             run_dir.rewrite_history(history)
-            logger.info(
-                "resuming at %d queries (checkpoint at %d)", ledger.attack_queries, state["queries"]
-            )
         else:
-            if resume:
-                logger.info("no checkpoint yet: the run restarts its training, keeping its query count")
             seed_everything(config.seed)
-        # Queries spent after the checkpoint (before a kill) stay spent: the
-        # count resumes from the ledger, the training from the checkpoint.
-        while next_eval <= ledger.attack_queries:
+        replay = [record for record in journal.read(repair=True) if record.start >= spent_at_checkpoint] \
+            if resume else []
+        if not resume:
+            journal.clear()
+        # Paid for, never to be answered to the attack: a request charged at a kill but never
+        # journaled (the ledger has it from the server's count), or an older run's lost answers.
+        forfeited = max(0, ledger.attack_queries - used_at_checkpoint - sum(record.count for record in replay))
+        if resume:
+            logger.info("resuming at %d queries: %s, %d answers replayed from the journal%s",
+                        ledger.attack_queries,
+                        f"training from the checkpoint at {spent_at_checkpoint}" if state is not None
+                        else "no checkpoint yet, training from the start",
+                        sum(record.count for record in replay),
+                        f", {forfeited} paid for but never received" if forfeited else "")
+        while next_eval <= used_at_checkpoint:
             next_eval += interval
 
-        budgeted = BudgetedVictim(victim, config.budget, used=ledger.attack_queries)
+        budgeted = BudgetedVictim(victim, config.budget, used=used_at_checkpoint, journal=journal,
+                                  replay=replay, forfeited=forfeited)
 
-        def charged(used: int) -> None:
-            ledger.attack_queries = used
+        def charged(spent: int) -> None:
+            ledger.attack_queries = max(ledger.attack_queries, spent)
             run_dir.write_ledger(ledger)
 
         budgeted.on_charge = charged
+        ledger.attack_queries = max(ledger.attack_queries, budgeted.spent)
         run_dir.write_ledger(ledger)
 
         stop_reason = "budget_spent"
         last: dict[str, float] = {}
         fidelity = history[-1].get("fidelity", float("nan")) if history else float("nan")
-        with progress_bar(self.name, total=config.budget, enabled=config.show_progress) as advance:
-            advance("", steps=budgeted.used)
-            while (budgeted.remaining or 0) > 0:
-                before = budgeted.used
-                self.progress = before / config.budget
-                started = time.perf_counter()
-                try:
-                    last = self.take_step(budgeted)
-                except BudgetExhaustedError as exc:
+        final: dict[str, Any] | None = None
+        if finished is not None:  # the run had ended: its final evaluation is done, or failed (done again)
+            stop_reason = str(finished["stop_reason"])
+            if "evaluation_error" in history[-1]:
+                history.pop()
+                run_dir.rewrite_history(history)
+            else:
+                final = history[-1]
+        stopped_on_overdraft = False
+        try:
+            with progress_bar(self.name, total=config.budget, enabled=config.show_progress) as advance:
+                advance("", steps=budgeted.spent)
+                while finished is None and (budgeted.remaining or 0) > 0:
+                    before = budgeted.used
+                    self.progress = before / config.budget
+                    started = time.perf_counter()
+                    try:
+                        last = self.take_step(budgeted)
+                    except BudgetExhaustedError as exc:
+                        attack_seconds += time.perf_counter() - started
+                        if exc.status == 0 and budgeted.diverged and not stopped_on_overdraft:
+                            # The replay stopped mid-step and left less budget than the step had sized
+                            # its request for: the next step asks for what remains.
+                            stopped_on_overdraft = True
+                            continue
+                        if exc.status == 0:  # our own meter: the step asked for too much
+                            raise AttackError(f"{self.name} asked for more than its budget: {exc}") from exc
+                        stop_reason = "server_budget_exhausted"
+                        logger.warning("the server refused further queries: %s", exc)
+                        break
                     attack_seconds += time.perf_counter() - started
-                    if exc.status == 0:  # our own meter: the step asked for too much
-                        raise AttackError(f"{self.name} asked for more than its budget: {exc}") from exc
-                    stop_reason = "server_budget_exhausted"
-                    logger.warning("the server refused further queries: %s", exc)
-                    break
-                attack_seconds += time.perf_counter() - started
-                spent = budgeted.used - before
-                if self.finished:  # a one-shot attack: done, with or without budget left
-                    stop_reason = "budget_spent" if not budgeted.remaining else "attack_finished"
-                    advance("", steps=spent)
-                    break
-                if spent == 0:
-                    stop_reason = "budget_too_small_for_a_step"
-                    break
-                rate = budgeted.used / max(attack_seconds, 1e-9)
-                advance(f"{rate:,.0f} q/s  fidelity {fidelity:.3f}", steps=spent)
-                if budgeted.used >= next_eval and (budgeted.remaining or 0) > 0:
-                    line = self._evaluate(evaluator, budgeted.used, attack_seconds, ledger, last, False)
-                    history.append(line)
-                    run_dir.append_metrics(line)
-                    fidelity = line.get("fidelity", float("nan"))
-                    while next_eval <= budgeted.used:
-                        next_eval += interval
-                    self._checkpoint(run_dir, budgeted.used, history, attack_seconds, next_eval)
+                    spent = budgeted.used - before
+                    if self.finished:  # a one-shot attack: done, with or without budget left
+                        stop_reason = "budget_spent" if not budgeted.remaining else "attack_finished"
+                        advance("", steps=spent)
+                        break
+                    if spent == 0:
+                        stop_reason = "budget_too_small_for_a_step"
+                        break
+                    rate = budgeted.used / max(attack_seconds, 1e-9)
+                    advance(f"{rate:,.0f} q/s  fidelity {fidelity:.3f}", steps=spent)
+                    if budgeted.used >= next_eval and (budgeted.remaining or 0) > 0:
+                        line = self._evaluate(evaluator, budgeted.spent, attack_seconds, ledger, last, False)
+                        history.append(line)
+                        run_dir.append_metrics(line)
+                        fidelity = line.get("fidelity", float("nan"))
+                        while next_eval <= budgeted.used:
+                            next_eval += interval
+                        self._checkpoint(run_dir, budgeted, history, attack_seconds, next_eval)
 
-            # Inside the bar, so that its last line shows the final evaluation's fidelity.
-            final = self._evaluate(evaluator, budgeted.used, attack_seconds, ledger, last, True)
-            rate = budgeted.used / max(attack_seconds, 1e-9)
-            advance(f"{rate:,.0f} q/s  fidelity {final.get('fidelity', float('nan')):.3f} (final)", steps=0)
-        history.append(final)
-        run_dir.append_metrics(final)
-        self._checkpoint(run_dir, budgeted.used, history, attack_seconds, next_eval)
+                if final is None:
+                    # Inside the bar, so that its last line shows the final evaluation's fidelity.
+                    final = self._evaluate(evaluator, budgeted.spent, attack_seconds, ledger, last, True)
+                    history.append(final)
+                    run_dir.append_metrics(final)
+                    self._checkpoint(run_dir, budgeted, history, attack_seconds, next_eval,
+                                     finished={"stop_reason": stop_reason})
+                rate = budgeted.used / max(attack_seconds, 1e-9)
+                advance(f"{rate:,.0f} q/s  fidelity {final.get('fidelity', float('nan')):.3f} (final)", steps=0)
+        finally:
+            journal.close()
         run_dir.save_clone(self.clone(), self.info.input_shape)
         metrics = dict(final)
         metrics.update(
-            queries_used=budgeted.used,
+            queries_used=budgeted.spent,
             budget=config.budget,
             attack_seconds=attack_seconds,
-            queries_per_second=budgeted.used / max(attack_seconds, 1e-9),
+            queries_per_second=budgeted.spent / max(attack_seconds, 1e-9),
             victim_requests=budgeted.requests,
+            replayed_queries=budgeted.replayed,
+            unreplayed_queries=budgeted.forfeited,
             stop_reason=stop_reason,
         )
         return RunOutcome(metrics=metrics, history=history, stop_reason=stop_reason)
@@ -339,18 +399,35 @@ class Attack(ABC):
     def _checkpoint(
         self,
         run_dir: RunDirectory,
-        queries: int,
+        budgeted: BudgetedVictim,
         history: list[dict[str, Any]],
         attack_seconds: float,
         next_eval: int,
+        finished: dict[str, Any] | None = None,
     ) -> None:
+        """Save the attack's state; the journal, which it now covers, starts empty.
+
+        ``queries``: images paid for; ``used``: images answered to the attack (they differ
+        by answers paid for but never received); ``finished``: set once the run has ended
+        (its stop reason), so that a resumed run does not evaluate again.
+        """
         run_dir.save_checkpoint(
             {
                 "attack": self.state_dict(),
                 "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
                 "history": history,
                 "attack_seconds": attack_seconds,
                 "next_eval": next_eval,
-                "queries": queries,
+                "queries": budgeted.spent,
+                "used": budgeted.used,
+                "finished": finished,
             }
         )
+        if budgeted.journal is not None:
+            budgeted.journal.clear()
+
+
+def _on_device(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A replay memory's state with its tensors on ``device`` (checkpoints load on the CPU)."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in state.items()}

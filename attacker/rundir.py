@@ -4,7 +4,10 @@
 
     RUN/config.json       the run's settings (attack, victim, budget, seed, ...)
     RUN/ledger.json       queries spent so far, rewritten after every answered request
-    RUN/checkpoint.pt     attack state (students, generator, optimisers, RNG) at the last evaluation
+    RUN/answers.journal   every request answered since the checkpoint: images and answers, on disk
+                          before the ledger counts them (:mod:`attacker.journal`); replayed on resume
+    RUN/checkpoint.pt     attack state (students, generator, optimisers, replay memories, RNG) at the
+                          last evaluation
     RUN/clone.ts          the final clone as a TorchScript graph (pixels in [0, 1] -> logits), for
                           ``stealsim verify-watermark`` or any later use without the attack's code
     RUN/metrics.jsonl     one line per evaluation
@@ -13,7 +16,8 @@
     RUN/progress.png      fidelity and accuracy against queries
 
 Every file is written atomically (temporary file, then rename), so a killed run
-leaves the previous version, never half a file. :class:`RunDirectory` is also the
+leaves the previous version, never half a file; the journal, appended to, drops a
+record cut short when it is read back. :class:`RunDirectory` is also the
 one reader of this format: a resumed run, the multi-run report, the grid, the
 uq-study and the demo read a run back through it::
 
@@ -33,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from attacker.journal import AnswerJournal
 from stealsim.errors import AttackError
 
 if TYPE_CHECKING:
@@ -125,9 +130,22 @@ class RunDirectory:
         self.write_json("ledger.json", asdict(ledger))
 
     def read_ledger(self) -> Ledger:
-        if not (self.path / "ledger.json").is_file():
-            return Ledger()
-        return Ledger(**self.read_json("ledger.json"))
+        """The ledger, counting every journaled answer (a kill can fall between the journal and the ledger)."""
+        ledger = Ledger(**self.read_json("ledger.json")) if (self.path / "ledger.json").is_file() else Ledger()
+        ledger.attack_queries = max(ledger.attack_queries, self.journal().answered_until())
+        return ledger
+
+    def journal(self) -> AnswerJournal:
+        """The attack's answers journal (``answers.journal``)."""
+        return AnswerJournal(self.path / "answers.journal")
+
+    def finished_metrics(self) -> dict[str, Any] | None:
+        """The final metrics of a finished run; ``None`` while it is not (no ``metrics.json``, or a
+        final evaluation that failed, which a resume runs again)."""
+        if not (self.path / "metrics.json").is_file():
+            return None
+        metrics = self.read_json("metrics.json")
+        return None if metrics.get("evaluation_error") else metrics
 
     def append_metrics(self, line: dict[str, Any]) -> None:
         with (self.path / "metrics.jsonl").open("a") as handle:
@@ -163,21 +181,30 @@ class RunDirectory:
             metrics = {**evaluated[-1], "stopped_at": evaluated[-1].get("queries")}
         return RunRecord(self.path, config, metrics, history)
 
-    def interruption_note(self, budget: int, resumed: bool) -> str:
-        """Where an interrupted run stopped (its ledger and last evaluation) and how to go on."""
+    def interruption_note(self, budget: int, resumed: bool, command: str | None = None,
+                          what: str = "interrupted") -> str:
+        """Where a run that did not finish stopped (its ledger, last evaluation, journal) and how to go on.
+
+        ``what`` says how it stopped (``interrupted``, ``stopped``); ``command``: the command line
+        to resume with (else "the same command with --resume").
+        """
         if not (self.path / "config.json").is_file():
-            return "interrupted before the run started: nothing was written"
+            return f"{what} before the run started: nothing was written"
         try:
+            budget = int(self.read_json("config.json").get("budget", budget))
             used = self.read_ledger().attack_queries
             history = self.read_history()
-        except (AttackError, ValueError, TypeError):
-            return f"interrupted; rerun the same command with --resume to continue the run in {self.path}"
-        checkpoint = "no checkpoint yet (training restarts, the query count does not)"
+            journaled = sum(record.count for record in self.journal().read())
+        except (AttackError, ValueError, TypeError, KeyError):
+            return f"{what}; rerun the same command with --resume to continue the run in {self.path}"
+        checkpoint = "no checkpoint yet: training restarts from the start"
         if (self.path / "checkpoint.pt").is_file() and history:
             checkpoint = f"training resumes from its checkpoint at {int(history[-1]['queries']):,} queries"
-        again = "the same command" if resumed else "the same command with --resume"
-        return (f"interrupted at {used:,} of {budget:,} queries; {checkpoint}. "
-                f"Rerun {again} to continue the run in {self.path}.")
+        if journaled:
+            checkpoint += f", replaying the {journaled:,} answers received since from its journal (not asked again)"
+        again = command or ("the same command" if resumed else "the same command with --resume")
+        return (f"{what} at {used:,} of {budget:,} queries; {checkpoint}. "
+                f"The run directory {self.path} keeps everything paid for; to continue: {again}")
 
     def rewrite_history(self, history: list[dict[str, Any]]) -> None:
         """Drop evaluation lines written after the checkpoint a resumed run restarts from."""

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from attacker.journal import AnswerJournal, JournalRecord
 from stealsim.errors import AttackError, BudgetExhaustedError
 
 __all__ = [
@@ -226,14 +228,25 @@ class BudgetedVictim:
     A request that does not fit the remaining budget is refused whole with
     :class:`~stealsim.errors.BudgetExhaustedError` before it reaches the victim,
     as the service itself does. Only answered images are counted (a request that
-    raises is not). ``on_charge(used)`` runs after every answered request, so a
-    run can persist its count before anything else happens.
+    raises is not). Each answered request is written to ``journal`` first (when
+    given), then counted, then ``on_charge(spent)`` runs, so a run can persist its
+    count before anything else happens.
+
+    A resumed run passes the journal's records since its checkpoint as
+    ``replay``: requests are answered from them, in order, while the images are
+    the journal's (:meth:`~attacker.journal.JournalRecord.matches`), without asking
+    the victim; the first request that is not stops the replay, and the answers
+    left in it were paid for but go unused (``forfeited``).
 
     Args:
         victim: the victim to meter.
         budget: images this wrapper may spend (``None``: unlimited, still counted).
-        used: images already spent (when resuming).
-        on_charge: called with the new total after each answered request.
+        used: images already answered to the attack (when resuming: at its checkpoint).
+        on_charge: called with :attr:`spent` after each answered request.
+        journal: where answered requests are written before they are counted.
+        replay: answered requests to serve again, in order (see above).
+        forfeited: images already paid for that the attack never got (a request
+            charged at a kill and never recorded).
     """
 
     def __init__(
@@ -242,6 +255,9 @@ class BudgetedVictim:
         budget: int | None,
         used: int = 0,
         on_charge: Callable[[int], None] | None = None,
+        journal: AnswerJournal | None = None,
+        replay: Sequence[JournalRecord] = (),
+        forfeited: int = 0,
     ) -> None:
         if budget is not None and budget < 0:
             raise AttackError(f"budget must be >= 0, got {budget}")
@@ -249,17 +265,63 @@ class BudgetedVictim:
         self.info = victim.info
         self.budget = budget
         self.used = used
+        """Images answered to the attack (replayed ones included)."""
+        self.forfeited = forfeited
+        """Images paid for that the attack did not get (see the class docstring)."""
         self.requests = 0
+        """Requests sent to the victim by this process (replayed ones are not sent)."""
+        self.replayed = 0
+        """Images answered from the journal."""
+        self.diverged = False
+        """Set when a request did not match the journal (the replay stopped there)."""
         self.on_charge = on_charge
+        self.journal = journal
+        self._replay = deque(replay)
+        self._replayed_records = 0
+
+    @property
+    def spent(self) -> int:
+        """Images paid for: :attr:`used` plus :attr:`forfeited`."""
+        return self.used + self.forfeited
 
     @property
     def remaining(self) -> int | None:
-        return None if self.budget is None else max(0, self.budget - self.used)
+        return None if self.budget is None else max(0, self.budget - self.spent)
+
+    @property
+    def replaying(self) -> bool:
+        """Whether journal records are still waiting to be replayed."""
+        return bool(self._replay)
 
     def affordable(self, wanted: int) -> int:
         """How many of ``wanted`` images the remaining budget pays for."""
         remaining = self.remaining
         return wanted if remaining is None else min(wanted, remaining)
+
+    def stop_replay(self, reason: str) -> None:
+        """Give up the records not replayed: they stay paid for (:attr:`forfeited`), unused."""
+        if not self._replay:
+            return
+        left = sum(record.count for record in self._replay)
+        logger.warning("%s: %d answered queries of the journal are not replayed (paid for, unused)", reason, left)
+        self.forfeited += left
+        self._replay.clear()
+        self.diverged = True
+        if self.journal is not None:  # the journal keeps what the training saw: the records replayed
+            self.journal.keep_first(self._replayed_records)
+
+    def _from_journal(self, chunk: Tensor) -> Tensor | None:
+        if not self._replay:
+            return None
+        record = self._replay[0]
+        if not record.matches(chunk):
+            self.stop_replay(f"the resumed run asked for other images than its journal at {self.used:,} queries "
+                             "(its training went another way: other float rounding, or changed code)")
+            return None
+        self._replay.popleft()
+        self.replayed += record.count
+        self._replayed_records += 1
+        return record.answers
 
     def query(self, images: Tensor) -> Tensor:
         count = int(images.shape[0])
@@ -281,14 +343,23 @@ class BudgetedVictim:
         parts = []
         for start in range(0, count, step):
             chunk = images[start : start + step]
-            with without_autocast():
-                answers = self.victim.query(chunk)
-            if int(answers.shape[0]) != int(chunk.shape[0]):
-                raise AttackError(f"the victim answered {answers.shape[0]} of {chunk.shape[0]} images")
+            answers = self._from_journal(chunk)
+            if answers is None:
+                left = count - start
+                if self.remaining is not None and left > self.remaining:  # the replay stopped and forfeited
+                    raise BudgetExhaustedError(
+                        f"{left} images of a request do not fit the remaining budget of {self.remaining}",
+                        remaining=self.remaining, status=0)
+                with without_autocast():
+                    answers = self.victim.query(chunk)
+                if int(answers.shape[0]) != int(chunk.shape[0]):
+                    raise AttackError(f"the victim answered {answers.shape[0]} of {chunk.shape[0]} images")
+                if self.journal is not None:
+                    self.journal.append(self.spent, chunk, answers)
+                self.requests += 1
             self.used += int(chunk.shape[0])
-            self.requests += 1
             if self.on_charge is not None:
-                self.on_charge(self.used)
+                self.on_charge(self.spent)
             parts.append(answers)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -11,9 +11,12 @@ otherwise (:mod:`attacker.endpoint` holds the negotiation rules)::
 
 Errors become :class:`~stealsim.errors.VictimAPIError` (``status`` and ``code``
 as the API sends them) at one boundary, :meth:`HttpVictim._request`.
-Rate limits (429 ``rate_limited``) and 503 are retried with exponential backoff,
-honouring ``Retry-After``; a spent budget (429 ``budget_exhausted``) raises
-:class:`~stealsim.errors.BudgetExhaustedError` at once.
+Rate limits (429 ``rate_limited``), transient server errors (500, 502, 503, 504)
+and lost connections are retried with bounded exponential backoff, honouring
+``Retry-After``; a spent budget (429 ``budget_exhausted``) raises
+:class:`~stealsim.errors.BudgetExhaustedError` at once. Only answered requests
+are counted (:class:`~attacker.victims.BudgetedVictim`), so a retry never counts
+twice; stealsim's server refunds a request it failed to serve.
 """
 
 from __future__ import annotations
@@ -44,15 +47,17 @@ __all__ = ["HEADER_LENGTH", "HttpVictim", "RetryPolicy"]
 
 logger = logging.getLogger(__name__)
 
-_RETRIED_STATUSES = (429, 503)
+_RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+"""Rate limits and transient server errors: a model that raised once, a gateway's 502 / 504, an overload."""
 
 
 class RetryPolicy:
-    """Exponential backoff for 429 ``rate_limited``, 503 and lost connections.
+    """Exponential backoff for 429 ``rate_limited``, transient 5xx (500, 502, 503, 504) and lost connections.
 
     The wait before retry ``i`` (0-based) is ``Retry-After`` when the server sends
     one, else ``min(max_delay, base_delay * 2**i)``; after ``max_retries`` retries
-    the error is raised.
+    the error is raised (with the defaults, a server that keeps failing ends the
+    request after 8 retries and about 11 s of waiting).
     """
 
     def __init__(
@@ -106,7 +111,7 @@ class HttpVictim:
         api_key: sent as ``X-API-Key`` (stealsim's keys); ``None`` sends none.
         model: the model name.
         timeout: seconds per request.
-        retry: backoff for rate limits, 503 and connection errors.
+        retry: backoff for rate limits, transient 5xx and connection errors.
         options: what the metadata does not say (see :mod:`attacker.endpoint`),
             including the wire (``auto``: binary tensors when advertised).
         headers: extra headers on every request (a gateway's ``Authorization``).
@@ -177,7 +182,7 @@ class HttpVictim:
     # -- the boundary --------------------------------------------------------------
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send one request, retrying 429 ``rate_limited``, 503 and connection errors."""
+        """Send one request, retrying 429 ``rate_limited``, transient 5xx and connection errors."""
         attempt = 0
         while True:
             try:
@@ -266,5 +271,5 @@ class HttpVictim:
         }
 
     def request_metrics(self) -> dict[str, Any]:
-        """``http_retries``: requests retried after a rate limit, a 503 or a lost connection."""
+        """``http_retries``: requests retried after a rate limit, a transient 5xx or a lost connection."""
         return {"http_retries": self.retries}

@@ -447,7 +447,8 @@ def plot_runs(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, titl
 
 
 def compare_runs(paths: Sequence[Path], plot_path: Path | None = None) -> str:
-    """A markdown table of runs, one row each (and, with ``plot_path``, one curve per run)."""
+    """A markdown table of runs, one row each (accuracy and fidelity with their 95 % interval), and
+    with ``plot_path`` one curve per run."""
     runs = read_runs(paths)
     header = "| run | attack | victim | dataset | seed | " + " | ".join(COMPARED_METRICS) + " |"
     rule = "| --- " * (len(COMPARED_METRICS) + 5) + "|"
@@ -457,12 +458,9 @@ def compare_runs(paths: Sequence[Path], plot_path: Path | None = None) -> str:
         lines.append(f"| {run.path.name} | {run.config.get('attack')} | {victim_name(run.config)} "
                      f"| {dataset_name(run.config)} | {run.seed} | {cells} |")
     text = "\n".join(lines) + "\n"
-    notes = _resolution_notes(runs)
     stopped = stopped_runs_note(runs)
     if stopped:
-        notes.append(stopped)
-    if notes:
-        text += "\n" + "\n".join(notes) + "\n"
+        text += "\n" + stopped + "\n"
     if plot_path is not None and not plot_runs([(run.path.name, run.history) for run in runs],
                                                plot_path, "attack runs"):
         text += f"\nNo plot written to {plot_path}: no run has an evaluated point.\n"

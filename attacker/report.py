@@ -137,10 +137,15 @@ def interval_band(history: Sequence[Mapping[str, Any]], metric: str,
     by_queries = {float(line["queries"]): (_number(line.get(f"{metric}_ci95_low")),
                                            _number(line.get(f"{metric}_ci95_high")))
                   for line in history if "queries" in line and _number(line.get(metric)) is not None}
-    edges = [by_queries.get(float(query), (None, None)) for query in queries]
-    if not edges or any(low is None or high is None for low, high in edges):
-        return None
-    return [float(low) for low, _ in edges if low is not None], [float(high) for _, high in edges if high is not None]
+    lows: list[float] = []
+    highs: list[float] = []
+    for query in queries:
+        low, high = by_queries.get(float(query), (None, None))
+        if low is None or high is None:
+            return None
+        lows.append(low)
+        highs.append(high)
+    return (lows, highs) if lows else None
 
 
 # -- the figure -------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -50,13 +51,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "gpu-check-admin"
 MODEL = "victim"
 UNLIMITED_RATE, UNLIMITED_IMAGE_RATE = "1000000/second", "1000000000/second"
+REQUIRED_MODULES = (
+    "torch", "numpy", "scipy", "sklearn", "mlxtend", "safetensors", "matplotlib", "typer", "rich",
+    "pydantic", "pydantic_settings", "yaml", "fastapi", "uvicorn", "httpx", "redis", "limits",
+    "prometheus_client", "orjson", "rq", "stealsim",
+)
+"""The import names of pyproject's dependencies (and the project): checked before any path runs."""
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,9 @@ def local_server(check: Check, deadline: float) -> Server:
 
 def single_image_load(server: Server, shape: tuple[int, ...], clients: int, seconds: float) -> float:
     """``clients`` concurrent clients, one image per binary request, for ``seconds``; images/s."""
+    import httpx
+    import numpy as np
+
     from stealsim.wire import API_KEY_HEADER, BINARY_CONTENT_TYPE, HEADER_LENGTH, infer_path
 
     image = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
@@ -246,6 +253,8 @@ def single_image_load(server: Server, shape: tuple[int, ...], clients: int, seco
 
 def batch_histogram(server: Server) -> tuple[float, float]:
     """(images, forward passes) of the model so far, from the server's Prometheus metrics."""
+    import httpx
+
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     found = {name: float(value) for name, value in re.findall(
         rf'^stealsim_batch_images_(sum|count){{model="{MODEL}"}} (\S+)$', text, re.MULTILINE)}
@@ -397,7 +406,10 @@ def device_line(device: str) -> str:
 
 
 def usable_device(device: str) -> str | None:
-    """Why ``device`` cannot run the check, or None."""
+    """Why this Python or ``device`` cannot run the check, or None."""
+    missing = [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"{sys.executable} lacks {', '.join(missing)} (see docs/server.md#gpu-check)"
     import torch
 
     if device == "cpu":

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import limits
 import yaml
 from pydantic import (
     BaseModel,
@@ -152,6 +153,16 @@ class ServerSettings(BaseSettings):
         if ":" in self.redis_prefix or not self.redis_prefix.strip():
             raise ValueError(f"redis_prefix {self.redis_prefix!r}: a non-empty name without ':'")
         return self
+
+    @field_validator("auth_failure_rate")
+    @classmethod
+    def _check_rate(cls, rate: str | None) -> str | None:
+        if rate is not None:
+            try:
+                limits.parse(rate)
+            except ValueError as exc:
+                raise ValueError(f"{rate!r} is not a rate: use the limits syntax, e.g. '20/minute'") from exc
+        return rate
 
     @field_validator("models")
     @classmethod

@@ -31,9 +31,10 @@ API (all in this module)::
   - ``declared_output`` / ``declared_datatype``: the output its metadata
     declares (``declared_output=None``: no output declared at all);
   - ``answered_output`` / ``answered_datatype``: the output name and datatype
-    the answers carry (``None``: the declared ones; for labels the default
-    datatype is INT64, for scores FP32). The requested output name is ignored,
-    as many custom servers do;
+    the answers carry (``None``: the declared name, else ``output``; INT64 for
+    labels, the declared datatype for scores). ``declared_datatype=None``
+    declares INT64 for labels and FP32 for scores. The requested output name
+    is ignored, as many custom servers do;
   - ``declared_shape``: the declared output shape (default ``[-1, 10]``, or
     ``[-1, 1]`` for labels);
   - ``input_shape`` (default ``[-1, 64]``) and ``input_datatype`` (``FP32``):
@@ -190,7 +191,7 @@ class KServeModel:
             **asdict(self),
             "declared_datatype": declared_type,
             "answered_output": self.answered_output or self.declared_output or "output",
-            "answered_datatype": self.answered_datatype or declared_type,
+            "answered_datatype": self.answered_datatype or ("INT64" if self.answers == "labels" else declared_type),
             "declared_shape": list(self.declared_shape or ((-1, 1) if self.answers == "labels" else (-1, 10))),
             "input_shape": list(self.input_shape),
         }

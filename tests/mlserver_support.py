@@ -6,12 +6,15 @@ that venv's Python so that its scikit-learn reads them back. It is a conformant
 Open Inference Protocol v2 server without stealsim's extensions: no binary
 tensors, no keys, no ``/v1/usage``.
 
-Models (all the same logistic regression on raw digits pixels, 0..16):
+Models (logistic regressions on raw digits pixels, 0..16):
 
 - ``digits``: input ``pixels`` FP64 ``[-1, 64]``, output ``predict_proba`` FP64 ``[-1, 10]``;
 - ``digits-labels``: input FP32 ``[-1, 64]``, output ``predict`` INT64 ``[-1, 1]`` (labels);
 - ``digits-mislabeled``: declares ``predict`` as FP64 ``[-1, 10]``, answers INT64 ``[N, 1]``;
-- ``digits-bare``: declares no inputs or outputs.
+- ``digits-bare``: declares no inputs or outputs;
+- ``digits-fp32``: the same regression trained on float32 pixels: input FP32, output
+  ``predict_proba`` declared FP64 ``[-1, 10]``, answered FP32 (the same probabilities
+  in another float width).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from sklearn.linear_model import LogisticRegression
 x, y = load_digits(return_X_y=True)
 model = LogisticRegression(max_iter=3000).fit(x[:1200], y[:1200])
 joblib.dump(model, sys.argv[1])
+joblib.dump(LogisticRegression(max_iter=3000).fit(x[:1200].astype(np.float32), y[:1200]), sys.argv[4])
 probe = np.load(sys.argv[2])
 np.save(sys.argv[3], model.predict_proba(probe))
 """
@@ -47,7 +51,10 @@ MODELS = {
     "digits-mislabeled": {"inputs": [{"name": "pixels", "datatype": "FP64", "shape": [-1, 64]}],
                           "outputs": [{"name": "predict", "datatype": "FP64", "shape": [-1, 10]}]},
     "digits-bare": {},
+    "digits-fp32": {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}], "outputs": [PROBA]},
 }
+FLOAT32_MODELS = {"digits-fp32"}
+"""Served by the model trained on float32 pixels: its predict_proba answers FP32 (declared FP64)."""
 
 
 class MLServer(LoggedProcess):
@@ -81,10 +88,11 @@ def mlserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MLServe
     np.save(root / "probe.npy", probe)
     python = str(Path(executable).with_name("python"))
     subprocess.run([python, "-c", TRAIN, str(root / "model.joblib"), str(root / "probe.npy"),
-                    str(root / "expected.npy")], check=True, timeout=120)
+                    str(root / "expected.npy"), str(root / "model32.joblib")], check=True, timeout=120)
     for name, metadata in MODELS.items():
         (root / name).mkdir()
-        (root / name / "model.joblib").symlink_to(root / "model.joblib")
+        (root / name / "model.joblib").symlink_to(root / ("model32.joblib" if name in FLOAT32_MODELS
+                                                           else "model.joblib"))
         (root / name / "model-settings.json").write_text(json.dumps({
             "name": name, "implementation": "mlserver_sklearn.SKLearnModel",
             "parameters": {"uri": "./model.joblib"}, **metadata,

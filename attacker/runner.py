@@ -50,10 +50,10 @@ from attacker.report import queries_to_reach, write_run_report
 from attacker.rundir import Ledger, RunDirectory
 from attacker.students import build_student
 from attacker.victims import BudgetedVictim, InProcessVictim, Metering, OutputKind, Victim
-from stealsim.errors import AttackError
+from stealsim.errors import AttackError, StealsimError
 from stealsim.training import seed_everything
 
-__all__ = ["RunSpec", "infer_eval_dataset", "run_attack", "transfer_evaluations"]
+__all__ = ["RunSpec", "RunStoppedError", "infer_eval_dataset", "run_attack", "transfer_evaluations"]
 
 logger = logging.getLogger(__name__)
 
@@ -275,12 +275,40 @@ def _stored_evaluation(stored: dict[str, Any], given: EvalConfig) -> EvalConfig:
     return EvalConfig(**values)
 
 
+class RunStoppedError(AttackError):
+    """A run that had started (its directory written) stopped on an error: ``--resume`` continues it.
+
+    Everything paid for is in ``out`` (ledger, checkpoint, answers journal); the CLI
+    prints where the run stopped and the command that resumes it.
+    """
+
+    def __init__(self, message: str, out: Path) -> None:
+        super().__init__(message)
+        self.out = out
+
+
+def _already_finished(run_dir: RunDirectory, config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """A finished run resumed: nothing to do and nothing charged (no victim is even opened).
+
+    Its ``report.md`` is written again when it is missing (a kill just before it).
+    """
+    if not (run_dir.path / "report.md").is_file():
+        write_run_report(run_dir.path, config, metrics, run_dir.read_history())
+    logger.warning("%s holds a finished run (%s of %s queries, stop reason %s): nothing to resume, nothing charged",
+                   run_dir.path, f"{metrics.get('queries_used', 0):,}", f"{config.get('budget', 0):,}",
+                   metrics.get("stop_reason"))
+    return {**metrics, "already_finished": True}
+
+
 def run_attack(spec: RunSpec) -> dict[str, Any]:
     """Run (or resume) one attack; write the run directory; return the final metrics.
 
     Raises :class:`AttackError` before any query and any write when the keys
-    cannot cover the plan (see the module docstring). A failed final evaluation
-    does not raise: the metrics carry ``evaluation_error``.
+    cannot cover the plan (see the module docstring), and :class:`RunStoppedError`
+    when the victim fails for good after the run has started (the directory keeps
+    everything paid for; ``--resume`` continues). A failed final evaluation does
+    not raise: the metrics carry ``evaluation_error``. A finished run resumed
+    returns its metrics with ``already_finished`` and charges nothing.
     """
     from stealsim.data import load_dataset
     from stealsim.training import resolve_device
@@ -296,6 +324,9 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
         stored = run_dir.read_json("config.json")
         if stored.get("attack") != spec.attack:
             raise AttackError(f"{spec.out} holds a {stored.get('attack')} run, not {spec.attack}")
+        finished = run_dir.finished_metrics()
+        if finished is not None:
+            return _already_finished(run_dir, stored, finished)
         settings_overrides = dict(stored.get("settings", {}))
         spec = replace(spec, budget=int(stored["budget"]), seed=int(stored["seed"]),
                        eval_every=int(stored.get("eval_every", 0)),
@@ -362,14 +393,17 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
              if metering_of(victim) == "client-only" else
              "the attack key" if eval_on_attack_key else ("the evaluation key" if spec.url else "nobody (in-process)")),
         )
-        outcome = attack.run(
-            victim,
-            loop_config,
-            run_dir,
-            evaluator,
-            resume=spec.resume,
-            ledger=ledger,
-        )
+        try:
+            outcome = attack.run(
+                victim,
+                loop_config,
+                run_dir,
+                evaluator,
+                resume=spec.resume,
+                ledger=ledger,
+            )
+        except StealsimError as exc:  # the victim failed for good, after the retries: resumable
+            raise RunStoppedError(str(exc), spec.out) from exc
         metrics = dict(outcome.metrics)
         previous = run_dir.read_json("metrics.json").get("wall_seconds", 0.0) if (
             spec.resume and (spec.out / "metrics.json").is_file()) else 0.0

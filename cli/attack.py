@@ -1,9 +1,19 @@
-"""The attacker's command: steal a victim within a query budget."""
+"""The attacker's command: steal a victim within a query budget.
+
+Exit status: 0 the run finished (or was already finished: a resume then does nothing);
+1 it finished but its final evaluation failed; 2 refused before it started, nothing
+written (bad flags, keys that cannot pay, a victim that answers in another form);
+3 it stopped on an error after it started (the victim failed for good after the
+retries): the run directory keeps everything paid for and ``--resume`` continues;
+130 interrupted (Ctrl-C), resumable alike.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,7 +23,52 @@ from cli.options import DeviceOption
 from cli.set_aliases import alias_settings, with_set_aliases
 from stealsim.errors import ConfigError
 
-__all__ = ["attack"]
+__all__ = ["EXIT_EVALUATION_FAILED", "EXIT_INTERRUPTED", "EXIT_STOPPED", "attack"]
+
+EXIT_EVALUATION_FAILED = 1
+EXIT_STOPPED = 3
+"""Stopped on an error after the run started; distinct from 2 (refused, nothing written)."""
+EXIT_INTERRUPTED = 130
+
+_SECRETS = {"--api-key": '"$STEALSIM_API_KEY"', "--eval-api-key": '"$STEALSIM_EVAL_API_KEY"'}
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes this run: ``argv`` with ``--resume``, no secret printed.
+
+    Keys given on the command line become ``"$STEALSIM_API_KEY"`` / ``"$STEALSIM_EVAL_API_KEY"``
+    (the variables those flags read), header values ``***``.
+    """
+    words = ["stealsim"]
+    hidden: str | None = None
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if hidden is not None:
+            words.append(_SECRETS.get(hidden) or shlex.quote(f"{name}=***"))
+            hidden = None
+        elif name in _SECRETS and sep:
+            words.append(f"{name}={_SECRETS[name]}")
+        elif name == "--header" and sep:
+            words.append(shlex.quote(f"--header={value.partition('=')[0]}=***"))
+        elif arg in _SECRETS or arg == "--header":
+            words.append(arg)
+            hidden = arg
+        else:
+            words.append(shlex.quote(arg))
+    if "--resume" not in argv:
+        words.append("--resume")
+    return " ".join(words)
+
+
+def _stopped_note(out: Path, budget: int, resumed: bool, what: str) -> str:
+    """Where a run that did not finish stopped, and the command that resumes it."""
+    from attacker.rundir import RunDirectory
+
+    command = resume_command(sys.argv[1:])
+    keys = [name for name in ("STEALSIM_API_KEY", "STEALSIM_EVAL_API_KEY") if f'"${name}"' in command]
+    if keys:
+        command += f"   (with {' and '.join(keys)} set to the keys)"
+    return RunDirectory(out).interruption_note(budget, resumed, command, what)
 
 
 def _numbers(flag: str, text: str, count: tuple[int, ...], kind: type = float) -> tuple[Any, ...]:
@@ -116,13 +171,16 @@ def attack(
 
     Over HTTP the run is refused (exit 2, nothing charged or written) when the keys
     cannot cover --budget plus the planned evaluation; a final evaluation that still
-    fails leaves the run directory written and exits 1.
+    fails leaves the run directory written and exits 1; a run the victim stops after
+    it started (errors that outlast the retries) keeps its directory, prints the
+    command that resumes it and exits 3 (Ctrl-C: 130). --resume on a finished run
+    does nothing and charges nothing.
     """
     import torch
 
     from attacker.endpoint import EndpointOptions
     from attacker.evaluation import EvalConfig
-    from attacker.runner import RunSpec, run_attack
+    from attacker.runner import RunSpec, RunStoppedError, run_attack
 
     overrides = alias_settings(aliases)
     for text in setting or []:
@@ -167,14 +225,18 @@ def attack(
             )
         )
     except KeyboardInterrupt:
-        from attacker.rundir import RunDirectory
-
-        typer.echo(RunDirectory(out).interruption_note(budget, resume), err=True)
-        raise typer.Exit(code=130) from None
+        typer.echo(_stopped_note(out, budget, resume, "interrupted"), err=True)
+        raise typer.Exit(code=EXIT_INTERRUPTED) from None
+    except RunStoppedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        typer.echo(_stopped_note(out, budget, resume, "stopped"), err=True)
+        raise typer.Exit(code=EXIT_STOPPED) from None
+    if metrics.get("already_finished"):
+        typer.echo(f"{out} holds a finished run: nothing to resume, nothing charged", err=True)
     shown = ("queries_used", "fidelity", "accuracy", "victim_accuracy", "transfer_success_rate",
              "eval_queries", "planned_eval_queries", "stop_reason")
     typer.echo(f"{out}: " + " ".join(f"{k}={metrics.get(k)}" for k in shown))
     if metrics.get("evaluation_error"):
         typer.echo(f"error: final evaluation failed: {metrics['evaluation_error']} "
                    f"(the run directory {out} holds what was measured)", err=True)
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_EVALUATION_FAILED)

@@ -10,17 +10,28 @@ double counting, and a run stopped by an error keeps its directory and says how 
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from kserve_support import KServeModel, start_kserve
+from server_support import ServerProcess, admin, new_key
 from torch import Tensor
 
 from attacker.attacks import ATTACKS, build_attack
+from attacker.client import HttpVictim, RetryPolicy
+from attacker.endpoint import EndpointOptions
 from attacker.journal import AnswerJournal
 from attacker.loop import LoopConfig
 from attacker.rundir import RunDirectory
-from attacker.victims import InProcessVictim
+from attacker.victims import BudgetedVictim, InProcessVictim
+from stealsim.errors import VictimAPIError
 from stealsim.training import seed_everything
 
 TINY = {"student_width": 8, "generator_width": 8, "batch_size": 64, "latent_dim": 16}
@@ -138,3 +149,149 @@ def test_a_record_cut_short_is_dropped_and_the_journal_goes_on(tmp_path: Path) -
     journal.clear()
     journal.close()
     assert journal.read() == [] and journal.answered_until() == 0
+
+
+# -- over real HTTP: a stealsim server ------------------------------------------------------------
+
+
+FLAGS = ["--set", "student_width=8", "--batch-size", "64", "--transfer-samples", "20",
+         "--reference-epochs", "1", "--threads", "1", "--quiet"]
+
+
+def usage(server: ServerProcess, key: str) -> int:
+    response = httpx.get(f"{server.url}/v1/usage", headers={"X-API-Key": key}, timeout=30)
+    assert response.status_code == 200, response.text
+    return int(response.json()["used"])
+
+
+def attack_command(server: ServerProcess, key: str, out: Path, budget: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "stealsim", "attack", "random", "--url", server.url, "--api-key", key,
+            "--model", "victim", "--budget", str(budget), "--out", str(out), *FLAGS, *extra]
+
+
+def run_cli(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=240)
+
+
+def wait_for(out: Path, process: subprocess.Popen[str] | subprocess.Popen[bytes], queries: int,
+             journaled: bool = False) -> int:
+    """Wait until the run's ledger holds ``queries`` (and, with ``journaled``, its journal an answer)."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            spent = int(json.loads((out / "ledger.json").read_text())["attack_queries"])
+        except (OSError, json.JSONDecodeError, KeyError):
+            spent = 0
+        journal = out / "answers.journal"
+        if spent >= queries and (not journaled or (journal.is_file() and journal.stat().st_size > 0)):
+            return spent
+        time.sleep(0.005)
+    raise AssertionError("the run ended before it reached the point to stop it")
+
+
+def test_resuming_a_finished_run_does_nothing_and_charges_nothing(
+    victim_server: ServerProcess, client: httpx.Client, tmp_path: Path
+) -> None:
+    key = new_key(client, budget=10_000)
+    out = tmp_path / "run"
+    command = attack_command(victim_server, key, out, 2000)
+    assert run_cli(command).returncode == 0
+    before, metrics = usage(victim_server, key), (out / "metrics.json").read_bytes()
+    (out / "report.md").unlink()  # as if killed before the report was written
+    result = run_cli([*command, "--resume"])
+    assert result.returncode == 0, result.stderr
+    assert "holds a finished run: nothing to resume, nothing charged" in result.stderr
+    assert "queries_used=2000" in result.stdout
+    assert usage(victim_server, key) == before  # not one image: no final evaluation again
+    assert (out / "metrics.json").read_bytes() == metrics and (out / "report.md").is_file()
+
+
+def test_a_sigkilled_run_resumed_pays_each_answer_once(
+    victim_server: ServerProcess, client: httpx.Client, tmp_path: Path
+) -> None:
+    budget = 8000
+    key = new_key(client, budget=20_000)
+    out = tmp_path / "run"
+    command = attack_command(victim_server, key, out, budget, "--eval-every", "1000")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(out, process, 2500, journaled=True)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    run_dir = RunDirectory(out)
+    ledger = run_dir.read_ledger()  # the ledger file, or the journal where it is one request ahead
+    journaled = sum(record.count for record in run_dir.journal().read())
+    checkpoint = run_dir.load_checkpoint()
+    assert checkpoint is not None and journaled == ledger.attack_queries - int(checkpoint["queries"]) > 0
+    server_at_kill = usage(victim_server, key)
+    unrecorded = server_at_kill - ledger.attack_queries - ledger.eval_queries  # a request in flight at the kill
+    assert unrecorded >= 0
+
+    result = run_cli([*command, "--resume"])
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["queries_used"] == budget and metrics["server_count_matches"] is True
+    assert usage(victim_server, key) == budget + metrics["eval_queries"]
+    # The answers journaled since the checkpoint were replayed, not bought again: after the kill the
+    # server charged only the budget the run had not spent, and the evaluation.
+    assert metrics["replayed_queries"] == journaled and metrics["lost_queries"] == unrecorded
+    charged_after = usage(victim_server, key) - server_at_kill
+    assert charged_after == budget - ledger.attack_queries - unrecorded + metrics["eval_queries"] - ledger.eval_queries
+    history = [json.loads(line)["queries"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert history == sorted(history) and history[-1] == budget
+
+
+def test_a_run_stopped_by_an_error_keeps_its_directory_and_says_how_to_resume(
+    victim_server: ServerProcess, client: httpx.Client, tmp_path: Path
+) -> None:
+    key_response = client.post("/v1/admin/keys", json={"budget": 50_000}, headers=admin())
+    assert key_response.status_code == 201, key_response.text
+    key, key_id = key_response.json()["api_key"], key_response.json()["key_id"]
+    out = tmp_path / "run"
+    command = attack_command(victim_server, key, out, 40_000)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out, process, 1000)
+    assert client.delete(f"/v1/admin/keys/{key_id}", headers=admin()).status_code in (200, 204)  # revoked mid-run: 401 from now on
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 3, stderr  # not 2: the run had started and wrote its directory
+    assert "error: " in stderr and "401" in stderr
+    spent = RunDirectory(out).read_ledger().attack_queries
+    assert f"stopped at {spent:,} of 40,000 queries" in stderr
+    assert f"keeps everything paid for; to continue: stealsim attack random --url {victim_server.url}" in stderr
+    assert '--api-key "$STEALSIM_API_KEY"' in stderr and key not in stderr and stderr.rstrip().endswith(
+        "(with STEALSIM_API_KEY set to the keys)")
+    assert (out / "config.json").is_file() and not (out / "metrics.json").exists()
+
+
+# -- over real HTTP: a KServe server that fails -----------------------------------------------------
+
+
+def test_transient_500s_are_retried_with_exact_counts(tmp_path: Path) -> None:
+    """A KServe model that fails one inference request in twenty (HTTP 500) is stolen all the same."""
+    with start_kserve([KServeModel("flaky", fail_every=20)], tmp_path / "kserve") as server:
+        out = tmp_path / "run"
+        command = [sys.executable, "-m", "stealsim", "attack", "random", "--url", server.url, "--model", "flaky",
+                   "--budget", "3000", "--out", str(out), "--input-range", "0,16", "--output-kind", "logits",
+                   "--batch-size", "50", "--transfer-samples", "10", "--reference-epochs", "1",
+                   "--threads", "1", "--quiet"]
+        result = run_cli(command)
+        assert result.returncode == 0, result.stderr
+        metrics = json.loads((out / "metrics.json").read_text())
+        counts = server.counts("flaky")
+    assert metrics["queries_used"] == 3000 and metrics["stop_reason"] == "budget_spent"
+    assert counts["failed"] >= 3  # 60 requests of the attack alone, and the evaluation's
+    assert metrics["http_retries"] == counts["failed"]  # each failure retried once, and answered then
+    assert counts["images"] == 3000 + metrics["eval_queries"]  # what the server answered = what the run counted
+
+
+def test_a_server_that_keeps_failing_ends_the_request_after_the_retries(tmp_path: Path) -> None:
+    with start_kserve([KServeModel("broken", fail_every=1)], tmp_path / "kserve") as server:
+        retry = RetryPolicy(max_retries=3, base_delay=0.001)
+        with HttpVictim(server.url, None, "broken", retry=retry,
+                        options=EndpointOptions(input_range=(0.0, 16.0), output_kind="logits")) as victim:
+            metered = BudgetedVictim(victim, 100)
+            with pytest.raises(VictimAPIError) as failure:
+                metered.query(torch.rand(5, 1, 8, 8))
+        counts = server.counts("broken")
+    assert failure.value.status == 500
+    assert counts == {"requests": 4, "images": 0, "failed": 4}  # the request and its 3 retries
+    assert metered.spent == 0 and victim.retries == 3

@@ -280,8 +280,18 @@ def _missing_classes(output_name: str | None, declared: dict[str, Any] | None, k
 
 def negotiate(server_meta: dict[str, Any] | None, model_meta: dict[str, Any],
               options: EndpointOptions | None = None, model: str = "victim") -> Endpoint:
-    """The endpoint the user's options and the metadata describe; :class:`AttackError` naming what is missing."""
-    options = options or EndpointOptions()
+    """The endpoint the user's options and the metadata describe; :class:`AttackError` naming what is missing.
+
+    A refusal here comes from the metadata alone: its message says that no image was sent.
+    """
+    try:
+        return _negotiate(server_meta, model_meta, options or EndpointOptions(), model)
+    except AttackError as exc:
+        raise AttackError(f"{exc} (from the metadata alone: no image was sent)") from exc
+
+
+def _negotiate(server_meta: dict[str, Any] | None, model_meta: dict[str, Any], options: EndpointOptions,
+               model: str) -> Endpoint:
     overrides: list[str] = []
     try:
         extensions = [str(e) for e in (server_meta or {}).get("extensions") or []]

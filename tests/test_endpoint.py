@@ -210,6 +210,7 @@ def test_missing_classes_say_what_the_metadata_lacks() -> None:
         with pytest.raises(AttackError, match=re.escape(message) + ".*pass --num-classes") as refused:
             negotiate(PLAIN, metadata, options)
         assert "None" not in str(refused.value)
+        assert str(refused.value).endswith("(from the metadata alone: no image was sent)")
 
 
 def test_output_name_flag_reads_what_the_server_answers() -> None:

@@ -125,7 +125,7 @@ def attack(
     ] = None,
     wire: Annotated[str, typer.Option(help="auto (binary tensors where the server advertises them), json or binary.")] = "auto",
     input_shape: Annotated[
-        str | None, typer.Option(metavar="C,H,W", help="Per-example input shape where the metadata does not tell it: C,H,W, H,W or D.")
+        str | None, typer.Option(metavar="C,H,W", help="Per-example input shape: C,H,W, H,W or D (over the metadata's).")
     ] = None,
     input_range: Annotated[
         str | None, typer.Option(metavar="LOW,HIGH", help="Pixel range the model takes (default: the metadata's, else 0,1).")
@@ -133,8 +133,8 @@ def attack(
     output_kind: Annotated[
         str | None, typer.Option(help="probabilities, logits or label (default: the metadata's, else by datatype).")
     ] = None,
-    output_name: Annotated[str | None, typer.Option(help="Output to request where the metadata declares none.")] = None,
-    num_classes: Annotated[int | None, typer.Option(min=2, help="Classes, where the metadata does not tell them.")] = None,
+    output_name: Annotated[str | None, typer.Option(help="Output to request and read (over the metadata's first output).")] = None,
+    num_classes: Annotated[int | None, typer.Option(min=2, help="Classes (over the metadata's).")] = None,
     victim_checkpoint: Annotated[
         Path | None, typer.Option(help="Attack a checkpoint in this process instead of --url.")
     ] = None,

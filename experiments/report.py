@@ -280,8 +280,8 @@ def seed_table(groups: Sequence[RunGroup], metrics: Sequence[str] = SEED_METRICS
     have a single seed or no baseline, and which runs report an evaluation error.
     """
     baselines = _baselines(groups)
-    header = ("| group | attack | victim | dataset | n | seeds | " + " | ".join(metrics)
-              + f" | fidelity − {BASELINE_ATTACK} |")
+    header = ("| group | attack | n | seeds | " + " | ".join(metrics)
+              + f" | fidelity − {BASELINE_ATTACK} | victim | dataset |")
     lines = [header, "| --- " * (len(metrics) + 7) + "|"]
     for index, group in enumerate(groups):
         count = len(group.runs)
@@ -295,8 +295,8 @@ def seed_table(groups: Sequence[RunGroup], metrics: Sequence[str] = SEED_METRICS
             ours, theirs = spread(group.values("fidelity")), spread(baseline.values("fidelity"))
             versus = f"{ours.mean - theirs.mean:+.4f}" if ours and theirs else "—"
         seeds = ", ".join(str(seed) for seed in group.seeds)
-        lines.append(f"| {group.label} | {group.attack} | {group.column(victim_name)} | {group.column(dataset_name)} "
-                     f"| {'1 seed' if count == 1 else count} | {seeds} | {cells} | {versus} |")
+        lines.append(f"| {group.label} | {group.attack} | {'1 seed' if count == 1 else count} | {seeds} "
+                     f"| {cells} | {versus} | {group.column(victim_name)} | {group.column(dataset_name)} |")
     notes = [
         "",
         f"Cells: mean ± sample std (n − 1) (min) over the seeds of a group, a single run's value alone "
@@ -450,13 +450,13 @@ def compare_runs(paths: Sequence[Path], plot_path: Path | None = None) -> str:
     """A markdown table of runs, one row each (accuracy and fidelity with their 95 % interval), and
     with ``plot_path`` one curve per run."""
     runs = read_runs(paths)
-    header = "| run | attack | victim | dataset | seed | " + " | ".join(COMPARED_METRICS) + " |"
+    header = "| run | attack | seed | " + " | ".join(COMPARED_METRICS) + " | victim | dataset |"
     rule = "| --- " * (len(COMPARED_METRICS) + 5) + "|"
     lines = [header, rule]
     for run in runs:
         cells = " | ".join(_cell(RunGroup(run.path.name, [run]), name) for name in COMPARED_METRICS)
-        lines.append(f"| {run.path.name} | {run.config.get('attack')} | {victim_name(run.config)} "
-                     f"| {dataset_name(run.config)} | {run.seed} | {cells} |")
+        lines.append(f"| {run.path.name} | {run.config.get('attack')} | {run.seed} | {cells} "
+                     f"| {victim_name(run.config)} | {dataset_name(run.config)} |")
     text = "\n".join(lines) + "\n"
     stopped = stopped_runs_note(runs)
     if stopped:

@@ -150,12 +150,14 @@ def test_cli_report_aggregates_by_default(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "stealsim", "report", *paths]
     aggregated = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert aggregated.returncode == 0, aggregated.stderr
-    assert aggregated.stdout.startswith("| group | attack | victim | dataset | n | seeds | fidelity |")
-    assert ("| dual-student | dual-student | normal (HTTP) | digits test | 2 | 0, 1 | 0.8500 ± 0.0707 (0.8000) |"
-            in aggregated.stdout)
+    assert "| dual-student | dual-student | 2 | 0, 1 | 0.8500 ± 0.0707 (0.8000) |" in aggregated.stdout
+    header, _, row, *_ = aggregated.stdout.splitlines()
+    assert header.endswith("| fidelity − random | victim | dataset |")
+    assert row.endswith("| no baseline | normal (HTTP) | digits test |")
     each = subprocess.run([*command, "--per-run"], capture_output=True, text=True, timeout=120)
-    assert each.stdout.startswith("| run | attack | victim | dataset | seed |")
-    assert each.returncode == 0 and "| s1 | dual-student | normal (HTTP) | digits test | 1 |" in each.stdout
+    assert each.returncode == 0 and "| s1 | dual-student | 1 |" in each.stdout
+    header, _, row, *_ = each.stdout.splitlines()
+    assert header.endswith("| wall_seconds | victim | dataset |") and row.endswith("| normal (HTTP) | digits test |")
 
 
 def test_published_reference_points_are_read_and_drawn(tmp_path: Path) -> None:
@@ -255,12 +257,12 @@ def test_tables_show_intervals_victim_dataset_and_whole_group_names(tmp_path: Pa
     assert not any("…" in name or "{" in name for name in names)
     table = seed_table(groups, ("fidelity", "accuracy"))
     low, high = final["fidelity_ci95_low"], final["fidelity_ci95_high"]
-    assert f"| nasty (HTTP) | digits test | 1 seed | 0 | 0.9500 ({low:.4f}–{high:.4f}) |" in table
+    assert f"| 1 seed | 0 | 0.9500 ({low:.4f}–{high:.4f}) |" in table and "| nasty (HTTP) | digits test |" in table
     assert 0.92 < low < 0.95 < high < 0.97
     assert "360 evaluation images, so one image moves them by 0.28 points" in table
     assert "accuracy equals fidelity" not in table  # the victim gets 358 of 360
     per_run = compare_runs(paths)
-    assert f"| c | dual-student | nasty (HTTP) | digits test | 0 | 1,000 | 0.9500 ({low:.4f}–{high:.4f}) |" in per_run
+    assert f"| c | dual-student | 0 | 1,000 | 0.9500 ({low:.4f}–{high:.4f}) |" in per_run
 
     write_run_report(paths[0], json.loads((paths[0] / "config.json").read_text()), final, history)
     report = (paths[0] / "report.md").read_text()

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from redis_support import delete_prefix, redis_url  # noqa: F401
+from redis_support import WorkerProcess, delete_prefix, redis_url  # noqa: F401
 from server_support import ADMIN_KEY, ServerProcess, admin, json_request, new_key
 
 MODEL = "victim"
@@ -60,9 +60,35 @@ def redis_server(digits_checkpoint: Path, redis_url: str,  # noqa: F811
     delete_prefix(redis_url, prefix)
 
 
+@pytest.fixture(scope="module")
+def redis_batching_server(digits_checkpoint: Path, redis_url: str,  # noqa: F811
+                          tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Redis state and Redis batching, with one worker that waits BATCH_WAIT_MS to fill a batch."""
+    prefix = "stealsim-test-" + uuid.uuid4().hex[:10]
+    logs = tmp_path_factory.mktemp("security-redis-batching")
+    worker = WorkerProcess(redis_url, prefix, {MODEL: digits_checkpoint, "other": digits_checkpoint},
+                           args=["--max-wait-ms", str(BATCH_WAIT_MS)], log_path=logs / "worker.log")
+    try:
+        worker.wait_seen(redis_url, prefix, MODEL)
+        server = _start(digits_checkpoint, logs / "server.log",
+                        ["--redis-url", redis_url, "--redis-prefix", prefix, "--batching", "redis"])
+        yield server
+        server.stop()
+    finally:
+        worker.stop()
+        delete_prefix(redis_url, prefix)
+
+
 @pytest.fixture(params=["memory", "redis"])
 def any_server(request: pytest.FixtureRequest) -> ServerProcess:
     """The service on each state backend: in memory, and in Redis."""
+    server: ServerProcess = request.getfixturevalue(f"{request.param}_server")
+    return server
+
+
+@pytest.fixture(params=["memory", "redis", "redis_batching"])
+def any_backend(request: pytest.FixtureRequest) -> ServerProcess:
+    """The service on each backend: in memory, Redis state, Redis state and batching."""
     server: ServerProcess = request.getfixturevalue(f"{request.param}_server")
     return server
 
@@ -267,17 +293,20 @@ def test_a_client_gone_mid_body_counts_as_499_without_a_traceback(
     gone = 'stealsim_errors_total{code="client_disconnected",status="499"}'
     before = metric(http, gone)
     host, port = memory_server.url.removeprefix("http://").split(":")
-    headers = {"Content-Type": "application/json", "Content-Length": "100000", "X-API-Key": key}
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(request_head("POST", f"/v2/models/{MODEL}/infer", headers) + b'{"inputs": [')
-        time.sleep(0.2)
-    assert wait_for(lambda: metric(http, gone) == before + 1), http.get("/metrics").text
+    headers = {"Content-Type": "application/json", "Content-Length": "50000", "X-API-Key": key}
+    admin_headers = {**headers, "X-API-Key": ADMIN_KEY}
+    for path, sent in ((f"/v2/models/{MODEL}/infer", headers), ("/v1/admin/keys", admin_headers)):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(request_head("POST", path, sent) + b'{"inputs": [')
+            time.sleep(0.2)
+    assert wait_for(lambda: metric(http, gone) == before + 2), http.get("/metrics").text
     assert metric(http, 'stealsim_errors_total{code="internal",status="500"}') == 0
     assert "Traceback" not in memory_server.log()
     assert used(http, key) == 0
 
 
-def test_a_caller_that_resets_after_being_charged_is_refunded(any_server: ServerProcess) -> None:
+def test_a_caller_that_resets_after_being_charged_is_refunded(any_backend: ServerProcess) -> None:
+    any_server = any_backend
     with httpx.Client(base_url=any_server.url, timeout=15.0) as client:
         key = new_key(client)
         content = json.dumps(json_request(images(8))).encode()

@@ -160,6 +160,8 @@ class RunRow:
     wall_seconds: float | None = None
     victim_accuracy: float | None = None
     eval_queries: int | None = None
+    eval_images: int | None = None
+    """Images of the evaluation split: the resolution of accuracy and fidelity."""
     server_count_matches: bool | None = None
     stop_reason: str | None = None
     error: str | None = None
@@ -248,6 +250,10 @@ def _write_outputs(config: DemoConfig, rows: Sequence[RunRow], meta: dict[str, A
         f"- [{row.run_name}](runs/{row.run_name}/report.md)" for row in rows if row.status == "done"
     )
     errors = "\n".join(f"- {row.run_name}: {row.error}" for row in rows if row.error)
+    sizes = sorted({row.eval_images for row in rows if row.eval_images})
+    resolution = (f" Accuracy and fidelity are shares of {' or '.join(f'{n:,}' for n in sizes)} test images: "
+                  f"one image is {100 / sizes[-1]:.2f} points; each run's report gives their 95 % interval."
+                  if sizes else "")
     text = f"""# stealsim demo
 
 Status: **{status}**. Budget {_cell(meta.get('budget'))} attack queries per run
@@ -262,7 +268,7 @@ Victims ({meta.get('dataset')}):
 
 `fidelity`: share of test images on which the clone agrees with the victim;
 `transfer success`: share of PGD examples crafted on the clone that fool the
-victim; `wall s`: seconds of the run (attack and evaluation).
+victim; `wall s`: seconds of the run (attack and evaluation).{resolution}
 
 {markdown_table(rows)}
 {figures}
@@ -353,6 +359,7 @@ def _run_one(config: DemoConfig, row: RunRow, url: str, admin_key: str) -> None:
     row.transfer_success_rate = float(metrics["transfer_success_rate"])
     row.victim_accuracy = float(metrics["victim_accuracy"])
     row.eval_queries = int(metrics["eval_queries"])
+    row.eval_images = int(metrics["eval_images"]) if metrics.get("eval_images") else None
     row.server_count_matches = bool(metrics.get("server_count_matches")) if "server_count_matches" in metrics else None
     row.stop_reason = str(metrics.get("stop_reason"))
 

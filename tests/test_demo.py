@@ -107,6 +107,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, victim_cache: Path) -> None:
     report = (out / "report.md").read_text()
     for attack in demo_attacks():
         assert f"| {attack} | nasty |" in report
+    assert "shares of 360 test images: one image is 0.28 points" in report  # the digits test split
     for name in summary["plots"].values():
         assert (out / name).stat().st_size > 1000
     assert set(summary["plots"]) == {"normal", "nasty"}

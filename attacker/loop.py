@@ -405,7 +405,7 @@ class Attack(ABC):
         next_eval: int,
         finished: dict[str, Any] | None = None,
     ) -> None:
-        """Save the attack's state; the journal, which it now covers, starts empty.
+        """Save the attack's state; the journals, which it now covers, start empty.
 
         ``queries``: images paid for; ``used``: images answered to the attack (they differ
         by answers paid for but never received); ``finished``: set once the run has ended
@@ -426,6 +426,7 @@ class Attack(ABC):
         )
         if budgeted.journal is not None:
             budgeted.journal.clear()
+        run_dir.journal("evaluation").clear()  # the history in the checkpoint holds what it was for
 
 
 def _on_device(state: dict[str, Any], device: torch.device) -> dict[str, Any]:

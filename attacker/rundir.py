@@ -6,6 +6,7 @@
     RUN/ledger.json       queries spent so far, rewritten after every answered request
     RUN/answers.journal   every request answered since the checkpoint: images and answers, on disk
                           before the ledger counts them (:mod:`attacker.journal`); replayed on resume
+    RUN/eval-answers.journal  the same for the evaluation's queries
     RUN/checkpoint.pt     attack state (students, generator, optimisers, replay memories, RNG) at the
                           last evaluation
     RUN/clone.ts          the final clone as a TorchScript graph (pixels in [0, 1] -> logits), for
@@ -35,7 +36,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from attacker.journal import AnswerJournal
 from stealsim.errors import AttackError
@@ -133,11 +134,13 @@ class RunDirectory:
         """The ledger, counting every journaled answer (a kill can fall between the journal and the ledger)."""
         ledger = Ledger(**self.read_json("ledger.json")) if (self.path / "ledger.json").is_file() else Ledger()
         ledger.attack_queries = max(ledger.attack_queries, self.journal().answered_until())
+        ledger.eval_queries = max(ledger.eval_queries, self.journal("evaluation").answered_until())
         return ledger
 
-    def journal(self) -> AnswerJournal:
-        """The attack's answers journal (``answers.journal``)."""
-        return AnswerJournal(self.path / "answers.journal")
+    def journal(self, queries: Literal["attack", "evaluation"] = "attack") -> AnswerJournal:
+        """The answers journal of the attack's queries (``answers.journal``) or of the
+        evaluation's (``eval-answers.journal``)."""
+        return AnswerJournal(self.path / ("answers.journal" if queries == "attack" else "eval-answers.journal"))
 
     def finished_metrics(self) -> dict[str, Any] | None:
         """The final metrics of a finished run; ``None`` while it is not (no ``metrics.json``, or a

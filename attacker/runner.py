@@ -333,6 +333,7 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
                        evaluation=_stored_evaluation(stored, spec.evaluation))
         ledger = run_dir.read_ledger()
     victim, eval_victim, eval_on_attack_key = _open_victims(spec)
+    metered_eval: BudgetedVictim | None = None
     try:
         eval_name = spec.eval_dataset or infer_eval_dataset(victim.info.input_shape)
         dataset = load_dataset(eval_name)
@@ -346,8 +347,8 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
 
         writing = False  # no file until every check has passed
 
-        def eval_charged(used: int) -> None:
-            ledger.eval_queries = used
+        def eval_charged(spent: int) -> None:
+            ledger.eval_queries = max(ledger.eval_queries, spent)
             if writing:
                 run_dir.write_ledger(ledger)
 
@@ -393,6 +394,11 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
              if metering_of(victim) == "client-only" else
              "the attack key" if eval_on_attack_key else ("the evaluation key" if spec.url else "nobody (in-process)")),
         )
+        # The evaluation's answers are journaled as the attack's are, and a resumed run's
+        # evaluations are answered from the journal first (no evaluation query bought twice).
+        if spec.resume:
+            metered_eval.replay_counted(run_dir.journal("evaluation").read(repair=True))
+        metered_eval.journal = run_dir.journal("evaluation")
         try:
             outcome = attack.run(
                 victim,
@@ -435,5 +441,7 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
                          metrics["evaluation_error"])
         return metrics
     finally:
+        if metered_eval is not None and metered_eval.journal is not None:
+            metered_eval.journal.close()
         for one in {id(victim): victim, id(eval_victim): eval_victim}.values():
             one.close()

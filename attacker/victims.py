@@ -298,6 +298,12 @@ class BudgetedVictim:
         remaining = self.remaining
         return wanted if remaining is None else min(wanted, remaining)
 
+    def replay_counted(self, records: Sequence[JournalRecord]) -> None:
+        """Answer the next requests from ``records`` (see the class docstring), which :attr:`used`
+        counts already (the evaluation's journal: its count is not the attack's progress)."""
+        self.used -= sum(record.count for record in records)
+        self._replay.extend(records)
+
     def stop_replay(self, reason: str) -> None:
         """Give up the records not replayed: they stay paid for (:attr:`forfeited`), unused."""
         if not self._replay:

@@ -27,10 +27,13 @@ from torch import Tensor
 from attacker.attacks import ATTACKS, build_attack
 from attacker.client import HttpVictim, RetryPolicy
 from attacker.endpoint import EndpointOptions
+from attacker.evaluation import EvalConfig, Evaluator
 from attacker.journal import AnswerJournal
 from attacker.loop import LoopConfig
-from attacker.rundir import RunDirectory
+from attacker.rundir import Ledger, RunDirectory
+from attacker.students import build_student
 from attacker.victims import BudgetedVictim, InProcessVictim
+from stealsim.data import load_dataset
 from stealsim.errors import VictimAPIError
 from stealsim.training import seed_everything
 
@@ -129,6 +132,57 @@ def test_an_interrupted_run_resumed_trains_as_the_uninterrupted_one(
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_a_run_killed_in_its_final_evaluation_does_not_buy_the_evaluation_again(
+    local_victim: InProcessVictim, tmp_path: Path
+) -> None:
+    """The evaluation's answers are journaled too: killed half-way through the final transfer
+    queries and resumed, the run asks only for the rest, and measures what it would have."""
+    torch.set_num_threads(1)
+    config = LoopConfig(budget=640, eval_every=320, seed=3, show_progress=False)
+    data = load_dataset("digits")
+    evaluation = EvalConfig(transfer_samples=20, reference_epochs=1)
+
+    def run(out: Path, eval_victim: Counting, resume: bool = False) -> dict[str, object]:
+        run_dir = RunDirectory(out)
+        ledger = run_dir.read_ledger() if resume else Ledger()
+        metered = BudgetedVictim(eval_victim, None, used=ledger.eval_queries,
+                                 journal=run_dir.journal("evaluation"))
+        if resume:
+            metered.replay_counted(run_dir.journal("evaluation").read(repair=True))
+
+        def charged(spent: int) -> None:
+            ledger.eval_queries = max(ledger.eval_queries, spent)
+
+        metered.on_charge = charged
+        seed_everything(config.seed)
+        attack = build_attack("random", local_victim.info, torch.device("cpu"), **tiny_settings("random"))
+        evaluator = Evaluator(data, metered, evaluation, cache_dir=out, reference_factory=lambda: build_student(
+            local_victim.info, attack.settings.student_settings()))
+        evaluator.victim_labels()
+        try:
+            return attack.run(local_victim, config, run_dir, evaluator, resume=resume, ledger=ledger).metrics
+        finally:
+            assert metered.journal is not None
+            metered.journal.close()
+
+    (tmp_path / "whole").mkdir()
+    whole = Counting(local_victim)
+    expected = run(tmp_path / "whole", whole)
+    final_cost = whole.seen - len(data.y_test)  # the clone's and the reference's transfer queries
+    (tmp_path / "cut").mkdir()
+    dies = Counting(local_victim, limit=len(data.y_test) + final_cost // 2)
+    with pytest.raises(Interrupt):
+        run(tmp_path / "cut", dies)
+    journaled = sum(record.count for record in RunDirectory(tmp_path / "cut").journal("evaluation").read())
+    assert journaled == dies.seen - len(data.y_test) > 0
+    rest = Counting(local_victim)
+    got = run(tmp_path / "cut", rest, resume=True)
+    assert rest.seen == final_cost - journaled  # the split's labels cached, the journaled answers replayed
+    assert got["eval_queries"] == expected["eval_queries"] == whole.seen
+    for key in ("fidelity", "accuracy", "transfer_success_rate", "reference_transfer_success_rate"):
+        assert got[key] == expected[key], key
 
 
 def test_a_record_cut_short_is_dropped_and_the_journal_goes_on(tmp_path: Path) -> None:

@@ -182,8 +182,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(check: Check, log: str, deadline: float, *extra: str) -> Server:
-    """``stealsim serve`` of the checkpoint on the device, ready, with an unmetered-rate key."""
+def start_server(check: Check, log: str, deadline: float, *extra: str,
+                 worker: subprocess.Popen[bytes] | None = None) -> Server:
+    """``stealsim serve`` of the checkpoint on the device, ready, with an unmetered-rate key
+    (the wait ends early when the server, or the ``worker`` it needs, exits)."""
     from stealsim.service_client import ServiceClient
 
     port = free_port()
@@ -193,8 +195,11 @@ def start_server(check: Check, log: str, deadline: float, *extra: str) -> Server
     url = f"http://127.0.0.1:{port}"
 
     def exited() -> str | None:
-        code = process.poll()
-        return None if code is None else f"the server exited with status {code}: {last_line(check.workdir / log)}"
+        if (code := process.poll()) is not None:
+            return f"the server exited with status {code}: {last_line(check.workdir / log)}"
+        if worker is not None and (code := worker.poll()) is not None:
+            return f"the worker exited with status {code}: {last_line(check.workdir / 'worker.log')}"
+        return None
 
     try:
         with ServiceClient(url, ADMIN_KEY) as service:
@@ -316,9 +321,7 @@ def path_serve_redis(check: Check, deadline: float) -> str:
     server = None
     try:
         server = start_server(check, "serve-redis.log", deadline,
-                              "--redis-url", url, "--redis-prefix", prefix, "--batching", "redis")
-        if worker.poll() is not None:
-            raise PathFailed(f"the worker exited: {last_line(check.workdir / 'worker.log')}")
+                              "--redis-url", url, "--redis-prefix", prefix, "--batching", "redis", worker=worker)
         rate = single_image_load(server, shape, check.sizes.clients, check.sizes.load_seconds)
     finally:
         if server is not None:
@@ -372,6 +375,9 @@ def path_bf16(check: Check, deadline: float) -> str:
 def path_bench(check: Check, deadline: float) -> str:
     sizes = check.sizes
     input_shape(check)
+    if check.local is not None:  # the benchmark starts servers of its own: the device is theirs
+        check.stop(check.local.process)
+        check.local = None
     out = check.finish([sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--json",
                         "--checkpoint", str(check.checkpoint), "--device", check.device,
                         "--clients", str(sizes.bench_clients), "--seconds", str(sizes.bench_seconds),
@@ -447,6 +453,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (the tiny smoke test)")
     parser.add_argument("--timeout", type=float, default=75.0,
                         help="seconds each path may take (default 75: six paths stay under 8 minutes)")
+    parser.add_argument("--sizes", choices=sorted(SIZES),
+                        help="how big each path's work is (default: cpu's on cpu, else cuda's)")
     parser.add_argument("--workdir", type=Path,
                         help="folder of the checkpoint, runs and logs (default: a temporary folder, removed)")
     args = parser.parse_args()
@@ -454,7 +462,7 @@ def main() -> None:
     if (problem := usable_device(args.device)) is not None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    sizes = SIZES["cpu" if args.device == "cpu" else "cuda"]
+    sizes = SIZES[args.sizes or ("cpu" if args.device == "cpu" else "cuda")]
     with contextlib.ExitStack() as stack:
         if args.workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stealsim-gpu-check-")))

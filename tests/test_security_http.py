@@ -28,7 +28,7 @@ MODEL = "victim"
 READ_TIMEOUT_S = 1.0
 BATCH_WAIT_MS = 1000  # an inference waits this long in the batcher: time to disconnect while charged
 FAILURES_ALLOWED = 5  # wrong keys per address and window
-FAILURE_WINDOW_S = 4
+FAILURE_WINDOW_S = 2
 
 _ENV = {
     "STEALSIM_REQUEST_READ_TIMEOUT_S": str(READ_TIMEOUT_S),

@@ -348,6 +348,8 @@ class Attack(ABC):
                             next_eval += interval
                         self._checkpoint(run_dir, budgeted, history, attack_seconds, next_eval)
 
+                # A step that ended the run early (a one-shot attack) leaves journal records unasked for.
+                budgeted.stop_replay("the run ended")
                 if final is None:
                     # Inside the bar, so that its last line shows the final evaluation's fidelity.
                     final = self._evaluate(evaluator, budgeted.spent, attack_seconds, ledger, last, True)
@@ -426,7 +428,10 @@ class Attack(ABC):
         )
         if budgeted.journal is not None:
             budgeted.journal.clear()
-        run_dir.journal("evaluation").clear()  # the history in the checkpoint holds what it was for
+        if not history or "evaluation_error" not in history[-1]:
+            # The history in the checkpoint holds what the evaluation's answers were for; after a
+            # failed evaluation they stay, for the final evaluation a resumed run does again.
+            run_dir.journal("evaluation").clear()
 
 
 def _on_device(state: dict[str, Any], device: torch.device) -> dict[str, Any]:

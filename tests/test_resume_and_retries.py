@@ -61,13 +61,13 @@ class Interrupt(Exception):
 class Counting:
     """The victim, counting the images it answers; raises :class:`Interrupt` past ``limit``."""
 
-    def __init__(self, victim: InProcessVictim, limit: int | None = None) -> None:
-        self.victim, self.info, self.limit, self.seen = victim, victim.info, limit, 0
+    def __init__(self, victim: InProcessVictim, limit: int | None = None, error: Exception | None = None) -> None:
+        self.victim, self.info, self.limit, self.seen, self.error = victim, victim.info, limit, 0, error
         self.asked: list[Tensor] = []
 
     def query(self, images: Tensor) -> Tensor:
         if self.limit is not None and self.seen + images.shape[0] > self.limit:
-            raise Interrupt
+            raise self.error or Interrupt()
         self.seen += int(images.shape[0])
         self.asked.append(images.clone())
         return self.victim.query(images)
@@ -183,6 +183,19 @@ def test_a_run_killed_in_its_final_evaluation_does_not_buy_the_evaluation_again(
     assert got["eval_queries"] == expected["eval_queries"] == whole.seen
     for key in ("fidelity", "accuracy", "transfer_success_rate", "reference_transfer_success_rate"):
         assert got[key] == expected[key], key
+
+    # A final evaluation the victim failed half-way (HTTP 500 after the retries) is done again on
+    # resume, from its journaled answers first.
+    (tmp_path / "failed").mkdir()
+    failing = Counting(local_victim, limit=len(data.y_test) + final_cost // 2,
+                       error=VictimAPIError("HTTP 500", status=500))
+    failed = run(tmp_path / "failed", failing)
+    assert "evaluation_error" in failed and "fidelity" not in failed
+    rest = Counting(local_victim)
+    got = run(tmp_path / "failed", rest, resume=True)
+    assert rest.seen == whole.seen - failing.seen and got["eval_queries"] == whole.seen
+    assert "evaluation_error" not in got and got["fidelity"] == expected["fidelity"]
+    assert [line["queries"] for line in RunDirectory(tmp_path / "failed").read_history()] == [320, 640]
 
 
 def test_a_record_cut_short_is_dropped_and_the_journal_goes_on(tmp_path: Path) -> None:

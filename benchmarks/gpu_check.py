@@ -286,7 +286,7 @@ def path_train(check: Check, deadline: float) -> str:
     wall = time.monotonic() - started
     metrics = json.loads((check.checkpoint / "metrics.json").read_text())
     return (f"{metrics['train_seconds']:.1f} s training ({wall:.1f} s with start-up), test accuracy "
-            f"{metrics['test_accuracy']:.3f} ({sizes.dataset}, {sizes.epochs} epochs)")
+            f"{metrics['test_accuracy']:.3f} ({sizes.dataset}, {sizes.epochs} epoch{'s' if sizes.epochs != 1 else ''})")
 
 
 def path_serve_local(check: Check, deadline: float) -> str:

@@ -15,7 +15,7 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -37,7 +37,7 @@ _ENV = {
 }
 
 
-def _start(checkpoint: Path, log: Path, args: list[str] = ()) -> ServerProcess:  # type: ignore[assignment]
+def _start(checkpoint: Path, log: Path, args: Sequence[str] = ()) -> ServerProcess:
     return ServerProcess({MODEL: checkpoint, "other": checkpoint}, log_path=log,
                          args=["--max-wait-ms", str(BATCH_WAIT_MS), *args], env=_ENV)
 
@@ -158,10 +158,10 @@ def used(client: httpx.Client, key: str) -> int:
     return int(response.json()["used"])
 
 
-def wait_for(condition: object, timeout: float = 10.0) -> bool:
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
+        if condition():
             return True
         time.sleep(0.05)
     return False

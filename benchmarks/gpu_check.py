@@ -167,6 +167,8 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)  # the group's stragglers, if any
     process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
 
 
 def last_line(log: Path) -> str:

@@ -309,6 +309,7 @@ def test_a_caller_that_resets_after_being_charged_is_refunded(any_backend: Serve
     any_server = any_backend
     with httpx.Client(base_url=any_server.url, timeout=15.0) as client:
         key = new_key(client)
+        images_served = metric(client, f'stealsim_images_served_total{{model="{MODEL}"}}')
         content = json.dumps(json_request(images(8))).encode()
         headers = {"Content-Type": "application/json", "Content-Length": str(len(content)), "X-API-Key": key}
         host, port = any_server.url.removeprefix("http://").split(":")
@@ -324,6 +325,7 @@ def test_a_caller_that_resets_after_being_charged_is_refunded(any_backend: Serve
         # A caller that stays gets its answer and is charged as before.
         served = client.post(f"/v2/models/{MODEL}/infer", json=json_request(images(3)), headers={"X-API-Key": key})
         assert served.status_code == 200 and used(client, key) == 3
+        assert metric(client, f'stealsim_images_served_total{{model="{MODEL}"}}') == images_served + 3
 
 
 # --- paths, authentication, documentation, enumeration ------------------------------------------

@@ -109,6 +109,7 @@ async def infer(request: Request) -> Response:
     )
     service.metrics.latency.labels(model).observe(time.perf_counter() - started)
     service.metrics.requests.labels(model, "200").inc()
+    service.metrics.images.labels(model).inc(result.images_charged)  # after the disconnect check
     media = BINARY_CONTENT_TYPE if decoded.binary_output else JSON_CONTENT_TYPE
     return Response(content, media_type=media, headers=headers)
 

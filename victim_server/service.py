@@ -204,7 +204,6 @@ class VictimService:
             # Not served (failed or timed-out inference, Redis gone, caller gone): not charged.
             await self._refund(key.key_id, count)
             raise
-        self.metrics.images.labels(model).inc(count)
         logger.debug(
             "served %d images of %s to %s", count, model, key.key_id,
             extra={"key_id": key.key_id, "model": model, "images": count, "remaining": remaining},

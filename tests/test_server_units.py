@@ -364,6 +364,17 @@ def test_settings_precedence_flags_over_env_over_yaml(tmp_path: Path, monkeypatc
         load_settings(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize("budget", ["2**53", "true", "'100'"])
+def test_settings_keys_take_exact_integer_budgets_only(tmp_path: Path, budget: str) -> None:
+    config = tmp_path / "serve.yaml"
+    value = str(2**53) if budget == "2**53" else budget  # one past what every store holds exactly
+    config.write_text(f"models:\n  victim: {{path: /ckpt}}\napi_keys:\n  - {{api_key: sk-x, budget: {value}}}\n")
+    with pytest.raises(ConfigError, match="budget"):
+        load_settings(config)
+    config.write_text(f"models:\n  victim: {{path: /ckpt}}\napi_keys:\n  - {{api_key: sk-x, budget: {2**53 - 1}}}\n")
+    assert load_settings(config).api_keys[0].budget == 2**53 - 1
+
+
 # --- refunds (service level: the batcher and store are real, the model fails) ---------------
 
 

@@ -26,6 +26,7 @@ from stealsim.errors import (
     ForbiddenError,
     InvalidRequestError,
     ModelNotFoundError,
+    ServiceError,
     UnavailableError,
 )
 from victim_server.audit import AuditLog, AuditRecord, input_digest
@@ -229,7 +230,7 @@ class VictimService:
     async def _refund(self, key_id: str, images: int) -> None:
         try:
             await self.store.refund(key_id, images)
-        except UnavailableError as exc:
+        except ServiceError as exc:  # a refund that fails must not hide the error that caused it
             logger.error("could not refund %d images to key %s: %s", images, key_id, exc.message)
 
     async def _apply_policy(

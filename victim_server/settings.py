@@ -37,6 +37,7 @@ from pydantic_settings import (
 )
 
 from stealsim.errors import ConfigError
+from victim_server.store import MAX_BUDGET
 
 __all__ = ["KeySpec", "ModelSpec", "ServerSettings", "load_settings", "parse_model_flag"]
 
@@ -56,7 +57,7 @@ class KeySpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     api_key: SecretStr
-    budget: int = Field(ge=0)
+    budget: int = Field(ge=0, le=MAX_BUDGET, strict=True)
     name: str = ""
     rate: str | None = None
     image_rate: str | None = None

@@ -206,7 +206,10 @@ class HttpVictim:
                 reason = f"HTTP {response.status_code} {error.code}"
             attempt += 1
             self.retries += 1
-            logger.debug("%s %s: %s; retry %d in %.2fs", method, path, reason, attempt, wait)
+            # A rate limit is the server working as meant; a failure is worth a line in the log.
+            logger.log(logging.DEBUG if reason.startswith("HTTP 429") else logging.INFO,
+                       "%s %s: %s; retry %d of %d in %.2fs", method, path, reason, attempt,
+                       self.retry.max_retries, wait)
             self.retry.sleep(wait)
 
     def _server_metadata(self) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ import typer
 
 from cli.options import DeviceOption
 from cli.set_aliases import alias_settings, with_set_aliases
-from stealsim.errors import ConfigError
+from stealsim.errors import ConfigError, StealsimError
 
 __all__ = ["EXIT_EVALUATION_FAILED", "EXIT_INTERRUPTED", "EXIT_STOPPED", "attack"]
 
@@ -231,6 +231,11 @@ def attack(
         typer.echo(f"error: {exc}", err=True)
         typer.echo(_stopped_note(out, budget, resume, "stopped"), err=True)
         raise typer.Exit(code=EXIT_STOPPED) from None
+    except Exception as exc:
+        if not isinstance(exc, StealsimError) and (out / "ledger.json").is_file():
+            # A crash (a bug) after the run started: the traceback follows, and how to go on.
+            typer.echo(_stopped_note(out, budget, resume, "crashed"), err=True)
+        raise
     if metrics.get("already_finished"):
         typer.echo(f"{out} holds a finished run: nothing to resume, nothing charged", err=True)
     shown = ("queries_used", "fidelity", "accuracy", "victim_accuracy", "transfer_success_rate",

@@ -200,8 +200,8 @@ def _resolve_input(model_meta: dict[str, Any], options: EndpointOptions,
             wire_shape = declared_wire  # the metadata's layout on the wire, the flag's image
         else:
             if fixed:
-                overrides.append(f"--input-shape {_flag_shape(given)} sent as [N, {_flag_shape(given)}] "
-                                 f"(the metadata declares {_shape_text(shape)})")
+                overrides.append(f"--input-shape {_flag_shape(given)} (sent as [N, {', '.join(map(str, given))}]; "
+                                 f"the metadata declares {_shape_text(shape)})")
             wire_shape = tuple(given)
     elif not inputs:
         raise AttackError("the model metadata declares no input; pass --input-shape (e.g. 1,28,28 or 64)")

@@ -73,7 +73,7 @@ def test_inputs_of_rank_2_3_4_and_the_user_shape() -> None:
     assert given.info.input_shape == (1, 5, 6) and given.wire_shape == (30,)
     overridden = negotiate(PLAIN, model([-1, 30]), EndpointOptions(input_shape=(1, 6, 6)))  # the flag wins
     assert overridden.wire_shape == (1, 6, 6) and overridden.info.input_shape == (1, 6, 6)
-    assert overridden.overrides == ("--input-shape 1,6,6 sent as [N, 1,6,6] (the metadata declares [-1, 30])",)
+    assert overridden.overrides == ("--input-shape 1,6,6 (sent as [N, 1, 6, 6]; the metadata declares [-1, 30])",)
     assert "flags over the metadata: --input-shape 1,6,6" in overridden.describe()
     with pytest.raises(AttackError, match="variable dimensions"):
         negotiate(PLAIN, model([-1, 1, -1, -1]))

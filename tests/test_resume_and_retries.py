@@ -134,6 +134,37 @@ def test_an_interrupted_run_resumed_trains_as_the_uninterrupted_one(
         assert torch.equal(expected[key], got[key]), key
 
 
+@pytest.mark.parametrize(("shift", "replayed"), [(1e-6, True), (1e-2, False)])
+def test_a_resumed_training_that_asks_for_other_images_stops_the_replay(
+    shift: float, replayed: bool, local_victim: InProcessVictim, tmp_path: Path
+) -> None:
+    """Images within the tolerance (other float rounding) are replayed; others stop the replay: the
+    answers left are paid for and unused, and the run still spends exactly its budget."""
+    torch.set_num_threads(1)
+    config = LoopConfig(budget=1500, eval_every=300, seed=3, show_progress=False)
+    run_dir = RunDirectory(tmp_path)
+    seed_everything(config.seed)
+    first = build_attack("random", local_victim.info, torch.device("cpu"), **tiny_settings("random"))
+    with pytest.raises(Interrupt):
+        first.run(Counting(local_victim, limit=1100), config, run_dir)
+    spent = run_dir.read_ledger().attack_queries
+    journal = run_dir.journal()
+    records = journal.read()
+    journal.clear()
+    for record in records:  # as if the resumed training computed its images a little differently
+        journal.append(record.start, (record.images + shift).clamp(0, 1), record.answers)
+    journal.close()
+    journaled = sum(record.count for record in records)
+
+    seed_everything(config.seed)
+    second = build_attack("random", local_victim.info, torch.device("cpu"), **tiny_settings("random"))
+    rest = Counting(local_victim)
+    outcome = second.run(rest, config, run_dir, resume=True)
+    assert outcome.metrics["queries_used"] == 1500 and rest.seen == 1500 - spent  # nothing paid twice
+    assert outcome.metrics["replayed_queries"] == (journaled if replayed else 0)
+    assert outcome.metrics["unreplayed_queries"] == (0 if replayed else journaled)
+
+
 def test_a_run_killed_in_its_final_evaluation_does_not_buy_the_evaluation_again(
     local_victim: InProcessVictim, tmp_path: Path
 ) -> None:

@@ -8,9 +8,8 @@ bash scripts/setup.sh
 # shellcheck source=scripts/redis.sh
 source scripts/redis.sh
 echo "test: Redis at $STEALSIM_TEST_REDIS_URL"
-# shellcheck source=scripts/mlserver.sh
-source scripts/mlserver.sh
-source scripts/kserve.sh  # KServe's own venv, for the third-party server tests
+# shellcheck source=scripts/third-party-servers.sh
+source scripts/third-party-servers.sh  # MLServer's and KServe's own venvs
 # static checks first: ruff (pyproject's rules) and strict mypy over the packages
 .venv/bin/ruff check --quiet .
 .venv/bin/mypy --no-error-summary

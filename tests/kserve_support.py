@@ -1,6 +1,6 @@
 """A real KServe 0.21 Python model server serving small digits models, for the client tests.
 
-KServe lives in a venv of its own (``scripts/kserve.sh``, sourced by the test
+KServe lives in a venv of its own (``scripts/third-party-servers.sh``, sourced by the test
 command, exports ``STEALSIM_KSERVE_PYTHON``). The server is KServe's own
 ``kserve.ModelServer`` with ``kserve.Model`` subclasses (a custom-model server,
 as a user writes one), REST only, bound to 127.0.0.1 on a free port. It is a

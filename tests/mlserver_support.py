@@ -1,6 +1,6 @@
 """A real Seldon MLServer 1.7 process serving scikit-learn digits models, for the client tests.
 
-MLServer lives in a venv of its own (``scripts/mlserver.sh``, run by the test
+MLServer lives in a venv of its own (``scripts/third-party-servers.sh``, run by the test
 command, exports ``STEALSIM_MLSERVER``); the models are trained and pickled by
 that venv's Python so that its scikit-learn reads them back. It is a conformant
 Open Inference Protocol v2 server without stealsim's extensions: no binary

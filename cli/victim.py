@@ -89,6 +89,12 @@ def serve(
     redis_prefix: Annotated[str | None, typer.Option(help="Namespace of the Redis keys (default stealsim).")] = None,
     batching: Annotated[str | None, typer.Option(help="local (in-process, default) or redis (Streams + `stealsim worker`).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="API processes on the port (needs --redis-url when > 1).")] = None,
+    rate_limits: Annotated[str | None, typer.Option(help="enforce (default: over a limit, 429) or declare (limits published, not applied; or STEALSIM_RATE_LIMITS).")] = None,
+    price: Annotated[
+        list[str] | None,
+        typer.Option("--price", metavar="NAME=PRICE", help="NAME=PRICE: price per 1,000 images of model NAME (repeatable)."),
+    ] = None,
+    currency: Annotated[str | None, typer.Option(help="Currency of the prices (default USD).")] = None,
 ) -> None:
     """Serve checkpoints over the Open Inference Protocol with keys, budgets and defenses."""
     from victim_server.server import serve as run_server
@@ -106,13 +112,21 @@ def serve(
             models[name]["policy"] = json.loads(spec)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--policy {name}: invalid JSON: {exc}") from exc
+    for text in price or []:
+        name, sep, amount = text.partition("=")
+        if not sep or name not in models:
+            raise ConfigError(f"--price {text!r}: expected NAME=PRICE for a NAME given with --model")
+        try:
+            models[name]["price_per_1000_images"] = float(amount)
+        except ValueError:
+            raise ConfigError(f"--price {text!r}: {amount!r} is not a number") from None
     settings = load_settings(config, {
         "models": models or None, "host": host, "port": port, "device": device,
         "admin_key": admin_key, "watermark_secret": watermark_secret, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
         "audit_log": audit_log, "torch_threads": torch_threads, "log_json": log_json,
         "inference_graph": inference_graph,
         "redis_url": redis_url, "redis_prefix": redis_prefix, "batching": batching,
-        "workers": workers,
+        "workers": workers, "rate_limits": rate_limits, "currency": currency,
     })
     if not settings.models:
         raise ConfigError("no models to serve: give --model NAME=DIR (or models: in --config)")

@@ -156,12 +156,13 @@ class ServiceClient:
         image_rate: str | None = None,
         models: Sequence[str] | None = None,
         policy: Sequence[Mapping[str, Any]] | None = None,
+        price_per_1000_images: float | None = None,
     ) -> IssuedKey:
         """``POST /v1/admin/keys``: a key with ``budget`` images.
 
         ``rate`` / ``image_rate`` (e.g. ``"20/second"``, ``"5000/minute"``) default to the
         server's; ``models`` ``None`` allows every model; ``policy`` ``None`` takes each
-        model's own output policy.
+        model's own output policy; ``price_per_1000_images`` ``None`` takes each model's price.
         """
         body: dict[str, Any] = {"budget": budget}
         if name:
@@ -174,6 +175,8 @@ class ServiceClient:
             body["models"] = list(models)
         if policy is not None:
             body["policy"] = [dict(step) for step in policy]
+        if price_per_1000_images is not None:
+            body["price_per_1000_images"] = price_per_1000_images
         answer = self._json_object(self._request("POST", ADMIN_KEYS_PATH, json=body))
         try:
             return IssuedKey(str(answer["api_key"]), str(answer["key_id"]),

@@ -381,6 +381,7 @@ def create_app(
                 await service.create_key(
                     spec.budget, name=spec.name, rate=spec.rate, image_rate=spec.image_rate,
                     models=spec.models, policy=spec.policy, secret=secret,
+                    price_per_1000_images=spec.price_per_1000_images,
                 )
             except ValueError:
                 logger.info("key %s was provisioned by another API process", printable(spec.name))

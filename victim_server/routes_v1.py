@@ -53,6 +53,9 @@ class CreateKeyRequest(BaseModel):
     image_rate: Rate | None = Field(default=None, description="Images per window, e.g. '5000/minute'.")
     models: list[Label] | None = Field(default=None, max_length=1000)
     policy: list[dict[str, Any]] | None = Field(default=None, max_length=100)
+    price_per_1000_images: float | None = Field(
+        default=None, ge=0.0, allow_inf_nan=False,
+        description="The key's own price per 1,000 images (the server's currency); overrides each model's.")
 
 
 class TopUpRequest(BaseModel):

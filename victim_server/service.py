@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from defense.policies import OutputPolicy, PolicyAnswer, PolicyContext, parse_policy
-from defense.steps import DetectorInput
+from defense.steps import DetectorInput, PooledDetectorStep
 from defense.watermark import WatermarkRecord
 from stealsim import __version__
 from stealsim.errors import (
@@ -174,8 +174,36 @@ class VictimService:
                 "pixel_range": [0.0, 1.0], "num_classes": classes,
                 "class_names": list(runner.meta.class_names), "output_kind": policy.output_kind,
                 "max_images_per_request": self.settings.max_images_per_request,
+                **self._price_parameters(key, model),
+                "rate_limits": self._declared_limits(key), "rate_limits_enforced": self.enforces_limits,
             },
         }
+
+    def price_for(self, key: KeyRecord, model: str) -> float | None:
+        """The price per 1,000 images ``key`` pays on ``model``: its own, else the model's, else None."""
+        if key.price_per_1000_images is not None:
+            return key.price_per_1000_images
+        spec = self.settings.models.get(model)
+        return None if spec is None else spec.price_per_1000_images
+
+    def _price_parameters(self, key: KeyRecord, model: str) -> dict[str, Any]:
+        price = self.price_for(key, model)
+        return {} if price is None else {"price_per_1000_images": price, "currency": self.settings.currency}
+
+    @property
+    def enforces_limits(self) -> bool:
+        """False with ``rate_limits: declare``: limits are published, never applied."""
+        return self.settings.rate_limits == "enforce"
+
+    def _declared_limits(self, key: KeyRecord) -> list[dict[str, Any]]:
+        """The key's limits as the model metadata publishes them (no window state)."""
+        declared = []
+        for kind, text in (("requests", key.rate), ("images", key.image_rate)):
+            if text:
+                item = parse_rate(text)
+                declared.append({"kind": kind, "limit": text, "amount": item.amount,
+                                 "window_seconds": item.get_expiry(), "enforced": self.enforces_limits})
+        return declared
 
     # --- inference ----------------------------------------------------------------
 
@@ -186,7 +214,8 @@ class VictimService:
         self.check_access(key, model)
         policy = self.policy_for(key, model)
         count = len(images)
-        await self.limiter.hit(key.key_id, key.rate, key.image_rate, count)
+        if self.enforces_limits:
+            await self.limiter.hit(key.key_id, key.rate, key.image_rate, count)
         remaining = await self.store.reserve(key.key_id, count)
         try:
             probabilities = await self._forward(model, images)
@@ -269,7 +298,11 @@ class VictimService:
         labels = probabilities.argmax(axis=1)
         for step in policy.detectors:
             inputs = await self._observed(step.observes(), images, probabilities)
-            already, verdict = await self.detectors.observe(step, key.key_id, model, inputs, labels)
+            if isinstance(step, PooledDetectorStep):  # one state per model, over every key
+                verdict = await self.detectors.observe_pooled(step, key.key_id, model, inputs, labels)
+                already = step.name in flags
+            else:
+                already, verdict = await self.detectors.observe(step, key.key_id, model, inputs, labels)
             if verdict.flagged and not already:
                 record = await self.store.flag(key.key_id, step.name, block=step.block)
                 self.metrics.flagged.labels(step.name).inc()
@@ -320,10 +353,14 @@ class VictimService:
         models: list[str] | None = None,
         policy: list[dict[str, Any]] | None = None,
         secret: str | None = None,
+        price_per_1000_images: float | None = None,
     ) -> tuple[str, KeyRecord]:
-        """Create a key; returns ``(secret, record)``. Unset rates take the server's defaults."""
+        """Create a key; returns ``(secret, record)``. Unset rates take the server's defaults;
+        an unset price, each model's."""
         if budget < 0:
             raise InvalidRequestError(f"budget must be >= 0 images, got {budget}")
+        if price_per_1000_images is not None and not 0.0 <= price_per_1000_images < float("inf"):
+            raise InvalidRequestError(f"price_per_1000_images must be a finite number >= 0, got {price_per_1000_images}")
         rate = rate if rate is not None else self.settings.default_rate
         image_rate = image_rate if image_rate is not None else self.settings.default_image_rate
         for text in (rate, image_rate):
@@ -344,6 +381,7 @@ class VictimService:
             rate=rate or None, image_rate=image_rate or None,
             models=None if models is None else tuple(models),
             policy=None if policy is None else tuple(policy),
+            price_per_1000_images=None if price_per_1000_images is None else float(price_per_1000_images),
         )
         await self.store.create_key(record, secret)
         # A user string: quoted, control characters escaped (no forged lines), cut at 100 characters.
@@ -365,10 +403,13 @@ class VictimService:
 
     async def usage(self, key: KeyRecord) -> dict[str, Any]:
         record = await self.store.get(key.key_id)
+        limits = await self.limiter.describe(record.key_id, record.rate, record.image_rate)
         return {
             "key_id": record.key_id, "name": record.name, "used": record.used,
             "budget": record.budget, "remaining": record.remaining,
-            "rate_limits": await self.limiter.describe(record.key_id, record.rate, record.image_rate),
+            "rate_limits": [{**limit, "enforced": self.enforces_limits} for limit in limits],
+            "rate_limits_enforced": self.enforces_limits,
+            "price_per_1000_images": record.price_per_1000_images, "currency": self.settings.currency,
             "flags": list(record.flags), "blocked": record.blocked,
             "models": None if record.models is None else list(record.models),
             "policy": None if record.policy is None else list(record.policy),

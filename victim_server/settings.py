@@ -49,6 +49,9 @@ class ModelSpec(BaseModel):
 
     path: Path
     policy: list[dict[str, Any]] = Field(default_factory=list)
+    price_per_1000_images: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
+    """What 1,000 images cost on this model (in the server's ``currency``); None: no price.
+    Published in the model's metadata; a key's own price overrides it."""
 
 
 class KeySpec(BaseModel):
@@ -63,6 +66,8 @@ class KeySpec(BaseModel):
     image_rate: str | None = None
     models: list[str] | None = None
     policy: list[dict[str, Any]] | None = None
+    price_per_1000_images: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
+    """The key's own price per 1,000 images (overrides each model's); None: the models'."""
 
 
 class ServerSettings(BaseSettings):
@@ -115,6 +120,12 @@ class ServerSettings(BaseSettings):
     """Request rate limit of keys created without one (``limits`` syntax); None: unlimited."""
     default_image_rate: str | None = "100000/minute"
     """Image rate limit of keys created without one; None: unlimited."""
+    rate_limits: Literal["enforce", "declare"] = "enforce"
+    """``enforce``: a request over a key's limit gets 429. ``declare``: keys keep their limits and
+    ``/v1/usage`` and the model metadata publish them, but nothing is throttled or counted (a
+    simulation: the attacker's virtual clock applies the declared limits)."""
+    currency: str = Field(default="USD", min_length=1, max_length=16, pattern=r"^[A-Za-z0-9_.$-]+$")
+    """Unit of every price (``price_per_1000_images``) the service publishes."""
     rate_limit_storage: str = "async+memory://"
     """A ``limits`` storage URI (``async+redis://host:6379`` for the Redis backend)."""
 

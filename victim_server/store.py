@@ -103,6 +103,8 @@ class KeyRecord:
     """Models the key may query; None: all."""
     policy: tuple[dict[str, Any], ...] | None = None
     """Output policy overriding the model's; None: the model's."""
+    price_per_1000_images: float | None = None
+    """The key's own price per 1,000 images, overriding each model's; None: the models'."""
     flags: tuple[str, ...] = ()
     blocked: bool = False
     revoked: bool = False
@@ -118,6 +120,7 @@ class KeyRecord:
             "remaining": self.remaining, "rate": self.rate, "image_rate": self.image_rate,
             "models": None if self.models is None else list(self.models),
             "policy": None if self.policy is None else list(self.policy),
+            "price_per_1000_images": self.price_per_1000_images,
             "flags": list(self.flags), "blocked": self.blocked, "revoked": self.revoked,
             "created": self.created,
         }

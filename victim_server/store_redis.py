@@ -126,6 +126,7 @@ def _fields(record: KeyRecord) -> dict[str, str]:
         "key_id": record.key_id, "name": record.name, "budget": str(record.budget),
         "used": str(record.used), "rate": record.rate or "", "image_rate": record.image_rate or "",
         "models": as_json(record.models), "policy": as_json(record.policy),
+        "price_per_1000_images": "" if record.price_per_1000_images is None else repr(record.price_per_1000_images),
         "flags": as_json(record.flags), "blocked": "1" if record.blocked else "0",
         "revoked": "1" if record.revoked else "0", "created": repr(record.created),
     }
@@ -142,11 +143,13 @@ def _record_of(fields: dict[bytes, bytes]) -> KeyRecord:
     models = orjson.loads(raw["models"])
     policy = orjson.loads(raw["policy"])
     flags = orjson.loads(raw["flags"])
+    price = raw.get("price_per_1000_images", "")  # absent from the keys of older versions
     return KeyRecord(
         key_id=raw["key_id"], name=raw["name"], budget=int(raw["budget"]), used=int(raw["used"]),
         rate=raw["rate"] or None, image_rate=raw["image_rate"] or None,
         models=None if models is None else tuple(models),
         policy=None if policy is None else tuple(policy),
+        price_per_1000_images=float(price) if price else None,
         flags=tuple(flags) if isinstance(flags, list) else (),  # Lua's cjson writes {} for []
         blocked=raw["blocked"] == "1", revoked=raw["revoked"] == "1", created=float(raw["created"]),
     )

@@ -20,6 +20,7 @@ from typing import Annotated, Any, get_args
 
 from pydantic import Field, TypeAdapter
 
+from defense.steps.account_keyed import AccountKeyed
 from defense.steps.adaptive_misinformation import AdaptiveMisinformation
 from defense.steps.base import (
     ContextStep,
@@ -30,11 +31,14 @@ from defense.steps.base import (
     OutputKind,
     PolicyContext,
     PolicyStep,
+    PooledDetector,
+    PooledDetectorStep,
     WatermarkMarks,
 )
 from defense.steps.gaussian_noise import GaussianNoise
 from defense.steps.label_only import LabelOnly
 from defense.steps.ood_rate import OodRateStep
+from defense.steps.pooled_ood import PooledOodStep
 from defense.steps.prada import PradaStep
 from defense.steps.prediction_poisoning import PredictionPoisoning
 from defense.steps.probabilities import Probabilities
@@ -48,6 +52,7 @@ from stealsim.errors import ConfigError
 __all__ = [
     "STEPS",
     "STEP_LIST",
+    "AccountKeyed",
     "AdaptiveMisinformation",
     "ContextStep",
     "Detector",
@@ -60,6 +65,9 @@ __all__ = [
     "OutputKind",
     "PolicyContext",
     "PolicyStep",
+    "PooledDetector",
+    "PooledDetectorStep",
+    "PooledOodStep",
     "PradaStep",
     "PredictionPoisoning",
     "Probabilities",
@@ -88,7 +96,7 @@ def _registry(*classes: type[PolicyStep]) -> dict[str, type[PolicyStep]]:
 
 STEPS: dict[str, type[PolicyStep]] = _registry(
     Probabilities, TopK, LabelOnly, Round, GaussianNoise, ReverseSigmoid, PredictionPoisoning,
-    AdaptiveMisinformation, Watermark, PradaStep, SeatStep, OodRateStep,
+    AdaptiveMisinformation, Watermark, AccountKeyed, PradaStep, SeatStep, OodRateStep, PooledOodStep,
 )
 """Every policy step by name, in the order the union tries them."""
 

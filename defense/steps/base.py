@@ -12,7 +12,8 @@ does through class attributes and methods, so neither the policy
   queried images, the key, the defender's models): :meth:`ContextStep.apply_with`.
 - :class:`DetectorStep` — a per-key detector that leaves outputs alone and
   observes a :class:`DetectorInput` of each query (:meth:`PolicyStep.observes`,
-  None for every other step).
+  None for every other step); :class:`PooledDetectorStep` — one detector per model
+  over the traffic of every key whose policy holds the step.
 - :attr:`PolicyStep.output_kind` — ``label`` for a step that ends the policy
   with arg-max labels; :attr:`PolicyStep.may_follow_label_only` and
   :attr:`PolicyStep.at_most_one` are the policy's validation rules.
@@ -44,6 +45,8 @@ __all__ = [
     "OutputKind",
     "PolicyContext",
     "PolicyStep",
+    "PooledDetector",
+    "PooledDetectorStep",
     "WatermarkMarks",
     "renormalise",
 ]
@@ -119,6 +122,19 @@ class Detector(Protocol):
     def flagged(self) -> bool: ...
 
     def observe(self, inputs: np.ndarray, labels: np.ndarray) -> Any: ...
+
+    def to_bytes(self) -> bytes: ...
+
+
+class PooledDetector(Protocol):
+    """A detector of every key's traffic to one model: ``observe`` also takes the request's key."""
+
+    @property
+    def flagged(self) -> bool:
+        """Whether the pool's alarm holds."""
+
+    def observe(self, inputs: np.ndarray, labels: np.ndarray, key_id: str = "") -> Any:
+        """Feed one request of ``key_id``; the verdict's ``flagged`` says whether it flags that key."""
 
     def to_bytes(self) -> bytes: ...
 
@@ -223,4 +239,17 @@ class DetectorStep(PolicyStep):
         raise NotImplementedError
 
     def load_detector(self, data: bytes) -> Detector:
+        raise NotImplementedError
+
+
+class PooledDetectorStep(DetectorStep):
+    """A detector over ALL the traffic to a model: one state per (step, model), shared by every
+    key whose policy holds the step (``DetectorStates.observe_pooled``). Its verdict's ``flagged``
+    names the request's key; the server flags that key under the step's name, as for a per-key one.
+    """
+
+    def new_detector(self) -> PooledDetector:
+        raise NotImplementedError
+
+    def load_detector(self, data: bytes) -> PooledDetector:
         raise NotImplementedError

@@ -103,6 +103,16 @@ def _error_from(response: httpx.Response) -> VictimAPIError:
     )
 
 
+def _answer_parameters(raw: bytes, header_length: str | None) -> dict[str, Any]:
+    """The ``parameters`` of an answer's JSON header (the binary extension's header only: cheap)."""
+    try:
+        header = json.loads(raw[: int(header_length)] if header_length is not None else raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    parameters = header.get("parameters") if isinstance(header, dict) else None
+    return parameters if isinstance(parameters, dict) else {}
+
+
 class HttpVictim:
     """An Open Inference Protocol v2 endpoint behind the :class:`~attacker.victims.Victim` interface.
 
@@ -161,6 +171,8 @@ class HttpVictim:
             self._client.close()
             raise
         self.info = self.endpoint.info
+        self.last_parameters: dict[str, Any] = {}
+        """The last answer's ``parameters`` from a stealsim server (``remaining``, ``flags``); else empty."""
         logger.info("negotiated %s", self.endpoint.describe())
 
     @property
@@ -242,8 +254,11 @@ class HttpVictim:
                                      f"{BINARY_EXTENSION}: try --wire auto or json)",
                                      status=exc.status, code=exc.code) from exc
             raise
-        return decode_answer(self.endpoint, response.content, response.headers.get(HEADER_LENGTH),
-                             int(images.shape[0]))
+        answers = decode_answer(self.endpoint, response.content, response.headers.get(HEADER_LENGTH),
+                                int(images.shape[0]))
+        if self.metering == "server":
+            self.last_parameters = _answer_parameters(response.content, response.headers.get(HEADER_LENGTH))
+        return answers
 
     # -- extensions ------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ A new attack is one new file in ``attacker/attacks/`` plus its registry entry.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -29,11 +30,12 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import nn
 
+from attacker.accounts import AccountPool
 from attacker.replay import ReplayMemory
 from attacker.rundir import Ledger, RunDirectory
 from attacker.students import MEMORY_FORMATS, MemoryFormat, Students, StudentSettings
 from attacker.victims import BudgetedVictim, Victim, VictimInfo
-from stealsim.errors import AttackError, BudgetExhaustedError, VictimAPIError
+from stealsim.errors import AttackError, BudgetExhaustedError, RunLimitReachedError, VictimAPIError
 from stealsim.progress import progress_bar
 from stealsim.training import seed_everything
 
@@ -245,6 +247,8 @@ class Attack(ABC):
         the uninterrupted run's and no answer is bought twice.
         """
         ledger = ledger if ledger is not None else (run_dir.read_ledger() if resume else Ledger())
+        # A run's accounts, prices and clock (attacker.accounts): recorded at every evaluation.
+        pool = victim if isinstance(victim, AccountPool) else None
         history: list[dict[str, Any]] = []
         attack_seconds = 0.0
         interval = config.evaluation_interval
@@ -264,6 +268,8 @@ class Attack(ABC):
             spent_at_checkpoint = int(state["queries"])
             used_at_checkpoint = int(state.get("used", spent_at_checkpoint))
             finished = state.get("finished")
+            if pool is not None and state.get("economy") is not None:
+                pool.load_state_dict(state["economy"])
             run_dir.rewrite_history(history)
         else:
             seed_everything(config.seed)
@@ -315,9 +321,14 @@ class Attack(ABC):
                     self.progress = before / config.budget
                     started = time.perf_counter()
                     try:
-                        last = self.take_step(budgeted)
+                        with pool.clock.running() if pool is not None else contextlib.nullcontext():
+                            last = self.take_step(budgeted)
                     except BudgetExhaustedError as exc:
                         attack_seconds += time.perf_counter() - started
+                        if isinstance(exc, RunLimitReachedError):  # no account left, time or money up
+                            stop_reason = exc.stop_reason
+                            logger.warning("the run stops: %s", exc)
+                            break
                         if exc.status == 0 and budgeted.diverged and not stopped_on_overdraft:
                             # The replay stopped mid-step and left less budget than the step had sized
                             # its request for: the next step asks for what remains.
@@ -340,23 +351,23 @@ class Attack(ABC):
                     rate = budgeted.used / max(attack_seconds, 1e-9)
                     advance(f"{rate:,.0f} q/s  fidelity {fidelity:.3f}", steps=spent)
                     if budgeted.used >= next_eval and (budgeted.remaining or 0) > 0:
-                        line = self._evaluate(evaluator, budgeted.spent, attack_seconds, ledger, last, False)
+                        line = self._evaluate(evaluator, budgeted.spent, attack_seconds, ledger, last, False, pool)
                         history.append(line)
                         run_dir.append_metrics(line)
                         fidelity = line.get("fidelity", float("nan"))
                         while next_eval <= budgeted.used:
                             next_eval += interval
-                        self._checkpoint(run_dir, budgeted, history, attack_seconds, next_eval)
+                        self._checkpoint(run_dir, budgeted, history, attack_seconds, next_eval, pool=pool)
 
                 # A step that ended the run early (a one-shot attack) leaves journal records unasked for.
                 budgeted.stop_replay("the run ended")
                 if final is None:
                     # Inside the bar, so that its last line shows the final evaluation's fidelity.
-                    final = self._evaluate(evaluator, budgeted.spent, attack_seconds, ledger, last, True)
+                    final = self._evaluate(evaluator, budgeted.spent, attack_seconds, ledger, last, True, pool)
                     history.append(final)
                     run_dir.append_metrics(final)
                     self._checkpoint(run_dir, budgeted, history, attack_seconds, next_eval,
-                                     finished={"stop_reason": stop_reason})
+                                     finished={"stop_reason": stop_reason}, pool=pool)
                 rate = budgeted.used / max(attack_seconds, 1e-9)
                 advance(f"{rate:,.0f} q/s  fidelity {final.get('fidelity', float('nan')):.3f} (final)", steps=0)
         finally:
@@ -383,8 +394,11 @@ class Attack(ABC):
         ledger: Ledger,
         losses: dict[str, float],
         final: bool,
+        pool: AccountPool | None = None,
     ) -> dict[str, Any]:
         line: dict[str, Any] = {"queries": queries, "attack_seconds": round(attack_seconds, 3)}
+        if pool is not None:
+            line.update(pool.economy())
         line.update({f"loss_{k}": v for k, v in losses.items()})
         if evaluator is not None:
             try:
@@ -406,6 +420,7 @@ class Attack(ABC):
         attack_seconds: float,
         next_eval: int,
         finished: dict[str, Any] | None = None,
+        pool: AccountPool | None = None,
     ) -> None:
         """Save the attack's state; the journals, which it now covers, start empty.
 
@@ -424,6 +439,7 @@ class Attack(ABC):
                 "queries": budgeted.spent,
                 "used": budgeted.used,
                 "finished": finished,
+                "economy": None if pool is None else pool.state_dict(),
             }
         )
         if budgeted.journal is not None:

@@ -40,17 +40,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from attacker.accounts import AccountPool, AccountsSpec
 from attacker.attacks import attack_class, build_attack, flat_settings, make_settings
 from attacker.client import HttpVictim
 from attacker.endpoint import EndpointOptions
 from attacker.evaluation import EvalConfig, EvalPlan, Evaluator
 from attacker.loop import LoopConfig
+from attacker.opening import local_pool, open_http_pool
 from attacker.probe import checked_victim_labels
 from attacker.report import queries_to_reach, write_run_report
 from attacker.rundir import Ledger, RunDirectory
 from attacker.students import build_student
 from attacker.victims import BudgetedVictim, InProcessVictim, Metering, OutputKind, Victim
 from stealsim.errors import AttackError, StealsimError
+from stealsim.service_client import ServiceClient
 from stealsim.training import seed_everything
 
 __all__ = ["RunSpec", "RunStoppedError", "infer_eval_dataset", "run_attack", "transfer_evaluations"]
@@ -83,6 +86,8 @@ class RunSpec:
     show_progress: bool = True
     settings: dict[str, Any] = field(default_factory=dict)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    accounts: AccountsSpec = field(default_factory=AccountsSpec)
+    """The accounts the budget is spread over, their prices and the clock (:mod:`attacker.accounts`)."""
 
 
 def infer_eval_dataset(input_shape: tuple[int, int, int]) -> str:
@@ -97,25 +102,40 @@ def infer_eval_dataset(input_shape: tuple[int, int, int]) -> str:
     )
 
 
-def _open_victims(spec: RunSpec) -> tuple[Victim, Victim, bool]:
+EVALUATION_KEY_BUDGET = 10**9
+"""Images of the evaluation key a run that opens its accounts opens beside them (never all spent)."""
+
+
+def _evaluation_key(spec: RunSpec) -> str:
+    """Open the evaluation key of a run that opens its accounts: no output policy, no price, no limits to speak of."""
+    with ServiceClient(str(spec.url), spec.accounts.admin_key, headers=spec.headers) as admin:
+        issued = admin.create_key(EVALUATION_KEY_BUDGET, name=f"{spec.out.name} evaluation", policy=[],
+                                  rate="100000/second", image_rate="1000000000/minute")
+    return issued.api_key
+
+
+def _open_victims(spec: RunSpec) -> tuple[AccountPool, Victim, bool]:
     """``(attack victim, evaluation victim, evaluation charged to the attack key?)``."""
     if spec.url is not None:
         if spec.victim_checkpoint is not None:
             raise AttackError("give either --url (HTTP victim) or --victim-checkpoint, not both")
-        victim = HttpVictim(spec.url, spec.api_key, spec.model, options=spec.endpoint, headers=spec.headers)
-        if spec.eval_api_key and spec.eval_api_key != spec.api_key:
-            try:
-                evaluation = HttpVictim(spec.url, spec.eval_api_key, spec.model, options=spec.endpoint,
-                                        headers=spec.headers)
-            except BaseException:
-                victim.close()
-                raise
-            return victim, evaluation, False
-        return victim, victim, True
+        pool = open_http_pool(spec.url, spec.api_key, spec.model, spec.accounts, spec.budget, spec.out.name,
+                              spec.endpoint, spec.headers)
+        try:
+            eval_key = spec.eval_api_key
+            if not eval_key and spec.accounts.opens_accounts:
+                eval_key = _evaluation_key(spec)
+            if eval_key and eval_key != spec.api_key:
+                evaluation = HttpVictim(spec.url, eval_key, spec.model, options=spec.endpoint, headers=spec.headers)
+                return pool, evaluation, False
+        except BaseException:
+            pool.close()
+            raise
+        return pool, pool.accounts[0].victim, True
     if spec.victim_checkpoint is None:
         raise AttackError("give --url URL (and --api-key) or --victim-checkpoint DIR")
     local = InProcessVictim.from_checkpoint(spec.victim_checkpoint, spec.victim_output)
-    return local, local, False
+    return local_pool(local, spec.accounts), local, False
 
 
 _METERING_RECORDS: dict[Metering, str] = {"server": "server-reconciled", "client": "client-only", "none": "in-process"}
@@ -258,6 +278,7 @@ def _stored_config(spec: RunSpec, victim: Victim, eval_dataset: str, settings: d
         "device": spec.device,
         "settings": settings,
         "evaluation": asdict(spec.evaluation),
+        **({"accounts": victim.accounts_record()} if isinstance(victim, AccountPool) else {}),
         "transfer_epsilons": list(evaluator.epsilons),
         "provenance": provenance(evaluator.device),
     }
@@ -320,6 +341,9 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
     started = time.perf_counter()
     settings_overrides = dict(spec.settings)
     ledger = Ledger()
+    if spec.resume and spec.accounts.opens_accounts:
+        raise AttackError("a run that opens its accounts (--admin-key) cannot be resumed: their keys are never "
+                          "written to the run directory; start it again in a new directory")
     if spec.resume:
         stored = run_dir.read_json("config.json")
         if stored.get("attack") != spec.attack:
@@ -443,5 +467,6 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
     finally:
         if metered_eval is not None and metered_eval.journal is not None:
             metered_eval.journal.close()
-        for one in {id(victim): victim, id(eval_victim): eval_victim}.values():
-            one.close()
+        victim.close()  # every account's client
+        if all(eval_victim is not account.victim for account in victim.accounts):
+            eval_victim.close()

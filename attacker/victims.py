@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from attacker.journal import AnswerJournal, JournalRecord
-from stealsim.errors import AttackError, BudgetExhaustedError
+from stealsim.errors import AttackError, BudgetExhaustedError, RunLimitReachedError
 
 __all__ = [
     "BudgetedVictim",
@@ -357,7 +357,14 @@ class BudgetedVictim:
                         f"{left} images of a request do not fit the remaining budget of {self.remaining}",
                         remaining=self.remaining, status=0)
                 with without_autocast():
-                    answers = self.victim.query(chunk)
+                    try:
+                        answers = self.victim.query(chunk)
+                    except RunLimitReachedError as exc:
+                        if exc.answered:  # part of the chunk was answered, then the accounts ran out
+                            self.forfeited += exc.answered
+                            if self.on_charge is not None:
+                                self.on_charge(self.spent)
+                        raise
                 if int(answers.shape[0]) != int(chunk.shape[0]):
                     raise AttackError(f"the victim answered {answers.shape[0]} of {chunk.shape[0]} images")
                 if self.journal is not None:

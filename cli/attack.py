@@ -112,6 +112,18 @@ def _parse_headers(texts: list[str]) -> dict[str, str]:
     return headers
 
 
+def _read_keys(path: Path) -> tuple[str, ...]:
+    """The keys of ``--keys-file``: one per line; blank lines and ``#`` comments skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--keys-file {path}: cannot read it ({exc.strerror})") from exc
+    keys = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise ConfigError(f"--keys-file {path}: no keys in it (one per line)")
+    return keys
+
+
 @with_set_aliases
 def attack(
     name: Annotated[str, typer.Argument(help="dual-student, dfme, random, ensemble, knockoff, art-knockoff or art-copycat (the art- ones need the stealsim[art] extra).")],
@@ -165,6 +177,20 @@ def attack(
     threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads for training.")] = None,
     device: DeviceOption = "cpu",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    accounts: Annotated[int | None, typer.Option(help="Spread the budget over this many accounts (with --admin-key: opened through the admin API; with --keys-file: at most this many of its keys).")] = None,
+    keys_file: Annotated[Path | None, typer.Option(help="The accounts' API keys, one per line (# comments); any server.")] = None,
+    admin_key: Annotated[str | None, typer.Option(envvar="STEALSIM_ADMIN_KEY", help="Open --accounts accounts (and an evaluation key) through a stealsim server's admin API.")] = None,
+    rotation: Annotated[str, typer.Option(help="round-robin (each request to the next account) or fill (one account until it is spent, blocked or flagged).")] = "round-robin",
+    retire_flagged: Annotated[bool, typer.Option(help="Leave an account once a detector flags it.")] = False,
+    account_budget: Annotated[int | None, typer.Option(min=1, help="Images per opened account (default: the budget over --accounts).")] = None,
+    price: Annotated[float | None, typer.Option(help="Price per 1,000 answered images (default: the server's, else 0).")] = None,
+    account_price: Annotated[float, typer.Option(help="Price of opening one account.")] = 0.0,
+    currency: Annotated[str | None, typer.Option(help="The prices' currency (default: the server's, else USD).")] = None,
+    rate: Annotated[str | None, typer.Option(help="Request limit per account for the virtual clock, e.g. 20/second (default: the server's declared one).")] = None,
+    image_rate: Annotated[str | None, typer.Option(help="Image limit per account for the virtual clock, e.g. 5000/minute.")] = None,
+    clock: Annotated[str, typer.Option(help="virtual (compute the declared limits' waits) or live (the server enforces them; real time).")] = "virtual",
+    max_hours: Annotated[float | None, typer.Option(help="Stop when the simulated time passes this many hours.")] = None,
+    max_money: Annotated[float | None, typer.Option(help="Stop before the cost would pass this.")] = None,
     **aliases: Any,
 ) -> None:
     """Steal a victim model within a query budget; write a run directory with metrics and a report.
@@ -178,6 +204,7 @@ def attack(
     """
     import torch
 
+    from attacker.accounts import AccountsSpec
     from attacker.endpoint import EndpointOptions
     from attacker.evaluation import EvalConfig
     from attacker.runner import RunSpec, RunStoppedError, run_attack
@@ -209,6 +236,14 @@ def attack(
     if url is None and (header or endpoint != EndpointOptions()):
         raise ConfigError("--header, --wire, --input-shape, --input-range, --output-kind, --output-name and "
                           "--num-classes describe an HTTP victim: give --url")
+    keys = _read_keys(keys_file) if keys_file is not None else ()
+    accounts_spec = AccountsSpec(
+        count=accounts if accounts is not None else (len(keys) or 1), policy=rotation,  # type: ignore[arg-type]
+        retire_flagged=retire_flagged, account_budget=account_budget, admin_key=admin_key if (
+            accounts is not None and not keys) else None, keys=keys, account_price=account_price,
+        price_per_1000_images=price, currency=currency, rate=rate, image_rate=image_rate,
+        clock=clock,  # type: ignore[arg-type]  # checked there
+        max_seconds=None if max_hours is None else max_hours * 3600.0, max_cost=max_money)
     if threads is not None:
         torch.set_num_threads(threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -221,7 +256,7 @@ def attack(
                 victim_output="label" if label_only else "probabilities",
                 eval_dataset=eval_dataset, eval_api_key=eval_api_key, eval_every=eval_every,
                 seed=seed, device=device, resume=resume, show_progress=not quiet,
-                settings=overrides, evaluation=evaluation,
+                settings=overrides, evaluation=evaluation, accounts=accounts_spec,
             )
         )
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ __all__ = [
     "ModelNotFoundError",
     "PayloadTooLargeError",
     "RateLimitedError",
+    "RunLimitReachedError",
     "ServiceError",
     "StealsimError",
     "UnauthorizedError",
@@ -74,6 +75,20 @@ class BudgetExhaustedError(VictimAPIError):
     def __init__(self, message: str, *, remaining: int = 0, status: int = 429) -> None:
         super().__init__(message, status=status, code="budget_exhausted")
         self.remaining = remaining
+
+
+class RunLimitReachedError(BudgetExhaustedError):
+    """A run's own limit ended it before its query budget: ``stop_reason`` says which.
+
+    ``accounts_exhausted`` (every account spent, blocked or revoked, and no more may be
+    opened), ``time_limit`` (the simulated hours are up) or ``money_limit``.
+    """
+
+    def __init__(self, message: str, *, stop_reason: str) -> None:
+        super().__init__(message, remaining=0, status=0)
+        self.stop_reason = stop_reason
+        self.answered = 0
+        """Images of the request already answered (and charged) when the limit struck."""
 
 
 class APIRequestError(StealsimError):

@@ -12,7 +12,7 @@ import typer
 from cli.options import DataDirOption, announce, check_out_dir
 from stealsim.errors import ConfigError
 
-__all__ = ["demo", "grid", "grid_worker", "honest", "report", "uq_study"]
+__all__ = ["audit", "demo", "grid", "grid_worker", "honest", "report", "uq_study"]
 
 
 def honest(
@@ -195,4 +195,24 @@ def uq_study(
     failed = sum(row["status"] != "done" for row in rows)
     typer.echo(f"{out / 'results.csv'}: {len(rows)} rows ({failed} failed), report {out / 'report.md'}")
     if failed:
+        raise typer.Exit(code=1)
+
+
+def audit(
+    spec: Annotated[Path, typer.Argument(help="Audit spec (YAML; see examples/audit.yaml).")],
+    out: Annotated[Path | None, typer.Option(help="Directory of the runs and report.md (resumed) [default: the "
+                                                  "spec's out, else runs/audit].")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache of trained victims [default: the spec's cache_dir].")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """A security team's one command: the attackers of SPEC against your model, limits, price and defenses,
+    through 1 to many accounts, honest users beside them; report.md with plots and a verdict."""
+    from experiments.audit import load_audit_spec, run_audit
+
+    loaded = load_audit_spec(spec)
+    directory = out or loaded.out or Path("runs/audit")
+    check_out_dir(directory)
+    result = run_audit(loaded, directory, cache_dir=cache_dir, show_progress=not quiet, announce=announce)
+    typer.echo(f"{result.report}: {len(result.runs)} runs ({result.failed} failed)")
+    if result.failed:
         raise typer.Exit(code=1)

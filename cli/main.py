@@ -81,6 +81,7 @@ COMMANDS: tuple[tuple[str, Callable[..., None]], ...] = (
     ("grid", cli.experiments.grid),
     ("grid-worker", cli.experiments.grid_worker),
     ("uq-study", cli.experiments.uq_study),
+    ("audit", cli.experiments.audit),
 )
 """Every command by name, in the order of ``stealsim --help``."""
 

@@ -165,7 +165,8 @@ class Line:
     """Draw these markers alone (published points) instead of a line with dots."""
 
 
-def plot_panels(panels: Mapping[str, Sequence[Line]], path: Path, title: str) -> None:
+def plot_panels(panels: Mapping[str, Sequence[Line]], path: Path, title: str,
+                xlabel: str = "attack queries (images)") -> None:
     """One panel per metric (values in [0, 1]) against attack queries; one legend outside, by name."""
     import matplotlib
 
@@ -184,7 +185,7 @@ def plot_panels(panels: Mapping[str, Sequence[Line]], path: Path, title: str) ->
             if line.band is not None:
                 axis.fill_between(line.queries, *line.band, color=line.colour, alpha=0.2, linewidth=0)
             handles.setdefault(line.name, drawn)
-        axis.set_xlabel("attack queries (images)")
+        axis.set_xlabel(xlabel)
         axis.set_ylabel(metric)
         axis.set_ylim(0, 1.02)
         axis.grid(alpha=0.3)

@@ -41,7 +41,7 @@ from attacker.report import (
     victim_is_perfect,
 )
 from attacker.rundir import RunDirectory, RunRecord
-from experiments.stats import format_spread, mean_curve, seed_groups, spread
+from experiments.stats import X_AXES, format_spread, mean_curve, seed_groups, spread
 from stealsim.errors import AttackError
 
 __all__ = [
@@ -377,8 +377,10 @@ def plot_groups(
     title: str,
     metrics: Sequence[str] = CURVE_METRICS,
     references: Sequence[ReferencePoint] = (),
+    x: str = "queries",
 ) -> list[str]:
-    """One panel per metric against queries: each group's mean over seeds with a ±1 std band.
+    """One panel per metric against ``x`` (queries, cost, hours, accounts: :data:`~experiments.stats.X_AXES`):
+    each group's mean over seeds with a ±1 std band.
 
     ``groups`` are :class:`RunGroup` or ``(label, histories)`` pairs. The legend
     sits outside the panels. Writes nothing when no group has an evaluated point.
@@ -389,7 +391,7 @@ def plot_groups(
         (group.label, [run.history for run in group.runs]) if isinstance(group, RunGroup) else group
         for group in groups
     ]
-    curves = {metric: [(label, mean_curve(histories, metric)) for label, histories in named]
+    curves = {metric: [(label, mean_curve(histories, metric, x)) for label, histories in named]
               for metric in metrics}
     if not any(curve is not None for drawn in curves.values() for _, curve in drawn):
         path.unlink(missing_ok=True)  # never leave a plot of an earlier, longer history
@@ -412,14 +414,15 @@ def plot_groups(
                 bands.add(BAND)
             else:
                 drawn = [history for history in named[index][1] if any(metric in line for line in history)]
-                band = interval_band(drawn[0], metric, curve.queries) if len(drawn) == 1 else None
+                band = interval_band(drawn[0], metric, curve.queries) if len(drawn) == 1 and x == "queries" \
+                    else None
                 if band is not None:
                     bands.add(INTERVAL_BAND)
             lines.append(Line(f"{label} ({curve.runs} seed{'s' if curve.runs > 1 else ''})", curve.queries,
                               curve.mean, f"C{index % 10}", band=band))
             if curve.interpolated:
                 interpolated.add(label)
-        methods = sorted({point.method for point in references if point.metric == metric})
+        methods = sorted({point.method for point in references if point.metric == metric and x == "queries"})
         for index, method in enumerate(methods):
             points = [p for p in references if p.metric == metric and p.method == method]
             lines.append(Line(f"{method}, published ({points[0].source})", [p.queries for p in points],
@@ -434,8 +437,8 @@ def plot_groups(
         caption += "; the victim is right on every image of the split, so accuracy = fidelity"
     if interpolated:
         caption += "; interpolated onto common queries: " + ", ".join(sorted(interpolated))
-    plot_panels(panels, path, f"{title}\n{caption}")
-    return [f"{path}: {', '.join(panels)} against queries, {caption}"]
+    plot_panels(panels, path, f"{title}\n{caption}", xlabel=X_AXES[x][2])
+    return [f"{path}: {', '.join(panels)} against {x}, {caption}"]
 
 
 def plot_runs(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, title: str) -> bool:
@@ -470,7 +473,7 @@ def compare_runs(paths: Sequence[Path], plot_path: Path | None = None) -> str:
 def aggregate_runs(
     paths: Sequence[Path], plot_path: Path | None = None, labels: Sequence[str] | None = None,
     metrics: Sequence[str] = SEED_METRICS, references: Sequence[ReferencePoint] = (),
-    curves: Sequence[str] = CURVE_METRICS,
+    curves: Sequence[str] = CURVE_METRICS, x: str = "queries",
 ) -> str:
     """Runs grouped over seeds (:func:`group_runs`) in one table (:func:`seed_table`); with
     ``plot_path``, their mean curves with a band (:func:`plot_groups`) and any published
@@ -478,7 +481,7 @@ def aggregate_runs(
     groups = group_runs(read_runs(paths), labels)
     text = seed_table(groups, metrics)
     if plot_path is not None:
-        notes = plot_groups(groups, plot_path, "attack runs", metrics=curves, references=references)
+        notes = plot_groups(groups, plot_path, "attack runs", metrics=curves, references=references, x=x)
         text += ("\nPlot: " + "; ".join(notes) + "\n" if notes
                  else f"\nNo plot written to {plot_path}: no run has an evaluated point.\n")
     return text

@@ -142,17 +142,30 @@ class Curve:
                 [m + s for m, s in zip(self.mean, self.std, strict=True)])
 
 
-def _points(history: Sequence[dict[str, Any]], metric: str) -> list[tuple[float, float]]:
+X_AXES: dict[str, tuple[str, float, str]] = {
+    "queries": ("queries", 1.0, "attack queries (images)"),
+    "cost": ("cost", 1.0, "money spent (the run's currency)"),
+    "hours": ("simulated_seconds", 1 / 3600, "simulated hours (the rate limits' clock)"),
+    "accounts": ("accounts_used", 1.0, "accounts used"),
+}
+"""What a curve may be drawn against: name -> (history field, scale, axis label). ``cost``, ``hours``
+and ``accounts`` are what every evaluation point records of the run's accounts (:mod:`attacker.accounts`)."""
+
+
+def _points(history: Sequence[dict[str, Any]], metric: str, x: str = "queries") -> list[tuple[float, float]]:
+    field, scale, _ = X_AXES[x]
     points = []
     for line in history:
         value = number(line.get(metric))
-        if value is not None and "queries" in line:
-            points.append((float(line["queries"]), value))
+        position = number(line.get(field))
+        if value is not None and position is not None:
+            points.append((position * scale, value))
     return sorted(points)
 
 
-def mean_curve(histories: Sequence[Sequence[dict[str, Any]]], metric: str = "fidelity") -> Curve | None:
-    """The mean of ``metric`` over the histories at common query counts (None: no common point).
+def mean_curve(histories: Sequence[Sequence[dict[str, Any]]], metric: str = "fidelity",
+               x: str = "queries") -> Curve | None:
+    """The mean of ``metric`` over the histories at common ``x`` (:data:`X_AXES`; None: no common point).
 
     Histories evaluated at the same queries are averaged there; otherwise each is
     interpolated onto the union of the query counts inside the range they all
@@ -160,7 +173,7 @@ def mean_curve(histories: Sequence[Sequence[dict[str, Any]]], metric: str = "fid
     """
     import numpy as np
 
-    series = [points for points in (_points(history, metric) for history in histories) if points]
+    series = [points for points in (_points(history, metric, x) for history in histories) if points]
     if not series:
         return None
     grids = [[query for query, _ in points] for points in series]

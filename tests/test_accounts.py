@@ -209,3 +209,23 @@ def test_every_evaluation_records_cost_accounts_and_simulated_time(digits_checkp
     assert metrics["cost"] == 2.0 and metrics["accounts_used"] == 1 and metrics["accounts_opened"] == 0
     config = json.loads((out / "config.json").read_text())
     assert config["accounts"]["limits"] == [{"kind": "images", "amount": 500, "window_seconds": 60.0}]
+
+
+def test_report_draws_fidelity_against_money_and_hours(digits_checkpoint: Path, tmp_path: Path) -> None:
+    from experiments.report import aggregate_runs
+    from experiments.stats import mean_curve
+
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        run_attack(RunSpec(attack="random", out=out, budget=1000, victim_checkpoint=digits_checkpoint, seed=seed,
+                           eval_every=500, show_progress=False, settings={"batch_size": 100, "student_width": 8},
+                           accounts=AccountsSpec(price_per_1000_images=10.0, image_rate="500/hour")))
+        runs.append(out)
+    histories = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for out in runs]
+    by_cost = mean_curve(histories, "fidelity", x="cost")
+    by_hours = mean_curve(histories, "fidelity", x="hours")
+    assert by_cost is not None and by_cost.queries == [5.0, 10.0]  # 500 and 1,000 images at 10 per 1,000
+    assert by_hours is not None and by_hours.queries[-1] >= 1.0  # the second 500 waited an hour
+    text = aggregate_runs(runs, tmp_path / "cost.png", x="cost")
+    assert "against cost" in text and (tmp_path / "cost.png").stat().st_size > 0

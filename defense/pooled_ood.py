@@ -52,6 +52,8 @@ def ood_mask(values: np.ndarray, score: OodScore, tau: float) -> np.ndarray:
     """Which queries are out-of-distribution: ``msp`` rows ``[N, K]`` with max under ``tau``,
     ``mahalanobis`` distances ``[N]`` over it (as :class:`defense.ood_rate.OodRateDetector`)."""
     values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return np.zeros(0, bool)
     if score == "msp":
         return np.asarray(values.reshape(len(values), -1).max(axis=1) < tau)
     return np.asarray(values.reshape(-1) > tau)
@@ -102,6 +104,16 @@ class PooledOodDetector:
     def flagged(self) -> bool:
         """Whether the pool's alarm held after the latest request."""
         return self._alarm
+
+    @property
+    def queries(self) -> int:
+        """Queries in the window now."""
+        return len(self._ood)
+
+    @property
+    def window_keys(self) -> tuple[str, ...]:
+        """The keys with queries in the window now (the others are forgotten)."""
+        return tuple(self._keys)
 
     def observe(self, values: np.ndarray, labels: np.ndarray | None = None, key_id: str = "") -> PooledOodVerdict:
         """Add one request of ``key_id`` to the window, test the pool, then (under alarm) the key.

@@ -132,7 +132,8 @@ class VictimService:
             ConfigError: a checkpoint that cannot be loaded or does not fit; a watermark without secret.
         """
         if policy.needs_watermark_secret and self.settings.watermark_secret is None:
-            raise ConfigError("the watermark step needs the server's watermark_secret "
+            steps = sorted({step.name for step in policy.steps if step.needs_watermark_secret})
+            raise ConfigError(f"the {' and '.join(steps)} step needs the server's watermark_secret "
                               "(--watermark-secret or STEALSIM_WATERMARK_SECRET)")
         for step in policy.steps:
             for path in step.checkpoints():

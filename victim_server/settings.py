@@ -232,5 +232,15 @@ def load_settings(
     try:
         loaded = _FileSettings(**given)
     except ValidationError as exc:
-        raise ConfigError(f"invalid server settings: {exc}") from exc
+        raise ConfigError(f"invalid server settings: {_one_line(exc)}") from exc
     return loaded
+
+
+def _one_line(exc: ValidationError) -> str:
+    """Each of pydantic's errors as ``field.path: message (got VALUE)``, joined on one line."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        got = "" if error["type"] == "missing" else f" (got {error['input']!r:.80})"
+        parts.append(f"{where}: {error['msg']}{got}")
+    return "; ".join(parts).replace("\n", " ")

@@ -249,3 +249,48 @@ def test_quick_audit_end_to_end_writes_report_plots_and_verdict(digits_checkpoin
     again = audit_command(path, out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{len(cells)} already finished, 0 to run" in again.stderr
+
+
+@pytest.mark.timeout(600)
+def test_an_endpoint_the_team_runs_is_audited_as_deployed(victim_server: ServerProcess, tmp_path: Path) -> None:
+    # The team's server: the audit opens the attacker's accounts, an evaluation key and the honest users'
+    # keys through its admin API; the spec's price and limits are the attacker's accounting.
+    spec = {
+        "victim": {"dataset": "digits", "url": victim_server.url, "admin_key_env": "AUDIT_TEST_ADMIN",
+                   "model": "guarded"},
+        "limits": {"rate": "1/second", "image_rate": "1000/minute"}, "price_per_1000_images": 2.0,
+        "account_price": 0.5, "currency": "EUR",
+        "attackers": [{"attack": "random", "budget": 300, "accounts": [3],
+                       "settings": {"student_width": 8, "batch_size": 50, "replay": 300}}],
+        "honest": {"users": 1, "batch": 90}, "seeds": [0],
+        "eval": {"every": 150, "transfer_samples": 10, "reference_epochs": 1},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with ServiceClient(victim_server.url, ADMIN_KEY) as admin:
+        before = {key["key_id"] for key in admin.list_keys()}
+    out = tmp_path / "audit"
+    result = subprocess.run([sys.executable, "-m", "stealsim", "audit", str(path), "--out", str(out), "--quiet"],
+                            capture_output=True, text=True, timeout=500, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "AUDIT_TEST_ADMIN": ADMIN_KEY})
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    run_dir = out / "runs" / "random__a3__s0"
+    finished = AuditRun.read(run_dir, "random", 3, 0)
+    metrics = finished.metrics
+    assert (metrics["queries_used"], metrics["accounts_used"], metrics["currency"]) == (300, 3, "EUR")
+    assert metrics["cost"] == pytest.approx(300 * 2.0 / 1000 + 3 * 0.5)
+    # 6 requests of 50 images, 2 per account at 1 request per second: each account's second one waits
+    # for the next window on the virtual clock (the accounts in parallel).
+    assert 1.0 <= metrics["simulated_seconds"] < 60
+    with ServiceClient(victim_server.url, ADMIN_KEY) as admin:
+        opened = [key for key in admin.list_keys() if key["key_id"] not in before]
+    names = sorted(str(key.get("name", "")) for key in opened)
+    accounts = [key for key in opened if "account" in str(key.get("name", ""))]
+    assert len(accounts) == 3, names
+    assert sum("honest" in name for name in names) == 1 and sum("eval" in name for name in names) == 1, names
+    assert sum(int(key["used"]) for key in accounts) == 300  # the server's count of the attacker's queries
+    assert finished.honest[0]["images"] == 360 and finished.honest[0]["paid"] == pytest.approx(0.72)
+    report = (out / "report.md").read_text()
+    assert f"the endpoint {victim_server.url} (model guarded)" in report
+    assert "With 2.10 EUR and 3 accounts, random reaches fidelity" in report
+    assert ADMIN_KEY not in (out / "spec.yaml").read_text() + report

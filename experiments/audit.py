@@ -541,7 +541,8 @@ def run_audit(spec: AuditSpec, out: Path, *, cache_dir: Path | None = None, show
             data = load_dataset(spec.victim.dataset)
         for index, cell in enumerate(todo, start=1):
             run_dir = out / "runs" / cell.id
-            say(f"[{index}/{len(todo)}] {cell.id}: {cell.budget:,} queries through {cell.accounts:,} accounts")
+            say(f"[{index}/{len(todo)}] {cell.id}: {cell.budget:,} queries through {cell.accounts:,} "
+                f"account{'s' if cell.accounts != 1 else ''}")
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # an unfinished run of an earlier service (its accounts are gone)
             try:

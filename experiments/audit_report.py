@@ -337,6 +337,8 @@ def _plot(out: Path, groups: dict[GroupKey, list[AuditRun]], metric: str, scale:
             curves[key] = curve
     if not curves:
         return False
+    points = [x for curve in curves.values() for x in curve.queries]
+    logarithmic = min(points) > 0 and max(points) > 20 * min(points)  # e.g. minutes through 1 account, seconds through 256
     figure, axes = plt.subplots(1, len(attackers), figsize=(5 * len(attackers) + 1.5, 4), squeeze=False)
     for axis, attacker in zip(axes[0], attackers, strict=True):
         for index, ((name_, accounts), curve) in enumerate(sorted(curves.items())):
@@ -350,6 +352,8 @@ def _plot(out: Path, groups: dict[GroupKey, list[AuditRun]], metric: str, scale:
             axis.fill_between(curve.queries, low, high, color=colour, alpha=0.2, linewidth=0)
         axis.set_title(attacker)
         axis.set_xlabel(label)
+        if logarithmic:
+            axis.set_xscale("log")
         axis.set_ylim(0, 1.02)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
@@ -369,7 +373,10 @@ def write_audit_report(out: Path, runs: Sequence[AuditRun], detectors: Sequence[
     if _plot(out, groups, "cost", 1.0, f"money spent ({currency})", "fidelity_vs_money.png"):
         plots.append("![fidelity against money spent, a panel per attacker, a line per account count]"
                      "(fidelity_vs_money.png)")
-    if _plot(out, groups, "simulated_seconds", 1 / 3600, "simulated hours under the rate limits",
+    longest = max((number(line.get("simulated_seconds")) or 0.0 for run in runs for line in run.history), default=0.0)
+    unit, seconds = (("hours", 3600.0) if longest >= 7200 else ("minutes", 60.0) if longest >= 120
+                     else ("seconds", 1.0))
+    if _plot(out, groups, "simulated_seconds", 1 / seconds, f"simulated {unit} under the rate limits",
              "fidelity_vs_hours.png"):
         plots.append("![fidelity against simulated hours, a panel per attacker, a line per account count]"
                      "(fidelity_vs_hours.png)")

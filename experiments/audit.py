@@ -375,6 +375,18 @@ class _Target:
     admin_key: str
     model: str
     eval_key: str = ""
+    price: float = 0.0
+    """What honest users pay per 1,000 images: the spec's price, else the one the model's metadata declares."""
+
+
+def _declared_price(target: _Target) -> float:
+    """The price per 1,000 images the model's metadata declares to the evaluation key (0: none)."""
+    from attacker.client import HttpVictim
+
+    with HttpVictim(target.url, target.eval_key, target.model) as victim:
+        parameters = (victim.metadata or {}).get("parameters") or {}
+    declared = parameters.get("price_per_1000_images") if isinstance(parameters, dict) else None
+    return float(declared) if isinstance(declared, int | float) else 0.0
 
 
 def _victim_checkpoint(spec: AuditSpec, cache_dir: Path, show_progress: bool) -> Path:
@@ -420,7 +432,7 @@ def _honest_users(spec: AuditSpec, target: _Target, cell: AuditCell, data: Any,
     from experiments.honest import HonestSettings, honest_traffic
     from stealsim.service_client import ServiceClient
 
-    price = spec.price_per_1000_images or 0.0
+    price = target.price
     images = len(data.y_test) * spec.honest.passes
     threads = []
     for user in range(spec.honest.users):
@@ -495,8 +507,10 @@ def _setting_lines(spec: AuditSpec, policy: list[dict[str, Any]], target_url: st
              else f"{spec.price_per_1000_images:g} {spec.currency} per 1,000 images")
     limits = (f"rate {spec.limits.rate or 'the server default'}, images {spec.limits.image_rate or 'the server default'}"
               f" per account ({spec.clock} clock)")
+    defenses = (f"`{json.dumps(policy)}`" if spec.victim.url is None
+                else "the endpoint's own (the model's policy there)")
     return [f"Audited: {victim}; {price}, {spec.account_price:g} {spec.currency} per account; {limits}.",
-            "", f"Defenses (every account's and honest user's policy): `{json.dumps(policy)}`."]
+            "", f"Defenses (every account's and honest user's policy): {defenses}."]
 
 
 def run_audit(spec: AuditSpec, out: Path, *, cache_dir: Path | None = None, show_progress: bool = True,
@@ -538,6 +552,8 @@ def run_audit(spec: AuditSpec, out: Path, *, cache_dir: Path | None = None, show
         if todo:
             target.eval_key = create_key(target.url, target.admin_key, EVAL_BUDGET, name="audit/eval",
                                          models=[target.model], policy=[{"name": "probabilities"}])
+            target.price = (spec.price_per_1000_images if spec.price_per_1000_images is not None
+                            else _declared_price(target))
             data = load_dataset(spec.victim.dataset)
         for index, cell in enumerate(todo, start=1):
             run_dir = out / "runs" / cell.id

@@ -206,6 +206,13 @@ def _attack_sentence(attacker: str, accounts: int, group: Sequence[AuditRun], cu
             f"rate limits ({spent}; mean over {_seeds(len(group))}).")
 
 
+def _count_spread(value: Spread | None) -> str:
+    """Whole numbers the same in every seed as one number (``4``), else :func:`format_spread`."""
+    if value is not None and float(value.mean).is_integer() and (value.n == 1 or value.std == 0):
+        return f"{int(value.mean):,}" + (f" [{value.n}/{value.of}]" if value.n < value.of else "")
+    return format_spread(value)
+
+
 def _duration_spread(value: Spread | None) -> str:
     """A spread of seconds as durations: ``15 min ± 30 s`` (``[k/n]`` as :func:`format_spread`)."""
     if value is None:
@@ -292,9 +299,9 @@ def _attack_table(groups: dict[GroupKey, list[AuditRun]], currency: str) -> str:
     for (attacker, accounts), group in groups.items():
         seeds = ", ".join(str(run.seed) for run in sorted(group, key=lambda run: run.seed))
         reasons = ", ".join(sorted({str(run.metrics.get("stop_reason", "—")) for run in group}))
-        cells = [format_spread(_final(group, "queries_used")), format_spread(_final(group, "cost")),
+        cells = [_count_spread(_final(group, "queries_used")), format_spread(_final(group, "cost")),
                  _duration_spread(_final(group, "simulated_seconds")), format_spread(_final(group, "fidelity")),
-                 format_spread(_final(group, "accuracy")), format_spread(_final(group, "accounts_used"))]
+                 format_spread(_final(group, "accuracy")), _count_spread(_final(group, "accounts_used"))]
         lines.append("| " + " | ".join([attacker, f"{accounts:,}", str(len(group)), seeds, *cells, reasons]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -120,7 +120,8 @@ def test_report_has_the_tables_plots_and_verdict(tmp_path: Path) -> None:
     report = write_audit_report(tmp_path, synthetic_runs(), ["ood_rate", "pooled_ood"], "USD",
                                 ["Audited: a synthetic model."]).read_text()
     assert "## Verdict" in report and "- With 0.90 USD and 4 accounts" in report
-    assert "| dual-student | 4 | 3 | 0, 1, 2 |" in report
+    assert "| dual-student | 4 | 3 | 0, 1, 2 | 1,000 | 0.9000 ± 0 (0.9000) | 15 min | 0.8200 ± 0.0200 (0.8000) |" in report
+    assert report.count(" | 4 | budget_spent |") == 1  # accounts used: 4 in every seed
     assert "| ood_rate | dual-student | 16 | 0 of 3 seeds | — | — | 0.0000 ± 0 (0.0000) |" in report
     assert "| ood_rate | dual-student | 1 | 3 of 3 seeds | 128 ± 0 (128) |" in report
     for plot in ("fidelity_vs_money.png", "fidelity_vs_hours.png"):

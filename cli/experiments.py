@@ -67,6 +67,9 @@ def report(
     curve: Annotated[list[str] | None, typer.Option(
         metavar="METRIC", help="History metrics drawn on --plot, a panel each (repeatable; default fidelity "
                                "and accuracy; e.g. answer_top_share, student_disagreement).")] = None,
+    x: Annotated[str, typer.Option(
+        "--x", help="What --plot draws the curves against: queries, cost (money spent), hours (simulated, under "
+                    "the rate limits) or accounts (accounts used).")] = "queries",
 ) -> None:
     """Compare attack runs in one markdown table: runs that differ only by seed are one group
     (mean ± std (min) per metric, n seeds, the random baseline beside each attack)."""
@@ -76,6 +79,12 @@ def report(
         raise ConfigError(f"--plot {plot}: the folder {plot.parent} does not exist; create it first")
     if plot is not None and plot.is_dir():
         raise ConfigError(f"--plot {plot} is a folder; give the PNG file to write, e.g. {plot / 'runs.png'}")
+    from experiments.stats import X_AXES
+
+    if x not in X_AXES:
+        raise ConfigError(f"--x {x!r}: choose one of {', '.join(X_AXES)}")
+    if x != "queries" and (plot is None or per_run):
+        raise ConfigError("--x chooses the axis of --plot's curves over seeds: give --plot, without --per-run")
     references = [point for path in reference or [] for point in read_reference_points(path)]
     if references and plot is None:
         raise ConfigError("--reference draws markers on --plot: give --plot too")
@@ -85,7 +94,7 @@ def report(
         typer.echo(compare_runs(runs, plot), nl=False)
     else:
         typer.echo(aggregate_runs(runs, plot, labels=label or None, references=references,
-                                  curves=curve or ("fidelity", "accuracy")), nl=False)
+                                  curves=curve or ("fidelity", "accuracy"), x=x), nl=False)
 
 
 def demo(

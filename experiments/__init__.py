@@ -12,10 +12,12 @@ This package sits above the roles (it may import ``stealsim``, ``defense``,
 - :mod:`experiments.grid`, :mod:`experiments.grid_report`: grids of attacks x victims x
   defenses x budgets x seeds, and their report
 - :mod:`experiments.uq_study`: the UQ stealing study
+- :mod:`experiments.audit`, :mod:`experiments.audit_report`: ``stealsim audit``, attackers
+  through many accounts against a defended service, and its verdict
 - :mod:`experiments.demo`: the one-command demo
 - :mod:`experiments.victims`, :mod:`experiments.service`, :mod:`experiments.honest`:
   cached victims, the victim service as a child process, an honest user's traffic
 
-The CLI's ``demo``, ``grid``, ``grid-worker``, ``uq-study`` and ``report`` commands are
+The CLI's ``demo``, ``grid``, ``grid-worker``, ``uq-study``, ``audit`` and ``report`` commands are
 thin wrappers over these modules.
 """

@@ -88,6 +88,36 @@ def test_a_sybil_spread_over_16_keys_raises_the_alarm_and_flags_only_its_keys() 
         assert not per_key.observe(p).flagged
 
 
+def test_keys_that_sent_before_the_alarm_are_named_when_it_rises() -> None:
+    """16 Sybil accounts sending one request each: the first ones never send again, yet are flagged."""
+    rng = np.random.default_rng(6)
+    pool = detector(min_queries=128, window=512)
+    for key, p in honest_requests(rng, keys=2, requests=12):
+        assert not pool.observe(p, key_id=key).alarm
+    named: dict[str, str] = {}  # key -> the key whose request named it
+    for key, p in sybil_requests(rng, keys=16, rounds=1):
+        verdict = pool.observe(p, key_id=key)
+        assert not set(verdict.newly_flagged) & set(named)  # each named once
+        named.update(dict.fromkeys(verdict.newly_flagged, key))
+        assert verdict.flagged == (key in named)
+    assert sorted(named) == sorted(f"key_sybil{k}" for k in range(16))
+    assert any(by != key for key, by in named.items())  # accounts named after their only request
+    for key, p in honest_requests(rng, keys=2, requests=2):
+        verdict = pool.observe(p, key_id=key)
+        assert not verdict.flagged and verdict.newly_flagged == ()
+
+
+def test_the_oldest_request_leaves_the_window_whole() -> None:
+    pool = detector(min_queries=8, window=100)
+    pool.observe(rows(np.zeros(60, bool)), key_id="key_a")
+    pool.observe(rows(np.zeros(30, bool)), key_id="key_b")
+    assert pool.queries == 90
+    pool.observe(rows(np.zeros(20, bool)), key_id="key_c")  # 110 > 100: key_a's 60 leave together
+    assert pool.queries == 50 and list(pool.window_keys) == ["key_b", "key_c"]
+    pool.observe(rows(np.zeros(150, bool)), key_id="key_d")  # longer than the window: its last 100
+    assert pool.queries == 100 and list(pool.window_keys) == ["key_d"]
+
+
 def test_the_window_slides_and_min_queries_waits() -> None:
     rng = np.random.default_rng(2)
     pool = detector(min_queries=256, window=512)

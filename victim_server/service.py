@@ -25,6 +25,7 @@ from stealsim.errors import (
     ConfigError,
     ForbiddenError,
     InvalidRequestError,
+    KeyNotFoundError,
     ModelNotFoundError,
     ServiceError,
     UnavailableError,
@@ -302,6 +303,9 @@ class VictimService:
             if isinstance(step, PooledDetectorStep):  # one state per model, over every key
                 verdict = await self.detectors.observe_pooled(step, key.key_id, model, inputs, labels)
                 already = step.name in flags
+                for other in verdict.newly_flagged:
+                    if other != key.key_id:
+                        await self._flag_other(other, step, model, verdict)
             else:
                 already, verdict = await self.detectors.observe(step, key.key_id, model, inputs, labels)
             if verdict.flagged and not already:
@@ -311,6 +315,19 @@ class VictimService:
                                "; blocked" if step.block else "")
                 flags = record.flags
         return flags
+
+    async def _flag_other(self, key_id: str, step: PooledDetectorStep, model: str, verdict: Any) -> None:
+        """Flag another key a pooled detector named (it may have sent nothing since)."""
+        try:
+            if step.name in (await self.store.get(key_id)).flags:
+                return
+            await self.store.flag(key_id, step.name, block=step.block)
+        except KeyNotFoundError:
+            logger.warning("%s named key %s on %s, which no longer exists", step.name, key_id, model)
+            return
+        self.metrics.flagged.labels(step.name).inc()
+        logger.warning("%s flagged key %s on %s (pool: %d OOD of %d queries, p=%.3g)%s", step.name, key_id,
+                       model, verdict.ood, verdict.queries, verdict.p_value, "; blocked" if step.block else "")
 
     # --- health ---------------------------------------------------------------------
 

@@ -134,7 +134,9 @@ class PooledDetector(Protocol):
         """Whether the pool's alarm holds."""
 
     def observe(self, inputs: np.ndarray, labels: np.ndarray, key_id: str = "") -> Any:
-        """Feed one request of ``key_id``; the verdict's ``flagged`` says whether it flags that key."""
+        """Feed one request of ``key_id``. The verdict's ``flagged`` says whether that key is
+        flagged; its ``newly_flagged`` (a tuple of key ids) names every key the request's look
+        flags first, which the server flags too."""
 
     def to_bytes(self) -> bytes: ...
 
@@ -245,7 +247,8 @@ class DetectorStep(PolicyStep):
 class PooledDetectorStep(DetectorStep):
     """A detector over ALL the traffic to a model: one state per (step, model), shared by every
     key whose policy holds the step (``DetectorStates.observe_pooled``). Its verdict's ``flagged``
-    names the request's key; the server flags that key under the step's name, as for a per-key one.
+    is the request's key's, and ``newly_flagged`` names every key the request's look flags first;
+    the server flags each under the step's name, as for a per-key detector.
     """
 
     def new_detector(self) -> PooledDetector:

@@ -295,20 +295,46 @@ class AccountPool:
             account.remaining = max(0, account.remaining - images)
         flags = parameters.get("flags")
         if isinstance(flags, list):
-            new = [str(flag) for flag in flags if str(flag) not in account.flags]
-            account.flags = account.flags + tuple(new)
-            for name in new:
-                self.first_flag.setdefault(name, {"queries": self.queries,
-                                                  "simulated_seconds": round(self.clock.now(), 3)})
-            if new and self.spec.retire_flagged:
-                self._retire(account, "flagged", ", ".join(new))
+            self._flagged(account, flags)
         if account.remaining == 0 and account.retired is None:
             self._retire(account, "spent", "its budget is spent")
+
+    def _flagged(self, account: Account, flags: Sequence[Any]) -> None:
+        """Record the detectors that flag ``account`` now (the first flag of each: queries and time)."""
+        new = [str(flag) for flag in flags if str(flag) not in account.flags]
+        account.flags = account.flags + tuple(new)
+        for name in new:
+            self.first_flag.setdefault(name, {"queries": self.queries,
+                                              "simulated_seconds": round(self.clock.now(), 3)})
+        if new and self.spec.retire_flagged and account.retired is None:
+            self._retire(account, "flagged", ", ".join(new))
+
+    def refresh_flags(self) -> None:
+        """Ask the server for the flags of the accounts it may have flagged since their last answer.
+
+        A pooled detector flags every account it blames, also those that send nothing more;
+        their answers never say so. ``GET /v1/usage`` of each account that has sent queries
+        does (stealsim's server; nothing to ask elsewhere). Called at every evaluation point.
+        """
+        for account in self.accounts:
+            if account.used == 0 or account.retired == "revoked" or account.victim.metering != "server":
+                continue
+            usage = getattr(account.victim, "usage", None)
+            if usage is None:
+                continue
+            try:
+                flags = usage().get("flags")
+            except VictimAPIError as exc:  # a key revoked by the defender: nothing more to learn
+                logger.info("account %d: usage not readable (%s)", account.index, exc)
+                continue
+            if isinstance(flags, list):
+                self._flagged(account, flags)
 
     # -- what the run records -----------------------------------------------------------
 
     def economy(self) -> dict[str, Any]:
-        """What an evaluation point records: money, accounts, simulated time, flags."""
+        """What an evaluation point records: money, accounts, simulated time, flags (refreshed first)."""
+        self.refresh_flags()
         flagged: dict[str, int] = {}
         for account in self.accounts:
             for name in account.flags:

@@ -47,8 +47,8 @@ def declared_server(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
     """Limits declared, not enforced (the virtual clock's server); a price on the model; pooled and per-key
     OOD detectors on ``guarded`` (flag only), a blocking per-key one on ``blocking``."""
     tau = _validation_tau(digits_checkpoint)
-    detectors = [{"name": "ood_rate", "tau": tau, "min_queries": 64},
-                 {"name": "pooled_ood", "tau": tau, "window": 512, "min_queries": 128}]
+    detectors = [{"name": "ood_rate", "tau": tau, "min_queries": 100},
+                 {"name": "pooled_ood", "tau": tau, "window": 1024, "min_queries": 128, "attribution_alpha": 1e-2}]
     blocking = [{"name": "ood_rate", "tau": 0.999, "min_queries": 32, "block": True}]
     logs = tmp_path_factory.mktemp("declared")
     server = ServerProcess(
@@ -141,15 +141,15 @@ def test_the_pooled_detector_sees_a_sybil_dual_student_that_no_per_key_detector_
               for key in honest_keys]
     out = tmp_path / "sybil"
     metrics = run_attack(RunSpec(
-        attack="dual-student", out=out, budget=640, url=declared_server.url, model="guarded", eval_every=640,
+        attack="dual-student", out=out, budget=1280, url=declared_server.url, model="guarded", eval_every=1280,
         show_progress=False, settings={**TINY, **GENERATOR, "batch_size": 40},
         accounts=AccountsSpec(count=16, admin_key=ADMIN_KEY),
     ))
     honest += [honest_traffic(declared_server.url, key, "guarded", data, HonestSettings(batch=40))
                for key in honest_keys]
-    assert metrics["accounts_used"] == 16 and metrics["queries_used"] == 640
+    assert metrics["accounts_used"] == 16 and metrics["queries_used"] == 1280
     flagged = metrics["flags_by_detector"]
-    # 40 queries per account: under ood_rate's 64 before its first test, so no key is flagged by it ...
+    # 80 queries per account: under ood_rate's 100 before its first test, so no key is flagged by it ...
     assert "ood_rate" not in flagged
     # ... while the pool's alarm attributes the traffic to the accounts sending it.
     assert flagged.get("pooled_ood", 0) >= 8, metrics["accounts"]

@@ -535,25 +535,27 @@ def run_audit(spec: AuditSpec, out: Path, *, cache_dir: Path | None = None, show
     policy = spec.defenses
     service: ServiceProcess | None = None
     failures: dict[str, str] = {}
+    extra: list[str] = []
+    checkpoint: Path | None = None
+
+    def connect(target: _Target) -> _Target:
+        target.eval_key = create_key(target.url, target.admin_key, EVAL_BUDGET, name="audit/eval",
+                                     models=[target.model], policy=[{"name": "probabilities"}])
+        target.price = (spec.price_per_1000_images if spec.price_per_1000_images is not None
+                        else _declared_price(target))
+        return target
+
     try:
         if spec.victim.url is None:
             checkpoint = _victim_checkpoint(spec, cache_dir or spec.cache_dir, show_progress)
             if any(step.get("tau") == VALIDATION for step in policy):
                 policy = resolve_taus(policy, _validation_msp(checkpoint, spec.victim.dataset))
-            if todo:
-                settings_path = out / "service.yaml"
-                settings_path.write_text(yaml.safe_dump(_server_settings(spec, checkpoint, policy), sort_keys=False))
-                extra = ["--config", str(settings_path), "--watermark-secret", new_admin_key()]
-                service = ServiceProcess({MODEL: checkpoint.resolve()}, admin_key=new_admin_key(),
-                                         log_path=out / "service.log", extra_args=extra).start()
-                target = _Target(service.url, service.admin_key, MODEL)
-        else:
-            target = _Target(spec.victim.url.rstrip("/"), spec.victim.admin(), spec.victim.model)
+            settings_path = out / "service.yaml"
+            settings_path.write_text(yaml.safe_dump(_server_settings(spec, checkpoint, policy), sort_keys=False))
+            extra = ["--config", str(settings_path), "--watermark-secret", new_admin_key()]
+        elif todo:
+            target = connect(_Target(spec.victim.url.rstrip("/"), spec.victim.admin(), spec.victim.model))
         if todo:
-            target.eval_key = create_key(target.url, target.admin_key, EVAL_BUDGET, name="audit/eval",
-                                         models=[target.model], policy=[{"name": "probabilities"}])
-            target.price = (spec.price_per_1000_images if spec.price_per_1000_images is not None
-                            else _declared_price(target))
             data = load_dataset(spec.victim.dataset)
         for index, cell in enumerate(todo, start=1):
             run_dir = out / "runs" / cell.id
@@ -562,10 +564,20 @@ def run_audit(spec: AuditSpec, out: Path, *, cache_dir: Path | None = None, show
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # an unfinished run of an earlier service (its accounts are gone)
             try:
+                if checkpoint is not None:
+                    # A fresh service per run: no detector state (a pooled window above all) and no
+                    # flag carries over from the run before.
+                    service = ServiceProcess({MODEL: checkpoint.resolve()}, admin_key=new_admin_key(),
+                                             log_path=out / "service.log", extra_args=extra).start()
+                    target = connect(_Target(service.url, service.admin_key, MODEL))
                 _run_cell(spec, attackers[cell.attacker], cell, target, run_dir, data, show_progress)
             except Exception as exc:
                 logger.exception("audit run %s failed", cell.id)
                 failures[cell.id] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            finally:
+                if service is not None:
+                    service.stop()
+                    service = None
     finally:
         if service is not None:
             service.stop()

@@ -284,7 +284,8 @@ def write_run_report(
         f"| {name} | {format_value(metrics.get(name))} | {format_interval(metrics, name) or ''} |"
         for name in (*COMPARED_METRICS, "eval_images", "eval_queries", "planned_eval_queries", "evaluation_error",
                      "stop_reason", "server_queries", "server_count_matches", "lost_queries",
-                     "transfer_epsilon")
+                     "transfer_epsilon", "cost", "currency", "accounts_opened", "accounts_used",
+                     "simulated_seconds", "rate_limit_wait_seconds", "accounts_flagged", "accounts_blocked")
         if name in metrics
     )
     settings = "\n".join(f"| {k} | {format_value(v)} |" for k, v in sorted(config.get("settings", {}).items()))

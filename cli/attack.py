@@ -274,7 +274,7 @@ def attack(
     if metrics.get("already_finished"):
         typer.echo(f"{out} holds a finished run: nothing to resume, nothing charged", err=True)
     shown = ("queries_used", "fidelity", "accuracy", "victim_accuracy", "transfer_success_rate",
-             "eval_queries", "planned_eval_queries", "stop_reason")
+             "eval_queries", "planned_eval_queries", "stop_reason", "cost", "accounts_used", "simulated_seconds")
     typer.echo(f"{out}: " + " ".join(f"{k}={metrics.get(k)}" for k in shown))
     if metrics.get("evaluation_error"):
         typer.echo(f"error: final evaluation failed: {metrics['evaluation_error']} "

@@ -159,7 +159,7 @@ def quick_spec() -> dict[str, Any]:
 
 
 def test_the_example_specs_load() -> None:
-    for name in ("audit.yaml", "audit-quick.yaml"):
+    for name in ("audit.yaml", "audit-quick.yaml", "audit-account-keyed.yaml"):
         spec = load_audit_spec(ROOT / "examples" / name)
         assert audit_cells(spec)
 

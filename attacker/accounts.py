@@ -105,6 +105,15 @@ class AccountsSpec:
                             "or --keys-file (yours)")
         if self.keys and self.count > len(self.keys):
             problems.append(f"--accounts {self.count} is more than the {len(self.keys)} keys of --keys-file")
+        if self.clock not in ("virtual", "live"):
+            problems.append(f"--clock must be virtual or live, got {self.clock!r}")
+        if self.clock == "live" and (self.rate or self.image_rate):
+            problems.append("--rate and --image-rate are simulated by the virtual clock; a live run keeps the "
+                            "limits the server enforces (drop them, or use --clock virtual)")
+        if (self.max_cost is not None and self.admin_key and self.policy == "round-robin"
+                and self.count * self.account_price > self.max_cost):
+            problems.append(f"round robin opens all {self.count} accounts at the start, "
+                            f"{self.count * self.account_price:g} in all, more than --max-money {self.max_cost:g}")
         if self.keys and self.admin_key:
             problems.append("give either --keys-file (your accounts) or --admin-key (open accounts), not both")
         for text in (self.rate, self.image_rate):
@@ -135,6 +144,8 @@ class Account:
     index: int
     victim: Victim
     key_id: str | None = None
+    used_before: int = 0
+    """What the server had counted against the key when the run took it."""
     remaining: int | None = None
     """Images its key may still spend (``None``: unlimited, or nobody says)."""
     used: int = 0
@@ -157,6 +168,8 @@ class Opener(Protocol):
     budget: int
 
     def __call__(self, index: int) -> Account: ...
+
+    def revoke(self) -> None: ...
 
 
 class AccountPool:
@@ -194,7 +207,8 @@ class AccountPool:
     def _usable(self) -> list[Account]:
         return [account for account in self.accounts if account.retired is None]
 
-    def _choose(self) -> Account:
+    def _choose(self, images: int) -> Account:
+        """The account for the next request of ``images`` (opening one if the policy may)."""
         usable = self._usable()
         if self.spec.policy == "round-robin" and usable:
             account = usable[self._next % len(usable)]
@@ -203,7 +217,7 @@ class AccountPool:
         if usable:
             return usable[0]
         if self.opener is not None and len(self.accounts) < self.limit:
-            self._check_money(0, opening=True)
+            self._check_money(images, opening=True)
             account = self.opener(len(self.accounts))
             self.accounts.append(account)
             self.opened += 1
@@ -236,6 +250,10 @@ class AccountPool:
                 wait = max((window.wait(self.clock.now(), images) for window in account.windows), default=0.0)
                 if wait <= 0:
                     break
+                if self.spec.max_seconds is not None and self.clock.now() + wait > self.spec.max_seconds:
+                    raise RunLimitReachedError(
+                        f"the next request waits {wait:g} s for its rate limit, past the run's "
+                        f"{self.spec.max_seconds / 3600:g} h", stop_reason="time_limit")
                 self.clock.wait(wait)
         now = self.clock.now()
         for window in account.windows:
@@ -254,18 +272,18 @@ class AccountPool:
         offset = 0
         while offset < count:
             try:
-                account = self._choose()
+                account = self._choose(count - offset)
+                take = count - offset
+                for bound in (account.remaining, account.largest_request()):
+                    if bound is not None:
+                        take = min(take, bound)
+                if take < 1:
+                    self._retire(account, "spent", "no images left")
+                    continue
+                self._wait_for_limits(account, take)
             except RunLimitReachedError as exc:
                 exc.answered = offset  # paid for, never answered to the attack (BudgetedVictim forfeits them)
                 raise
-            take = count - offset
-            for bound in (account.remaining, account.largest_request()):
-                if bound is not None:
-                    take = min(take, bound)
-            if take < 1:
-                self._retire(account, "spent", "no images left")
-                continue
-            self._wait_for_limits(account, take)
             try:
                 answers = account.victim.query(images[offset: offset + take])
             except BudgetExhaustedError as exc:
@@ -332,6 +350,11 @@ class AccountPool:
 
     # -- what the run records -----------------------------------------------------------
 
+    def sync(self, spent: int) -> None:
+        """Count images paid for that did not pass through the pool: answers a resumed run replays
+        from its journal, and queries charged but never received (``BudgetedVictim.spent``)."""
+        self.queries = max(self.queries, spent)
+
     def economy(self) -> dict[str, Any]:
         """What an evaluation point records: money, accounts, simulated time, flags (refreshed first)."""
         self.refresh_flags()
@@ -367,7 +390,11 @@ class AccountPool:
         self.opened = int(state.get("opened", self.opened))
         self._next = int(state.get("next", 0))
         self.first_flag = {str(k): dict(v) for k, v in state.get("first_flag", {}).items()}
-        for account, saved in zip(self.accounts, state.get("accounts", []), strict=False):
+        saved_accounts = state.get("accounts", [])
+        if len(saved_accounts) != len(self.accounts):
+            raise AttackError(f"the run was checkpointed with {len(saved_accounts)} accounts and is resumed with "
+                              f"{len(self.accounts)}: resume it with the same keys (--api-key or --keys-file)")
+        for account, saved in zip(self.accounts, saved_accounts, strict=True):
             account.used = int(saved["used"])
             account.flags = tuple(saved["flags"])
             account.retired = account.retired or saved["retired"]
@@ -380,7 +407,7 @@ class AccountPool:
 
     def key_usage(self) -> KeyUsage | None:
         """The accounts' server counts added up; ``remaining`` includes the accounts not yet opened."""
-        usages = [account.victim.key_usage() for account in self.accounts]
+        usages = [self._usage(account) for account in self.accounts]
         if any(usage is None for usage in usages):
             return None
         used = sum(usage.used for usage in usages if usage is not None)
@@ -390,6 +417,18 @@ class AccountPool:
         if self.opener is not None:
             remaining += self._unopened_capacity()
         return KeyUsage(used=used, remaining=remaining)
+
+    def _usage(self, account: Account) -> KeyUsage | None:
+        """The server's count of ``account``; a revoked key (401) counts what it had plus this run's answers."""
+        if account.retired == "revoked":
+            return KeyUsage(used=account.used_before + account.used, remaining=0)
+        try:
+            return account.victim.key_usage()
+        except VictimAPIError as exc:
+            if exc.status != 401:
+                raise
+            self._retire(account, "revoked", str(exc))
+            return KeyUsage(used=account.used_before + account.used, remaining=0)
 
     def _unopened_capacity(self) -> int:
         per_account = self.opener.budget if self.opener is not None else 0
@@ -424,8 +463,11 @@ class AccountPool:
         return metrics
 
     def close(self) -> None:
+        """Close every account's client; revoke the accounts the run opened (and nothing else)."""
         for account in self.accounts:
             account.victim.close()
+        if self.opener is not None:
+            self.opener.revoke()
 
 
 def _concatenate(parts: list[Tensor]) -> Tensor:

@@ -320,6 +320,8 @@ class Attack(ABC):
                     before = budgeted.used
                     self.progress = before / config.budget
                     started = time.perf_counter()
+                    if pool is not None:
+                        pool.sync(budgeted.spent)  # answers replayed from the journal are paid for too
                     try:
                         with pool.clock.running() if pool is not None else contextlib.nullcontext():
                             last = self.take_step(budgeted)
@@ -398,6 +400,7 @@ class Attack(ABC):
     ) -> dict[str, Any]:
         line: dict[str, Any] = {"queries": queries, "attack_seconds": round(attack_seconds, 3)}
         if pool is not None:
+            pool.sync(queries)
             line.update(pool.economy())
         line.update({f"loss_{k}": v for k, v in losses.items()})
         if evaluator is not None:

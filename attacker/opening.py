@@ -20,7 +20,7 @@ from attacker.client import HttpVictim
 from attacker.economics import FixedWindow, Tariff, parse_limit
 from attacker.endpoint import EndpointOptions
 from attacker.victims import Victim
-from stealsim.errors import AttackError
+from stealsim.errors import AttackError, StealsimError
 from stealsim.service_client import ServiceClient
 
 __all__ = ["AdminOpener", "local_pool", "open_http_pool"]
@@ -28,7 +28,7 @@ __all__ = ["AdminOpener", "local_pool", "open_http_pool"]
 logger = logging.getLogger(__name__)
 
 
-def _windows(spec: AccountsSpec, declared: list[dict[str, Any]]) -> list[FixedWindow]:
+def _windows(spec: AccountsSpec, declared: list[dict[str, Any]], warn: bool = True) -> list[FixedWindow]:
     """The limits the virtual clock applies: the spec's, else those the server declares but does not enforce.
 
     A limit the server enforces is not simulated: its 429s are real, the client sleeps
@@ -45,7 +45,7 @@ def _windows(spec: AccountsSpec, declared: list[dict[str, Any]]) -> list[FixedWi
         if kind in given or kind not in ("requests", "images"):
             continue
         if entry.get("enforced", True):
-            if spec.clock == "virtual":
+            if spec.clock == "virtual" and warn:
                 logger.warning("the server enforces its %s limit (%s): its waits are real, not simulated "
                                "(serve with --rate-limits declare to simulate them)", kind, entry.get("limit"))
             continue
@@ -65,11 +65,20 @@ def _tariff(spec: AccountsSpec, metadata: dict[str, Any] | None) -> Tariff:
 
 
 def _account(index: int, victim: HttpVictim, spec: AccountsSpec, key_id: str | None = None) -> Account:
-    usage: dict[str, Any] = victim.usage() if victim.metering == "server" else {}
+    """``victim`` as account ``index``: its remaining budget, limits and flags as the server counts them now.
+
+    Closes ``victim`` if that cannot be read. Flags it already has are not this run's (no ``first_flag``).
+    """
+    try:
+        usage: dict[str, Any] = victim.usage() if victim.metering == "server" else {}
+    except BaseException:
+        victim.close()
+        raise
     remaining = usage.get("remaining")
-    return Account(index, victim, key_id=key_id or usage.get("key_id"),
+    return Account(index, victim, key_id=key_id or usage.get("key_id"), used_before=int(usage.get("used", 0)),
                    remaining=None if remaining is None else int(remaining),
-                   windows=_windows(spec, list(usage.get("rate_limits") or [])))
+                   flags=tuple(str(flag) for flag in usage.get("flags") or ()),
+                   windows=_windows(spec, list(usage.get("rate_limits") or []), warn=index == 0))
 
 
 class AdminOpener:
@@ -79,16 +88,28 @@ class AdminOpener:
                  options: EndpointOptions, headers: dict[str, str]) -> None:
         self.url, self.model, self.spec, self.budget, self.name = url, model, spec, budget, name
         self.options, self.headers = options, headers
+        self.opened: list[str] = []
+        """Key ids opened and not yet revoked."""
 
     def __call__(self, index: int) -> Account:
         with ServiceClient(self.url, self.spec.admin_key, headers=self.headers) as admin:
             issued = admin.create_key(self.budget, name=f"{self.name} account {index}")
-        victim = HttpVictim(self.url, issued.api_key, self.model, options=self.options, headers=self.headers)
+        self.opened.append(issued.key_id)
+        return _account(index, HttpVictim(self.url, issued.api_key, self.model, options=self.options,
+                                          headers=self.headers), self.spec, issued.key_id)
+
+    def revoke(self) -> None:
+        """Revoke the keys this opener opened (after the run, or when opening failed): none stays funded."""
+        if not self.opened:
+            return
         try:
-            return _account(index, victim, self.spec, issued.key_id)
-        except BaseException:
-            victim.close()
-            raise
+            with ServiceClient(self.url, self.spec.admin_key, headers=self.headers) as admin:
+                for key_id in self.opened:
+                    admin.revoke(key_id)
+        except StealsimError as exc:  # the run's result stands; the keys are named for the operator
+            logger.error("could not revoke the run's accounts %s: %s", ", ".join(self.opened), exc)
+            return
+        self.opened = []
 
 
 def open_http_pool(url: str, api_key: str | None, model: str, spec: AccountsSpec, budget: int, name: str,
@@ -117,6 +138,8 @@ def open_http_pool(url: str, api_key: str | None, model: str, spec: AccountsSpec
     except BaseException:
         for account in accounts:
             account.victim.close()
+        if opener is not None:
+            opener.revoke()
         raise
 
 

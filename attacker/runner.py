@@ -53,7 +53,7 @@ from attacker.rundir import Ledger, RunDirectory
 from attacker.students import build_student
 from attacker.victims import BudgetedVictim, InProcessVictim, Metering, OutputKind, Victim
 from stealsim.errors import AttackError, StealsimError
-from stealsim.service_client import ServiceClient
+from stealsim.service_client import IssuedKey, ServiceClient
 from stealsim.training import seed_everything
 
 __all__ = ["RunSpec", "RunStoppedError", "infer_eval_dataset", "run_attack", "transfer_evaluations"]
@@ -106,36 +106,49 @@ EVALUATION_KEY_BUDGET = 10**9
 """Images of the evaluation key a run that opens its accounts opens beside them (never all spent)."""
 
 
-def _evaluation_key(spec: RunSpec) -> str:
+def _evaluation_key(spec: RunSpec) -> IssuedKey:
     """Open the evaluation key of a run that opens its accounts: no output policy, no price, no limits to speak of."""
     with ServiceClient(str(spec.url), spec.accounts.admin_key, headers=spec.headers) as admin:
-        issued = admin.create_key(EVALUATION_KEY_BUDGET, name=f"{spec.out.name} evaluation", policy=[],
-                                  rate="100000/second", image_rate="1000000000/minute")
-    return issued.api_key
+        return admin.create_key(EVALUATION_KEY_BUDGET, name=f"{spec.out.name} evaluation", policy=[],
+                                rate="100000/second", image_rate="1000000000/minute")
 
 
-def _open_victims(spec: RunSpec) -> tuple[AccountPool, Victim, bool]:
-    """``(attack victim, evaluation victim, evaluation charged to the attack key?)``."""
+def _revoke_evaluation_key(spec: RunSpec, key_id: str) -> None:
+    """Revoke the evaluation key the run opened (after the run, or when it fails)."""
+    try:
+        with ServiceClient(str(spec.url), spec.accounts.admin_key, headers=spec.headers) as admin:
+            admin.revoke(key_id)
+    except StealsimError as exc:
+        logger.error("could not revoke the run's evaluation key %s: %s", key_id, exc)
+
+
+def _open_victims(spec: RunSpec) -> tuple[AccountPool, Victim, bool, str | None]:
+    """``(attack victim, evaluation victim, evaluation charged to the attack key?, evaluation key the run
+    opened)``; the run revokes that key, and the pool the accounts it opened, when it ends."""
     if spec.url is not None:
         if spec.victim_checkpoint is not None:
             raise AttackError("give either --url (HTTP victim) or --victim-checkpoint, not both")
         pool = open_http_pool(spec.url, spec.api_key, spec.model, spec.accounts, spec.budget, spec.out.name,
                               spec.endpoint, spec.headers)
+        opened: IssuedKey | None = None
         try:
             eval_key = spec.eval_api_key
             if not eval_key and spec.accounts.opens_accounts:
-                eval_key = _evaluation_key(spec)
-            if eval_key and eval_key != spec.api_key:
+                opened = _evaluation_key(spec)
+                eval_key = opened.api_key
+            if eval_key and eval_key != spec.api_key and eval_key not in spec.accounts.keys:
                 evaluation = HttpVictim(spec.url, eval_key, spec.model, options=spec.endpoint, headers=spec.headers)
-                return pool, evaluation, False
+                return pool, evaluation, False, None if opened is None else opened.key_id
         except BaseException:
             pool.close()
+            if opened is not None:
+                _revoke_evaluation_key(spec, opened.key_id)
             raise
-        return pool, pool.accounts[0].victim, True
+        return pool, pool.accounts[0].victim, True, None
     if spec.victim_checkpoint is None:
         raise AttackError("give --url URL (and --api-key) or --victim-checkpoint DIR")
     local = InProcessVictim.from_checkpoint(spec.victim_checkpoint, spec.victim_output)
-    return local_pool(local, spec.accounts), local, False
+    return local_pool(local, spec.accounts), local, False, None
 
 
 _METERING_RECORDS: dict[Metering, str] = {"server": "server-reconciled", "client": "client-only", "none": "in-process"}
@@ -356,7 +369,7 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
                        eval_every=int(stored.get("eval_every", 0)),
                        evaluation=_stored_evaluation(stored, spec.evaluation))
         ledger = run_dir.read_ledger()
-    victim, eval_victim, eval_on_attack_key = _open_victims(spec)
+    victim, eval_victim, eval_on_attack_key, opened_eval_key = _open_victims(spec)
     metered_eval: BudgetedVictim | None = None
     try:
         eval_name = spec.eval_dataset or infer_eval_dataset(victim.info.input_shape)
@@ -467,6 +480,8 @@ def run_attack(spec: RunSpec) -> dict[str, Any]:
     finally:
         if metered_eval is not None and metered_eval.journal is not None:
             metered_eval.journal.close()
-        victim.close()  # every account's client
+        victim.close()  # every account's client; the accounts the run opened are revoked
         if all(eval_victim is not account.victim for account in victim.accounts):
             eval_victim.close()
+        if opened_eval_key is not None:
+            _revoke_evaluation_key(spec, opened_eval_key)

@@ -30,7 +30,8 @@ EXIT_STOPPED = 3
 """Stopped on an error after the run started; distinct from 2 (refused, nothing written)."""
 EXIT_INTERRUPTED = 130
 
-_SECRETS = {"--api-key": '"$STEALSIM_API_KEY"', "--eval-api-key": '"$STEALSIM_EVAL_API_KEY"'}
+_SECRETS = {"--api-key": '"$STEALSIM_API_KEY"', "--eval-api-key": '"$STEALSIM_EVAL_API_KEY"',
+            "--admin-key": '"$STEALSIM_ADMIN_KEY"'}
 
 
 def resume_command(argv: list[str]) -> str:
@@ -60,10 +61,13 @@ def resume_command(argv: list[str]) -> str:
     return " ".join(words)
 
 
-def _stopped_note(out: Path, budget: int, resumed: bool, what: str) -> str:
+def _stopped_note(out: Path, budget: int, resumed: bool, what: str, opened_accounts: bool = False) -> str:
     """Where a run that did not finish stopped, and the command that resumes it."""
     from attacker.rundir import RunDirectory
 
+    if opened_accounts:
+        return (f"the run in {out} {what}; it opened its accounts (--admin-key), whose keys are never written, "
+                "so it cannot be resumed: start it again in a new directory")
     command = resume_command(sys.argv[1:])
     keys = [name for name in ("STEALSIM_API_KEY", "STEALSIM_EVAL_API_KEY") if f'"${name}"' in command]
     if keys:
@@ -239,8 +243,10 @@ def attack(
     keys = _read_keys(keys_file) if keys_file is not None else ()
     accounts_spec = AccountsSpec(
         count=accounts if accounts is not None else (len(keys) or 1), policy=rotation,  # type: ignore[arg-type]
-        retire_flagged=retire_flagged, account_budget=account_budget, admin_key=admin_key if (
-            accounts is not None and not keys) else None, keys=keys, account_price=account_price,
+        retire_flagged=retire_flagged, account_budget=account_budget,
+        # The admin key opens accounts only when --accounts asks for them (STEALSIM_ADMIN_KEY may be set for
+        # other commands); --keys-file's keys stand in for --api-key (which STEALSIM_API_KEY may set).
+        admin_key=admin_key if accounts is not None and not keys else None, keys=keys, account_price=account_price,
         price_per_1000_images=price, currency=currency, rate=rate, image_rate=image_rate,
         clock=clock,  # type: ignore[arg-type]  # checked there
         max_seconds=None if max_hours is None else max_hours * 3600.0, max_cost=max_money)
@@ -250,7 +256,7 @@ def attack(
     try:
         metrics = run_attack(
             RunSpec(
-                attack=name, out=out, budget=budget, url=url, api_key=api_key, model=model,
+                attack=name, out=out, budget=budget, url=url, api_key=None if keys else api_key, model=model,
                 endpoint=endpoint, headers=headers,
                 victim_checkpoint=victim_checkpoint,
                 victim_output="label" if label_only else "probabilities",
@@ -260,16 +266,16 @@ def attack(
             )
         )
     except KeyboardInterrupt:
-        typer.echo(_stopped_note(out, budget, resume, "interrupted"), err=True)
+        typer.echo(_stopped_note(out, budget, resume, "interrupted", accounts_spec.opens_accounts), err=True)
         raise typer.Exit(code=EXIT_INTERRUPTED) from None
     except RunStoppedError as exc:
         typer.echo(f"error: {exc}", err=True)
-        typer.echo(_stopped_note(out, budget, resume, "stopped"), err=True)
+        typer.echo(_stopped_note(out, budget, resume, "stopped", accounts_spec.opens_accounts), err=True)
         raise typer.Exit(code=EXIT_STOPPED) from None
     except Exception as exc:
         if not isinstance(exc, StealsimError) and (out / "ledger.json").is_file():
             # A crash (a bug) after the run started: the traceback follows, and how to go on.
-            typer.echo(_stopped_note(out, budget, resume, "crashed"), err=True)
+            typer.echo(_stopped_note(out, budget, resume, "crashed", accounts_spec.opens_accounts), err=True)
         raise
     if metrics.get("already_finished"):
         typer.echo(f"{out} holds a finished run: nothing to resume, nothing charged", err=True)

@@ -154,13 +154,13 @@ and ``accounts`` are what every evaluation point records of the run's accounts (
 
 def _points(history: Sequence[dict[str, Any]], metric: str, x: str = "queries") -> list[tuple[float, float]]:
     field, scale, _ = X_AXES[x]
-    points = []
+    points: dict[float, float] = {}  # one point per x: the last evaluation there (cost 0 throughout, say)
     for line in history:
         value = number(line.get(metric))
         position = number(line.get(field))
         if value is not None and position is not None:
-            points.append((position * scale, value))
-    return sorted(points)
+            points[position * scale] = value
+    return sorted(points.items())
 
 
 def mean_curve(histories: Sequence[Sequence[dict[str, Any]]], metric: str = "fidelity",

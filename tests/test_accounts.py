@@ -73,6 +73,9 @@ def test_the_tariff_prices_images_and_accounts_and_refuses_negative_prices() -> 
     ({"max_cost": -5.0}, "--max-money must be >= 0"),
     ({"policy": "random"}, "--rotation must be one of"),
     ({"rate": "often"}, "invalid rate limit"),
+    ({"clock": "fast"}, "--clock must be virtual or live"),
+    ({"clock": "live", "image_rate": "10/second"}, "simulated by the virtual clock"),
+    ({"count": 16, "admin_key": "a", "account_price": 2.0, "max_cost": 10.0}, "more than --max-money"),
 ])
 def test_impossible_account_settings_are_refused_with_the_flag_named(fields: dict[str, object], message: str) -> None:
     with pytest.raises(AttackError, match=message):
@@ -176,12 +179,13 @@ def test_the_live_clock_computes_no_waits() -> None:
 
 def test_time_and_money_limits_stop_the_run_before_a_request() -> None:
     timed = AccountPool([Account(0, FunctionVictim(uniform, INFO), windows=[FixedWindow(10, 3600.0, "images")])],
-                        AccountsSpec(max_seconds=1800.0), Tariff())
+                        AccountsSpec(max_seconds=5400.0), Tariff())
     timed.query(images(10))
-    timed.query(images(10))  # waits an hour for its window
+    timed.query(images(10))  # waits an hour for its window: inside the hour and a half
     with pytest.raises(RunLimitReachedError) as caught:
-        timed.query(images(10))
+        timed.query(images(10))  # would wait another hour, past the limit: not sent, not charged
     assert caught.value.stop_reason == "time_limit" and caught.value.answered == 0
+    assert timed.queries == 20 and timed.clock.waited_seconds == 3600
     priced = AccountPool(accounts(1), AccountsSpec(max_cost=0.25), Tariff(price_per_1000_images=1.0))
     priced.query(images(250))
     with pytest.raises(RunLimitReachedError) as caught:
@@ -229,3 +233,36 @@ def test_report_draws_fidelity_against_money_and_hours(digits_checkpoint: Path, 
     assert by_hours is not None and by_hours.queries[-1] >= 1.0  # the second 500 waited an hour
     text = aggregate_runs(runs, tmp_path / "cost.png", x="cost")
     assert "against cost" in text and (tmp_path / "cost.png").stat().st_size > 0
+
+
+def test_opening_an_account_counts_the_images_it_must_still_answer_against_the_money() -> None:
+    class Opener:
+        budget = 10
+
+        def __call__(self, index: int) -> Account:
+            return Account(index, FunctionVictim(uniform, INFO), remaining=10)
+
+        def revoke(self) -> None:
+            pass
+
+    pool = AccountPool([Account(0, FunctionVictim(uniform, INFO), remaining=10)],
+                       AccountsSpec(count=3, admin_key="a", policy="fill", max_cost=2.5),
+                       Tariff(price_per_1000_images=100.0, account_price=0.5), opener=Opener(), limit=3)
+    pool.opened = 1
+    pool.query(images(10))  # 1.0 for the images + 0.5 for the account
+    with pytest.raises(RunLimitReachedError) as caught:
+        pool.query(images(10))  # a second account (0.5) and its 10 images (1.0) would make 3.0
+    assert caught.value.stop_reason == "money_limit"
+    assert pool.economy()["cost"] == 1.5 and len(pool.accounts) == 1
+
+
+def test_a_resumed_pool_counts_what_it_did_not_answer_itself_and_refuses_other_accounts() -> None:
+    pool = AccountPool(accounts(2), AccountsSpec(count=2, keys=("a", "b")), Tariff(price_per_1000_images=1.0))
+    pool.query(images(100))
+    state = pool.state_dict()
+    resumed = AccountPool(accounts(2), AccountsSpec(count=2, keys=("a", "b")), Tariff(price_per_1000_images=1.0))
+    resumed.load_state_dict(state)
+    resumed.sync(300)  # 200 more answered from the journal since the checkpoint
+    assert resumed.economy()["cost"] == 0.3
+    with pytest.raises(AttackError, match="checkpointed with 2 accounts and is resumed with 3"):
+        AccountPool(accounts(3), AccountsSpec(count=3, keys=("a", "b", "c")), Tariff()).load_state_dict(state)

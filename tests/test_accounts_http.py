@@ -85,6 +85,8 @@ def test_eight_accounts_spend_the_budget_exactly_and_the_server_agrees(
     assert metrics["cost"] == pytest.approx(800 * PRICE / 1000 + 8 * 0.25)  # the model's price, read from the server
     evaluation = _keys_named(declared_server, f"{out.name} evaluation")
     assert evaluation[f"{out.name} evaluation"]["used"] == metrics["eval_queries"]  # apart from the accounts
+    # The run closes what it opened: no funded key stays behind.
+    assert all(record["revoked"] for record in [*keys.values(), *evaluation.values()])
 
 
 def test_a_blocked_account_is_left_without_losing_or_double_charging(

@@ -223,9 +223,11 @@ class AccountPool:
             self.opened += 1
             return account
         states = sorted({str(account.retired) for account in self.accounts})
+        # Every key's budget spent before the run's: the server's budget ran out (as with one key);
+        # a key blocked, revoked or left when flagged: the accounts ran out.
         raise RunLimitReachedError(
             f"every account is used up ({len(self.accounts)} accounts: {', '.join(states)})",
-            stop_reason="accounts_exhausted")
+            stop_reason="server_budget_exhausted" if states == ["spent"] else "accounts_exhausted")
 
     def _retire(self, account: Account, reason: str, detail: str) -> None:
         account.retired = reason
@@ -290,13 +292,10 @@ class AccountPool:
                 self._retire(account, "spent", str(exc))
                 continue
             except VictimAPIError as exc:
-                if exc.status == 403:
-                    self._retire(account, "blocked", str(exc))
-                    continue
-                if exc.status == 401:
-                    self._retire(account, "revoked", str(exc))
-                    continue
-                raise
+                if not self.spec.many or exc.status not in (401, 403):
+                    raise  # one key: a refusal stops the run as any victim error does (resumable)
+                self._retire(account, "blocked" if exc.status == 403 else "revoked", str(exc))
+                continue
             offset += take
             self._answered(account, take)
             parts.append(answers)

@@ -46,7 +46,7 @@ def _windows(spec: AccountsSpec, declared: list[dict[str, Any]], warn: bool = Tr
             continue
         if entry.get("enforced", True):
             if spec.clock == "virtual" and warn:
-                logger.warning("the server enforces its %s limit (%s): its waits are real, not simulated "
+                logger.info("the server enforces its %s limit (%s): its waits are real, not simulated "
                                "(serve with --rate-limits declare to simulate them)", kind, entry.get("limit"))
             continue
         windows.append(FixedWindow(int(entry["amount"]), float(entry["window_seconds"]), kind))

@@ -101,7 +101,7 @@ def test_round_robin_spends_the_budget_exactly_across_the_accounts() -> None:
     assert {account.retired for account in pool.accounts} == {"spent"}
     with pytest.raises(RunLimitReachedError, match="every account is used up") as caught:
         pool.query(images(1))
-    assert caught.value.stop_reason == "accounts_exhausted"
+    assert caught.value.stop_reason == "server_budget_exhausted"  # every key spent: the server's budget ran out
 
 
 def test_fill_uses_one_account_until_it_is_spent_and_splits_the_request_at_the_boundary() -> None:

@@ -12,7 +12,7 @@ from defense.mahalanobis import FeatureGaussian
 from defense.ood_rate import OodRateDetector
 from defense.steps.base import DetectorInput, DetectorStep
 
-__all__ = ["OodRateStep"]
+__all__ = ["OodRateStep", "check_ood_score", "ood_score_input", "ood_threshold"]
 
 
 class OodRateStep(DetectorStep):
@@ -43,30 +43,18 @@ class OodRateStep(DetectorStep):
 
     @model_validator(mode="after")
     def _score_settings(self) -> OodRateStep:
-        if self.score == "msp":
-            if self.tau is None or self.tau > 1:
-                raise ValueError("score msp needs tau, a maximum softmax probability in (0, 1]")
-            if self.encoder is not None or self.statistics is not None:
-                raise ValueError("encoder and statistics belong to score mahalanobis")
-        elif self.encoder is None or self.statistics is None:
-            raise ValueError("score mahalanobis needs encoder (a checkpoint) and statistics "
-                             "(its `stealsim ood-fit` file)")
+        check_ood_score(self.score, self.tau, self.encoder, self.statistics)
         return self
 
     def checkpoints(self) -> list[Path]:
         return [] if self.encoder is None else [self.encoder]
 
     def observes(self) -> DetectorInput:
-        if self.score == "msp":
-            return DetectorInput("probabilities")  # the served model's own answer, before the policy
-        return DetectorInput("mahalanobis", encoder=self.encoder, statistics=self.statistics)
+        return ood_score_input(self.score, self.encoder, self.statistics)
 
     def threshold(self) -> float:
         """``tau``, or the one stored in the Mahalanobis statistics."""
-        if self.tau is not None:
-            return self.tau
-        assert self.statistics is not None
-        return _statistics_tau(str(Path(self.statistics).resolve()))
+        return ood_threshold(self.tau, self.statistics)
 
     def new_detector(self) -> OodRateDetector:
         return OodRateDetector(self.threshold(), self.honest_rate, self.alpha, self.min_queries, self.score)
@@ -74,6 +62,33 @@ class OodRateStep(DetectorStep):
     def load_detector(self, data: bytes) -> OodRateDetector:
         return OodRateDetector.from_bytes(data, self.threshold(), self.honest_rate, self.alpha,
                                           self.min_queries, self.score)
+
+
+def check_ood_score(score: str, tau: float | None, encoder: Path | None, statistics: Path | None) -> None:
+    """The OOD score's settings (``ood_rate``, ``pooled_ood``): ValueError naming what is missing or misplaced."""
+    if score == "msp":
+        if tau is None or tau > 1:
+            raise ValueError("score msp needs tau, a maximum softmax probability in (0, 1]")
+        if encoder is not None or statistics is not None:
+            raise ValueError("encoder and statistics belong to score mahalanobis")
+    elif encoder is None or statistics is None:
+        raise ValueError("score mahalanobis needs encoder (a checkpoint) and statistics "
+                         "(its `stealsim ood-fit` file)")
+
+
+def ood_score_input(score: str, encoder: Path | None, statistics: Path | None) -> DetectorInput:
+    """What an OOD score observes: the served model's own answer (``msp``), or Mahalanobis distances."""
+    if score == "msp":
+        return DetectorInput("probabilities")  # the served model's own answer, before the policy
+    return DetectorInput("mahalanobis", encoder=encoder, statistics=statistics)
+
+
+def ood_threshold(tau: float | None, statistics: Path | None) -> float:
+    """``tau``, or the one stored in the Mahalanobis statistics."""
+    if tau is not None:
+        return tau
+    assert statistics is not None
+    return _statistics_tau(str(Path(statistics).resolve()))
 
 
 @functools.lru_cache(maxsize=64)

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from defense.pooled_ood import PooledOodDetector
 from defense.steps.base import DetectorInput, PooledDetectorStep
-from defense.steps.ood_rate import _statistics_tau
+from defense.steps.ood_rate import check_ood_score, ood_score_input, ood_threshold
 
 __all__ = ["PooledOodStep"]
 
@@ -43,14 +43,7 @@ class PooledOodStep(PooledDetectorStep):
 
     @model_validator(mode="after")
     def _check_settings(self) -> PooledOodStep:
-        if self.score == "msp":
-            if self.tau is None or self.tau > 1:
-                raise ValueError("score msp needs tau, a maximum softmax probability in (0, 1]")
-            if self.encoder is not None or self.statistics is not None:
-                raise ValueError("encoder and statistics belong to score mahalanobis")
-        elif self.encoder is None or self.statistics is None:
-            raise ValueError("score mahalanobis needs encoder (a checkpoint) and statistics "
-                             "(its `stealsim ood-fit` file)")
+        check_ood_score(self.score, self.tau, self.encoder, self.statistics)
         if self.min_queries > self.window:
             raise ValueError(f"min_queries {self.min_queries} exceeds the window of {self.window} queries")
         return self
@@ -59,16 +52,11 @@ class PooledOodStep(PooledDetectorStep):
         return [] if self.encoder is None else [self.encoder]
 
     def observes(self) -> DetectorInput:
-        if self.score == "msp":
-            return DetectorInput("probabilities")  # the served model's own answer, before the policy
-        return DetectorInput("mahalanobis", encoder=self.encoder, statistics=self.statistics)
+        return ood_score_input(self.score, self.encoder, self.statistics)
 
     def threshold(self) -> float:
         """``tau``, or the one stored in the Mahalanobis statistics."""
-        if self.tau is not None:
-            return self.tau
-        assert self.statistics is not None
-        return _statistics_tau(str(Path(self.statistics).resolve()))
+        return ood_threshold(self.tau, self.statistics)
 
     def _settings(self) -> tuple[float, float, float, int, int, float]:
         return (self.threshold(), self.honest_rate, self.alpha, self.min_queries, self.window,

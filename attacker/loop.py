@@ -24,13 +24,14 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
 
 from attacker.accounts import AccountPool
+from attacker.adaptive import AdaptiveSettings, AdaptiveVictim, AnswerAdapter, clone_probabilities
 from attacker.replay import ReplayMemory
 from attacker.rundir import Ledger, RunDirectory
 from attacker.students import MEMORY_FORMATS, MemoryFormat, Students, StudentSettings
@@ -70,6 +71,9 @@ class AttackSettings:
             (docs/results/loop-speed.md); a CPU without bfloat16 units is slower, and GPUs
             were not measured. Evaluation always runs in float32, and the victim never sees
             autocast (:meth:`Attack.take_step`).
+        adaptive: the answer-side adaptive attacker (:mod:`attacker.adaptive`; keys ``restore``,
+            ``restore_warmup``, ``restore_families``, ``restore_steps``, ``drop_contradicted``,
+            ``drop_threshold``, ``drop_warmup``), off by default.
     """
 
     KEYS: ClassVar[dict[str, str]] = {}
@@ -79,6 +83,7 @@ class AttackSettings:
     hard_label: bool = False
     memory_format: MemoryFormat = "channels_last"
     precision: Literal["float32", "bfloat16"] = "float32"
+    adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
 
     def __post_init__(self) -> None:
         if self.memory_format not in MEMORY_FORMATS:
@@ -161,6 +166,11 @@ class Attack(ABC):
         """Fraction of the budget spent before the current step (drives schedules)."""
         self.finished = False
         """Set by a one-shot attack (ART's) once it has spent what it will: the loop stops."""
+        self.adapter: AnswerAdapter | None = None
+        """The answer-side adaptive attacker (``restore``, ``drop_contradicted``), when either is on."""
+        if settings.adaptive.enabled:
+            self.adapter = AnswerAdapter(settings.adaptive, info, device)
+            self.track("adaptive", self.adapter)
 
     # -- hooks --------------------------------------------------------------------------
 
@@ -198,6 +208,11 @@ class Attack(ABC):
         self.track("students", students)
         for index, optimizer in enumerate(students.optimizers):
             self.track(f"student_optimizer_{index}", optimizer)
+
+    def _clone_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """The clone's softmax on ``images`` (``drop_contradicted``), every tracked module's mode kept."""
+        modules = [thing for thing in self._tracked.values() if isinstance(thing, nn.Module)]
+        return clone_probabilities(self.clone, modules, images, self.device)
 
     def _memories(self) -> dict[str, ReplayMemory]:
         """The replay memories of tracked objects (students' and UQ models' ``memory``), checkpointed with them."""
@@ -290,8 +305,14 @@ class Attack(ABC):
         while next_eval <= used_at_checkpoint:
             next_eval += interval
 
-        budgeted = BudgetedVictim(victim, config.budget, used=used_at_checkpoint, journal=journal,
-                                  replay=replay, forfeited=forfeited)
+        if self.adapter is not None:  # the victim's answers go through the adaptive attacker first
+            self.adapter.seed = config.seed
+            self.adapter.bind(self._clone_probabilities)
+            budgeted: BudgetedVictim = AdaptiveVictim(victim, config.budget, used=used_at_checkpoint, journal=journal,
+                                                      replay=replay, forfeited=forfeited, adapter=self.adapter)
+        else:
+            budgeted = BudgetedVictim(victim, config.budget, used=used_at_checkpoint, journal=journal,
+                                      replay=replay, forfeited=forfeited)
 
         def charged(spent: int) -> None:
             ledger.attack_queries = max(ledger.attack_queries, spent)
@@ -403,6 +424,8 @@ class Attack(ABC):
             pool.sync(queries)
             line.update(pool.economy())
         line.update({f"loss_{k}": v for k, v in losses.items()})
+        if self.adapter is not None:
+            line.update(self.adapter.metrics())
         if evaluator is not None:
             try:
                 line.update(evaluator.evaluate(self.clone(), final))

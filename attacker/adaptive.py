@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from attacker.restoration import CLEAN_TEMPERATURES, FAMILIES, Restorer
+from attacker.restoration import COLDEST_TEMPERATURE, FAMILIES, RANDOM_LOGIT_SCALES, Restorer
 from attacker.students import StudentSettings, build_student
 from attacker.victims import BudgetedVictim, VictimInfo, without_autocast
 from stealsim.errors import AttackError
@@ -121,6 +121,21 @@ def clone_probabilities(clone: Callable[[], nn.Module], modules: Sequence[nn.Mod
             module.train(training)
 
 
+def _flattest(logits: Tensor, answers: Tensor) -> float:
+    """The shadow's temperature at which its mean top softmax is the answers' (at most 64; at least 1).
+
+    The perturbations simulated lower the top probability, so the victim's clean answers are
+    at least as confident as its served ones: the clean answers simulated go down to that level.
+    """
+    target = float(answers.max(dim=1).values.mean())
+    low, high = 0.0, float(torch.log(torch.tensor(64.0)))
+    for _ in range(30):  # bisection on log T: the mean top softmax falls as T grows
+        middle = (low + high) / 2
+        top = float(torch.softmax(logits / torch.exp(torch.tensor(middle)), dim=1).max(dim=1).values.mean())
+        low, high = (middle, high) if top > target else (low, middle)
+    return max(1.0, float(torch.exp(torch.tensor(high))))
+
+
 class AnswerAdapter(nn.Module):
     """The adaptive attacker's state: the restorer, the warm-up answers, the counters.
 
@@ -193,9 +208,14 @@ class AnswerAdapter(nn.Module):
             shadow.eval()
             with torch.no_grad():
                 logits = shadow(images.to(self.device)).float().cpu()
-            low, high = torch.log(torch.tensor(CLEAN_TEMPERATURES))
+            low, high = torch.log(torch.tensor([COLDEST_TEMPERATURE, _flattest(logits, answers)]))
             temperature = torch.exp(low + torch.rand(len(logits), 1) * (high - low))
-            clean = torch.softmax(logits / temperature, dim=1)
+            shadow_clean = torch.softmax(logits / temperature, dim=1)
+            # As many softmaxes of Gaussian logits, at scales log-uniform in RANDOM_LOGIT_SCALES:
+            # clean answers of shapes the one shadow does not give.
+            low, high = torch.log(torch.tensor(RANDOM_LOGIT_SCALES))
+            scale = torch.exp(low + torch.rand(len(logits), 1) * (high - low))
+            clean = torch.cat([shadow_clean, torch.softmax(torch.randn(logits.shape) * scale, dim=1)])
             report = self.restorer.fit(clean, steps=self.settings.restore_steps, seed=self.seed)
             share = float(self.restorer.detect(answers).mean())
         self.verdict = {

@@ -30,8 +30,12 @@ Departures from the paper (named in docs/attacks.md, "Adaptive attackers"):
   victim's verdict is the share of its warm-up answers judged perturbed (>= 1/2: perturbed).
 - One shadow (:class:`~attacker.adaptive.AnswerAdapter` trains it on the victim's arg-max
   labels of the attack's own warm-up queries), not a set of shadow models on auxiliary data.
-- The shadow's clean outputs are widened by a softmax temperature drawn log-uniformly in
-  :data:`CLEAN_TEMPERATURES` (the victim's confidence profile is unknown).
+- The victim's confidence profile is unknown, so the clean answers simulated are widened: the
+  shadow's logits are divided by a temperature drawn log-uniformly from
+  :data:`COLDEST_TEMPERATURE` up to the one at which the shadow's mean top softmax is the
+  victim's served answers' (the perturbations lower it, so the victim's clean answers are at
+  least that confident), and as many softmaxes of Gaussian logits (scales in
+  :data:`RANDOM_LOGIT_SCALES`) join them: clean shapes one shadow does not give.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from torch.nn import functional as F
 
 from stealsim.errors import AttackError
 
-__all__ = ["CLEAN_TEMPERATURES", "FAMILIES", "RANGES", "Restorer", "perturb", "reverse_sigmoid"]
+__all__ = ["COLDEST_TEMPERATURE", "FAMILIES", "RANDOM_LOGIT_SCALES", "RANGES", "Restorer", "perturb", "reverse_sigmoid"]
 
 FAMILIES = ("reverse_sigmoid", "gaussian_noise")
 """The perturbation families the restoration can simulate (``restore_families``)."""
@@ -58,8 +62,12 @@ RANGES: dict[str, dict[str, tuple[float, float]]] = {
 """The parameter ranges the attacker suspects (``beta`` uniform, the others log-uniform); the
 server's defaults (``beta`` 1, ``gamma`` 0.1; ``std`` 0.01, the grid's 0.05) lie inside."""
 
-CLEAN_TEMPERATURES = (0.5, 8.0)
-"""The shadow's logits are divided by a temperature drawn log-uniformly in this range."""
+COLDEST_TEMPERATURE = 0.5
+"""The shadow's logits are divided by a temperature drawn log-uniformly from this to the one at which
+its mean top softmax is the victim's answers' (:mod:`attacker.adaptive`)."""
+
+RANDOM_LOGIT_SCALES = (0.5, 5.0)
+"""Clean answers also include softmaxes of Gaussian logits ``N(0, s^2)``, ``s`` log-uniform in this range."""
 
 _EPS = 1e-8
 

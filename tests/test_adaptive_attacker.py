@@ -15,9 +15,11 @@ import torch
 
 from attacker.adaptive import AdaptiveSettings, AnswerAdapter, contradicted
 from attacker.attacks import build_attack, flat_settings, make_settings
+from attacker.loop import LoopConfig
 from attacker.restoration import Restorer, perturb, reverse_sigmoid
+from attacker.rundir import RunDirectory
 from attacker.runner import RunSpec, run_attack
-from attacker.victims import VictimInfo
+from attacker.victims import FunctionVictim, InProcessVictim, VictimInfo
 from stealsim.errors import AttackError
 
 CLASSES = 10
@@ -159,3 +161,20 @@ def test_a_short_run_records_the_counters(digits_checkpoint: Path, tmp_path: Pat
         assert 0 <= stored["dropped_answers"] <= 500
     assert json.loads((out / "config.json").read_text())["settings"] | extra == \
         json.loads((out / "config.json").read_text())["settings"]
+
+
+@pytest.mark.parametrize(("perturbed", "verdict"), [(True, 1.0), (False, 0.0)])
+def test_the_verdict_against_a_victim_that_perturbs_or_not(digits_checkpoint: Path, tmp_path: Path,
+                                                           perturbed: bool, verdict: float) -> None:
+    """Random noise against the digits checkpoint, its answers through the server's reverse sigmoid
+    (``beta`` 1, ``gamma`` 0.1) or not: the detector's verdict on the 600 warm-up answers."""
+    local = InProcessVictim.from_checkpoint(digits_checkpoint)
+    victim = FunctionVictim(
+        (lambda images: reverse_sigmoid(local.query(images), 1.0, 0.1)) if perturbed else local.query, local.info)
+    attack = build_attack("random", local.info, torch.device("cpu"), **BASE, restore=True, restore_warmup=600,
+                          restore_steps=150)
+    run_dir = RunDirectory(tmp_path / "run")
+    run_dir.prepare(False)
+    metrics = attack.run(victim, LoopConfig(budget=800, show_progress=False), run_dir).metrics
+    assert metrics["restore_detected"] == verdict, metrics["restore_detector_share"]
+    assert metrics["restored_answers"] == (200 if perturbed else 0)

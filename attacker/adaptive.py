@@ -148,7 +148,9 @@ class AnswerAdapter(nn.Module):
         self.info = info
         self.device = device
         self.seed = seed
-        self.restorer = Restorer(info.num_classes, settings.restore_families)
+        with torch.random.fork_rng(devices=[]):  # the attack's own random numbers stay those of a plain run
+            torch.manual_seed(seed)
+            self.restorer = Restorer(info.num_classes, settings.restore_families)
         self.warmup_images: list[Tensor] = []
         self.warmup_answers: list[Tensor] = []
         self.counters: dict[str, float] = {"dropped_answers": 0.0, "drop_checked_answers": 0.0,

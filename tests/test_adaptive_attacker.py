@@ -178,3 +178,14 @@ def test_the_verdict_against_a_victim_that_perturbs_or_not(digits_checkpoint: Pa
     metrics = attack.run(victim, LoopConfig(budget=800, show_progress=False), run_dir).metrics
     assert metrics["restore_detected"] == verdict, metrics["restore_detector_share"]
     assert metrics["restored_answers"] == (200 if perturbed else 0)
+
+
+def test_switching_an_adaptation_on_leaves_the_attacks_random_numbers_alone() -> None:
+    """Plain and adaptive runs start from the same clone (a paired comparison): the adapter draws nothing."""
+    info = VictimInfo(input_shape=(1, 8, 8), num_classes=CLASSES)
+    states = []
+    for extra in ({}, {"restore": True, "drop_contradicted": True}):
+        torch.manual_seed(0)
+        attack = build_attack("random", info, torch.device("cpu"), **extra)
+        states.append(attack.clone().state_dict())
+    assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])

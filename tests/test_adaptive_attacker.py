@@ -19,7 +19,7 @@ from attacker.loop import LoopConfig
 from attacker.restoration import Restorer, perturb, reverse_sigmoid
 from attacker.rundir import RunDirectory
 from attacker.runner import RunSpec, run_attack
-from attacker.victims import FunctionVictim, InProcessVictim, VictimInfo
+from attacker.victims import FunctionVictim, InProcessVictim, LocalVictim, VictimInfo
 from stealsim.errors import AttackError
 
 CLASSES = 10
@@ -189,3 +189,59 @@ def test_switching_an_adaptation_on_leaves_the_attacks_random_numbers_alone() ->
         attack = build_attack("random", info, torch.device("cpu"), **extra)
         states.append(attack.clone().state_dict())
     assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _Counting(LocalVictim):
+    """The victim through the server's reverse sigmoid, counting what it answers; :class:`_Interrupt` past ``limit``."""
+
+    def __init__(self, victim: InProcessVictim, limit: int | None = None) -> None:
+        self.victim, self.info, self.limit, self.seen = victim, victim.info, limit, 0
+        self.asked: list[torch.Tensor] = []
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        if self.limit is not None and self.seen + images.shape[0] > self.limit:
+            raise _Interrupt()
+        self.seen += int(images.shape[0])
+        self.asked.append(images.clone())
+        return reverse_sigmoid(self.victim.query(images), 1.0, 0.1)
+
+
+@pytest.mark.parametrize("limit", [500, 1100])
+def test_an_interrupted_adaptive_run_resumed_is_the_uninterrupted_one(digits_checkpoint: Path, tmp_path: Path,
+                                                                       limit: int) -> None:
+    """Killed in the restoration's warm-up (500) or after it (1100), resumed: the journal's answers go
+    through the checkpointed adapter again, and clone, restorer and counters are the uninterrupted run's."""
+    torch.set_num_threads(1)
+    local = InProcessVictim.from_checkpoint(digits_checkpoint)
+    settings = {**BASE, "restore": True, "restore_warmup": 600, "restore_steps": 60,
+                "drop_contradicted": True, "drop_warmup": 300, "drop_threshold": 0.15}
+    config = LoopConfig(budget=1500, eval_every=300, seed=3, show_progress=False)
+    runs = []
+    for name, victims in (("whole", [_Counting(local)]), ("cut", [_Counting(local, limit), _Counting(local)])):
+        run_dir = RunDirectory(tmp_path / name)
+        run_dir.path.mkdir()
+        for index, victim in enumerate(victims):
+            torch.manual_seed(config.seed)
+            attack = build_attack("random", local.info, torch.device("cpu"), **settings)
+            if index == 0 and len(victims) == 2:
+                with pytest.raises(_Interrupt):
+                    attack.run(victim, config, run_dir)
+                continue
+            outcome = attack.run(victim, config, run_dir, resume=index == 1)
+        runs.append((attack, outcome.metrics, victims))
+    (whole, whole_metrics, straight), (second, metrics, (dies, rest)) = runs
+    assert rest.seen == 1500 - dies.seen and metrics["replayed_queries"] > 0
+    assert torch.equal(torch.cat(rest.asked), torch.cat(straight[0].asked)[dies.seen:])
+    assert whole_metrics["restore_detected"] == 1.0 and whole_metrics["dropped_answers"] > 0
+    for key in ("restore_detected", "restore_detector_share", "restored_answers", "dropped_answers",
+                "drop_checked_answers"):
+        assert metrics[key] == whole_metrics[key], key
+    expected, got = whole.state_dict(), second.state_dict()
+    for module in ("students", "adaptive"):
+        for key, value in expected[module].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, got[module][key]), key

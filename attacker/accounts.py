@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import torch
 from torch import Tensor
 
 from attacker.economics import ClockMode, FixedWindow, RunClock, Tariff, parse_limit
@@ -299,7 +300,7 @@ class AccountPool:
             offset += take
             self._answered(account, take)
             parts.append(answers)
-        return parts[0] if len(parts) == 1 else _concatenate(parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _answered(self, account: Account, images: int) -> None:
         account.used += images
@@ -467,9 +468,3 @@ class AccountPool:
             account.victim.close()
         if self.opener is not None:
             self.opener.revoke()
-
-
-def _concatenate(parts: list[Tensor]) -> Tensor:
-    import torch
-
-    return torch.cat(parts)

@@ -1,6 +1,23 @@
-"""The answer-side adaptive attacker: what any attack may do to the victim's answers before it trains.
+"""The adaptive attacker: what any attack may do to its queries before they go and to the answers after.
 
-Two mechanisms, each a setting of every attack, both off by default (issue #38):
+Four mechanisms, each a setting of every attack, all off by default (issue #38). Two shape the
+queries, against the detectors (PRADA, SEAT, ``ood_rate``, ``pooled_ood``):
+
+- ``shape_min_distance`` (against SEAT's similar pairs, Zhang et al., AISec 2021): a query
+  within this RMS pixel distance of one of the last ``shape_history`` queries sent (or of an
+  earlier one of its own request) gets Gaussian jitter of that RMS size, up to three times,
+  so no two queries sent are that close. The victim answers the jittered image; the attack
+  trains on its own image with that answer. Counted as ``shaped_jittered``.
+- ``shape_cover`` (cover traffic, against the OOD-rate tests): natural images from
+  ``shape_cover_source`` (a surrogate dataset, :func:`attacker.surrogate.load_surrogate`; the
+  other built-in dataset by default) make up this share of every request, shuffled among the
+  attack's images; their answers are paid for and thrown away. Near the end of the budget
+  the cover shrinks to what is left. Counted as ``shaped_cover_queries``.
+
+(A third kind of shaping lives in the generator attacks, which alone make their queries:
+``shape_confidence`` of Dual Student and DFME, :func:`attacker.losses.confidence_shortfall`.)
+
+Two act on the answers:
 
 - ``restore`` (D-DAE, Chen et al., IEEE S&P 2023; :mod:`attacker.restoration`): the first
   ``restore_warmup`` answered queries pass through unchanged and are kept; then a shadow
@@ -32,6 +49,7 @@ keeps the victim's own answers, and a resumed run replays them through the same 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -45,7 +63,7 @@ from attacker.students import StudentSettings, build_student
 from attacker.victims import BudgetedVictim, VictimInfo, without_autocast
 from stealsim.errors import AttackError
 
-__all__ = ["AdaptiveSettings", "AdaptiveVictim", "AnswerAdapter", "clone_probabilities", "contradicted"]
+__all__ = ["AdaptiveSettings", "AdaptiveVictim", "AnswerAdapter", "clone_probabilities", "contradicted", "spread_out"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +80,19 @@ class AdaptiveSettings:
         drop_contradicted: drop answers that the clone's confident prediction contradicts.
         drop_threshold: the clone's top softmax at or above which it counts as confident.
         drop_warmup: answered queries before any answer is dropped (the clone is learning).
+        shape_min_distance: the RMS pixel distance under which a query is jittered (0: never).
+        shape_history: the queries sent that ``shape_min_distance`` compares with.
+        shape_cover: the share of every request made of natural cover images (0: none; < 1).
+        shape_cover_source: the cover images' surrogate dataset or directory (None: the other
+            built-in dataset).
     """
 
     KEYS: ClassVar[dict[str, str]] = {
         "restore": "restore", "restore_warmup": "restore_warmup", "restore_families": "restore_families",
         "restore_steps": "restore_steps", "drop_contradicted": "drop_contradicted",
         "drop_threshold": "drop_threshold", "drop_warmup": "drop_warmup",
+        "shape_min_distance": "shape_min_distance", "shape_history": "shape_history",
+        "shape_cover": "shape_cover", "shape_cover_source": "shape_cover_source",
     }
 
     restore: bool = False
@@ -77,6 +102,10 @@ class AdaptiveSettings:
     drop_contradicted: bool = False
     drop_threshold: float = 0.95
     drop_warmup: int = 5000
+    shape_min_distance: float = 0.0
+    shape_history: int = 4096
+    shape_cover: float = 0.0
+    shape_cover_source: str | None = None
 
     def __post_init__(self) -> None:
         families = (self.restore_families,) if isinstance(self.restore_families, str) else self.restore_families
@@ -89,10 +118,18 @@ class AdaptiveSettings:
             raise AttackError("restore_warmup must be >= 2, restore_steps >= 1 and drop_warmup >= 0")
         if not 0.0 < self.drop_threshold <= 1.0:
             raise AttackError(f"drop_threshold must be in (0, 1], got {self.drop_threshold!r}")
+        if self.shape_min_distance < 0 or self.shape_history < 1 or not 0.0 <= self.shape_cover < 1.0:
+            raise AttackError("shape_min_distance must be >= 0, shape_history >= 1 and shape_cover in [0, 1), got "
+                              f"{self.shape_min_distance!r}, {self.shape_history!r}, {self.shape_cover!r}")
+
+    @property
+    def shapes(self) -> bool:
+        """Whether the queries are shaped (jitter or cover)."""
+        return self.shape_min_distance > 0 or self.shape_cover > 0
 
     @property
     def enabled(self) -> bool:
-        return self.restore or self.drop_contradicted
+        return self.restore or self.drop_contradicted or self.shapes
 
 
 def contradicted(answers: Tensor, clone_probabilities: Tensor, threshold: float) -> Tensor:
@@ -103,6 +140,34 @@ def contradicted(answers: Tensor, clone_probabilities: Tensor, threshold: float)
     labels = answers.argmax(dim=1) if answers.dim() == 2 else answers.long()
     confidence, predicted = clone_probabilities.float().max(dim=1)
     return (confidence >= threshold) & (predicted.cpu() != labels.cpu())
+
+
+def spread_out(images: Tensor, history: Tensor, min_distance: float, generator: torch.Generator,
+               tries: int = 4) -> tuple[Tensor, Tensor]:
+    """``images`` with Gaussian jitter of RMS size ``min_distance`` added to each that lies within
+    that RMS pixel distance of a row of ``history`` (flattened earlier queries) or of an earlier
+    image of its own, up to ``tries`` times; and which images were jittered (bool ``[N]``).
+
+    Pixels stay in [0, 1] (the clipping eats some of the jitter: hence the retries).
+    """
+    sent = images.detach().float().cpu().clone()
+    dimension = sent[0].numel()
+    jittered = torch.zeros(len(sent), dtype=torch.bool)
+    earlier = torch.ones(len(sent), len(sent), dtype=torch.bool).tril(diagonal=-1)
+    for _ in range(tries):
+        flat = sent.flatten(1)
+        own = torch.cdist(flat, flat).masked_fill(~earlier, float("inf"))
+        nearest = own.min(dim=1).values if len(sent) > 1 else torch.full((len(sent),), float("inf"))
+        if len(history):
+            nearest = torch.minimum(nearest, torch.cdist(flat, history.float()).min(dim=1).values)
+        close = nearest / dimension**0.5 < min_distance
+        if not bool(close.any()):
+            break
+        noise = torch.randn(int(close.sum()), dimension, generator=generator)
+        noise = noise / noise.norm(dim=1, keepdim=True).clamp_min(1e-12) * (min_distance * dimension**0.5)
+        sent[close] = (sent[close] + noise.view(-1, *sent.shape[1:])).clamp(0.0, 1.0)
+        jittered |= close
+    return sent, jittered
 
 
 @torch.no_grad()
@@ -154,12 +219,54 @@ class AnswerAdapter(nn.Module):
         self.warmup_images: list[Tensor] = []
         self.warmup_answers: list[Tensor] = []
         self.counters: dict[str, float] = {"dropped_answers": 0.0, "drop_checked_answers": 0.0,
-                                           "restored_answers": 0.0}
+                                           "restored_answers": 0.0, "shaped_jittered": 0.0,
+                                           "shaped_cover_queries": 0.0}
+        self.history = torch.zeros(0, math.prod(info.input_shape))
+        """The last ``shape_history`` queries sent, flattened (``shape_min_distance`` compares with them)."""
+        self._cover: Tensor | None = None
         self.verdict: dict[str, float] = {}
         self.predict: Callable[[Tensor], Tensor] | None = None
 
     def bind(self, predict: Callable[[Tensor], Tensor]) -> None:
         self.predict = predict
+
+    # -- query shaping ------------------------------------------------------------------
+
+    def shape(self, images: Tensor, used_before: int, remaining: int | None) -> tuple[Tensor, Tensor | None]:
+        """The images to send for the attack's ``images`` (cover added, near ones jittered) and the
+        positions of the attack's own among them (``None``: no cover, the same positions).
+
+        Random numbers are drawn from the run's seed and ``used_before``, so a resumed run sends what
+        the uninterrupted one sent (its journal replays).
+        """
+        settings = self.settings
+        if not settings.shapes:
+            return images, None
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + used_before)
+        sent, own = images.detach().float().cpu(), None
+        if settings.shape_cover > 0:
+            wanted = round(len(images) * settings.shape_cover / (1.0 - settings.shape_cover))
+            room = len(images) + wanted if remaining is None else min(len(images) + wanted, remaining)
+            count = max(0, room - len(images))
+            if count:
+                pool = self._cover_images()
+                cover = pool[torch.randint(len(pool), (count,), generator=generator)]
+                order = torch.randperm(len(images) + count, generator=generator)
+                sent = torch.cat([sent, cover])[order]
+                own = torch.argsort(order)[: len(images)]  # where each of the attack's images went
+                self.counters["shaped_cover_queries"] += count
+        if settings.shape_min_distance > 0:
+            sent, jittered = spread_out(sent, self.history, settings.shape_min_distance, generator)
+            self.counters["shaped_jittered"] += float(jittered.sum())
+            self.history = torch.cat([self.history, sent.flatten(1)])[-settings.shape_history:]
+        return sent.to(images.dtype), own
+
+    def _cover_images(self) -> Tensor:
+        if self._cover is None:
+            from attacker.surrogate import load_surrogate
+
+            self._cover = load_surrogate(self.settings.shape_cover_source, self.info.input_shape).images
+        return self._cover
 
     def adapt(self, images: Tensor, answers: Tensor, used_before: int) -> Tensor:
         """The answers the attack trains on, for ``images`` answered after ``used_before`` queries."""
@@ -260,16 +367,21 @@ class AnswerAdapter(nn.Module):
         if self.settings.drop_contradicted:
             result.update(dropped_answers=self.counters["dropped_answers"],
                           drop_checked_answers=self.counters["drop_checked_answers"])
+        if self.settings.shapes:
+            result.update(shaped_jittered=self.counters["shaped_jittered"],
+                          shaped_cover_queries=self.counters["shaped_cover_queries"])
         return result
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"warmup_images": list(self.warmup_images), "warmup_answers": list(self.warmup_answers),
-                "counters": dict(self.counters), "verdict": dict(self.verdict)}
+                "counters": dict(self.counters), "verdict": dict(self.verdict), "history": self.history.clone()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.warmup_images = list(state["warmup_images"])
         self.warmup_answers = list(state["warmup_answers"])
-        self.counters = {key: float(value) for key, value in state["counters"].items()}
+        self.counters.update({key: float(value) for key, value in state["counters"].items()})
+        if "history" in state:
+            self.history = state["history"].float()
         self.verdict = {key: float(value) for key, value in state["verdict"].items()}
 
 
@@ -282,5 +394,8 @@ class AdaptiveVictim(BudgetedVictim):
 
     def query(self, images: Tensor) -> Tensor:
         before = self.used
-        answers = super().query(images)
+        sent, own = self.adapter.shape(images, before, self.remaining)
+        answers = super().query(sent)
+        if own is not None:  # the cover's answers are paid for and thrown away
+            answers = answers[own]
         return self.adapter.adapt(images, answers, before)

@@ -71,9 +71,10 @@ class AttackSettings:
             (docs/results/loop-speed.md); a CPU without bfloat16 units is slower, and GPUs
             were not measured. Evaluation always runs in float32, and the victim never sees
             autocast (:meth:`Attack.take_step`).
-        adaptive: the answer-side adaptive attacker (:mod:`attacker.adaptive`; keys ``restore``,
+        adaptive: the adaptive attacker (:mod:`attacker.adaptive`; keys ``restore``,
             ``restore_warmup``, ``restore_families``, ``restore_steps``, ``drop_contradicted``,
-            ``drop_threshold``, ``drop_warmup``), off by default.
+            ``drop_threshold``, ``drop_warmup``, ``shape_min_distance``, ``shape_history``,
+            ``shape_cover``, ``shape_cover_source``), off by default.
     """
 
     KEYS: ClassVar[dict[str, str]] = {}
@@ -167,7 +168,7 @@ class Attack(ABC):
         self.finished = False
         """Set by a one-shot attack (ART's) once it has spent what it will: the loop stops."""
         self.adapter: AnswerAdapter | None = None
-        """The answer-side adaptive attacker (``restore``, ``drop_contradicted``), when either is on."""
+        """The adaptive attacker (query shaping, ``restore``, ``drop_contradicted``), when any is on."""
         if settings.adaptive.enabled:
             self.adapter = AnswerAdapter(settings.adaptive, info, device)
             self.track("adaptive", self.adapter)

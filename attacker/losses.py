@@ -28,6 +28,7 @@ __all__ = [
     "LOG_EPSILON",
     "SoftLoss",
     "class_balance_loss",
+    "confidence_shortfall",
     "disagreement_loss",
     "forward_difference_gradient",
     "per_sample_student_loss",
@@ -103,6 +104,18 @@ def class_balance_loss(logits: Tensor) -> Tensor:
     mean = torch.softmax(logits.float(), dim=1).mean(dim=0)
     entropy = -(mean * torch.log(mean + LOG_EPSILON)).sum()
     return math.log(logits.shape[1]) - entropy
+
+
+def confidence_shortfall(logits: Tensor) -> Tensor:
+    """``mean_i (1 - max_k softmax(S(x_i))_k)``: zero when the student is sure of every image.
+
+    The query-shaping term (``shape_confidence``, issue #38; stealsim's own): added to a
+    generator's loss, it pulls the queries towards images the clone, and so hopefully the
+    victim, answers confidently, i.e. into what the maximum-softmax OOD tests (Hendrycks and
+    Gimpel, ICLR 2017; ``ood_rate``, ``pooled_ood``) call in-distribution. It works against
+    the disagreement the generator is after, so its weight trades fidelity for cover.
+    """
+    return 1.0 - torch.softmax(logits.float(), dim=1).max(dim=1).values.mean()
 
 
 def unit_directions(

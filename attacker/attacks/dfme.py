@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from attacker.attacks._common import GeneratorSettings, GeneratorTrainer
+from attacker.attacks._common import GeneratorSettings, GeneratorTrainer, frozen
 from attacker.loop import Attack, AttackSettings
 from attacker.losses import (
+    confidence_shortfall,
     forward_difference_gradient,
     per_sample_student_loss,
     unit_directions,
@@ -40,6 +41,10 @@ class DFMESettings(AttackSettings):
             trains the clone (``False``: the paper's, where they only feed the gradient
             estimate; needs ``replay`` > 0). ``True`` lost on the mnist5k validation split at
             200,000 queries: 0.782 / 0.886 against 0.914 / 0.924 (seeds 0 / 1, 2 updates).
+        shape_confidence: weight of the query-shaping term
+            :func:`~attacker.losses.confidence_shortfall` of the student on the generator's
+            images, its exact gradient (the student is the attacker's own) added to the
+            zeroth-order estimate (0, the default: the paper's; issue #38).
     """
 
     students: StudentSettings = field(default_factory=lambda: StudentSettings(updates_per_batch=4))
@@ -48,10 +53,11 @@ class DFMESettings(AttackSettings):
     directions: int = 1
     epsilon: float = 1e-3
     remember_generator_queries: bool = False
+    shape_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.student_steps < 1 or self.directions < 1 or self.epsilon <= 0:
+        if self.student_steps < 1 or self.directions < 1 or self.epsilon <= 0 or self.shape_confidence < 0:
             raise AttackError(f"invalid DFME settings: {self}")
         if self.remember_generator_queries and self.students.replay == 0:
             raise AttackError("remember_generator_queries needs a replay memory (replay > 0)")
@@ -122,7 +128,12 @@ class DFME(Attack):
         )
         # d(mean L_G)/da = gradient / count; push it through the generator.
         self.gen.optimizer.zero_grad(set_to_none=True)
-        preactivation.backward(gradient / count)
+        surrogate = (preactivation * (gradient / count)).sum()
+        if self.s.shape_confidence > 0:  # query shaping against the MSP detectors (issue #38)
+            with frozen(student):
+                surrogate = surrogate + self.s.shape_confidence * confidence_shortfall(
+                    student(torch.sigmoid(preactivation)))
+        surrogate.backward()
         self.gen.optimizer.step()
         return float(values.mean())
 

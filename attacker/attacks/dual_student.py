@@ -11,7 +11,12 @@ from torch.nn import functional as F
 
 from attacker.attacks._common import GeneratorSettings, GeneratorTrainer, frozen, make_generator
 from attacker.loop import Attack, AttackSettings, Evaluates
-from attacker.losses import class_balance_loss, disagreement_loss, victim_targets
+from attacker.losses import (
+    class_balance_loss,
+    confidence_shortfall,
+    disagreement_loss,
+    victim_targets,
+)
 from attacker.replay import ReplayMemory
 from attacker.students import SCHEDULE_KEYS, Students, StudentSettings
 from attacker.victims import BudgetedVictim, VictimInfo
@@ -59,6 +64,10 @@ class DualStudentSettings(AttackSettings):
             disagreement and its gradient vanish (generator losses of order 1e-6), and nothing
             moves the generator off the images (a width-32 mnist5k run sat at fidelity 0.099
             for 260,000 queries; docs/results/dual-student-hard-labels.md). Not in the paper or the authors' code.
+        shape_confidence: weight of the query-shaping term
+            :func:`~attacker.losses.confidence_shortfall` in the generator's loss (0, the
+            default: the paper's loss): the generator also seeks images the first student is sure
+            of, which keeps a maximum-softmax OOD detector's statistic down (issue #38).
         preset: ``tuned`` (these defaults) or ``reference`` (:data:`REFERENCE`, the authors'
             code); settings given beside a preset override it.
 
@@ -103,6 +112,7 @@ class DualStudentSettings(AttackSettings):
     hard_target: Literal["class", "one_hot"] = "class"
     generator_schedule: Literal["students", "constant"] = "students"
     generator_restart: int = 0
+    shape_confidence: float = 0.0
     preset: Literal["tuned", "reference"] = "tuned"
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -110,6 +120,8 @@ class DualStudentSettings(AttackSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.shape_confidence < 0:
+            raise AttackError(f"shape_confidence must be >= 0, got {self.shape_confidence}")
         if self.generator_restart < 0:
             raise AttackError(f"generator_restart must be 0 (never) or a number of queries per check, got {self.generator_restart}")
         if self.student_steps < 1:
@@ -214,6 +226,8 @@ class DualStudent(Attack):
             generator_loss = disagreement_loss(logits, second(images), self.s.disagreement == "probabilities")
             if self.s.balance_weight > 0:
                 generator_loss = generator_loss + self.s.balance_weight * class_balance_loss(logits)
+            if self.s.shape_confidence > 0:  # query shaping against the MSP detectors (issue #38)
+                generator_loss = generator_loss + self.s.shape_confidence * confidence_shortfall(logits)
             self.gen.update(generator_loss)
         first.train()
         second.train()

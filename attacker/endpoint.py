@@ -83,6 +83,9 @@ METERING_EXTENSION = "stealsim_metering"
 Wire = Literal["auto", "json", "binary"]
 AnswerKind = Literal["probabilities", "logits", "label"]
 
+ROUNDED_SUM_SLACK = 0.5
+"""How far from 1 a row of probabilities, each in [0, 1], may sum and still read as probabilities
+(rounded or truncated by the API, e.g. 10 classes rounded to 2 decimals are off by up to 0.05)."""
 FLOAT_TYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
 """Input datatypes the client sends, with their little-endian numpy types."""
 ANSWER_TYPES = {**FLOAT_TYPES, "INT32": "<i4", "INT64": "<i8", "INT16": "<i2", "INT8": "<i1",
@@ -487,14 +490,23 @@ def decode_answer(endpoint: Endpoint, raw: bytes, header_length: str | None, cou
         raise _mismatch(endpoint, "the answer holds NaN or infinite values")
     tolerance = 1e-2 if datatype == "FP16" else 1e-3
     sums = scores.sum(axis=1)
-    rows_are_probabilities = bool((scores >= -tolerance).all() and (np.abs(sums - 1) <= tolerance).all())
+    in_range = bool(((scores >= -tolerance) & (scores <= 1 + tolerance)).all())
+    rows_are_probabilities = in_range and bool((np.abs(sums - 1) <= tolerance).all())
+    # Rounded or truncated probabilities (an API's output defense, e.g. our `round` step) are
+    # probabilities too: each in [0, 1], their rows off 1 by at most half of 1.
+    rounded = in_range and not rows_are_probabilities and bool((np.abs(sums - 1) <= ROUNDED_SUM_SLACK).all())
     if endpoint.answer_kind == "logits":
         if rows_are_probabilities:
             endpoint.warn_once("logits-sum-to-1", f"model {endpoint.model!r}: the answers read as logits already "
                                                   "sum to 1 in every row: they look like probabilities, which a "
                                                   "softmax flattens; pass --output-kind probabilities if they are")
         return torch.softmax(torch.from_numpy(scores), dim=1)
-    if not rows_are_probabilities:
-        raise _mismatch(endpoint, f"rows do not sum to 1 (e.g. {float(sums[0]):.4g}): these are not "
+    if rounded:
+        endpoint.warn_once("rounded-probabilities", f"model {endpoint.model!r}: answer rows sum to "
+                                                    f"{float(sums.min()):.4g}..{float(sums.max()):.4g}, not 1: "
+                                                    "read as rounded probabilities, used as served")
+    elif not rows_are_probabilities:
+        worst = int(np.argmax(np.abs(sums - 1)))
+        raise _mismatch(endpoint, f"rows do not sum to 1 (e.g. {float(sums[worst]):.4g}): these are not "
                                   "probabilities; pass --output-kind logits (or label)")
     return torch.from_numpy(scores)

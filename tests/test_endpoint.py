@@ -265,3 +265,17 @@ def test_probabilities_read_as_logits_warn_once(caplog: pytest.LogCaptureFixture
     torch.testing.assert_close(softened, torch.softmax(torch.from_numpy(probabilities), dim=1))  # as asked
     assert len(caplog.records) == 1 and "already sum to 1" in caplog.records[0].getMessage()
     assert "pass --output-kind probabilities" in caplog.records[0].getMessage()
+
+
+def test_rounded_probabilities_are_read_as_served_and_warned_once(caplog: pytest.LogCaptureFixture) -> None:
+    """An API that rounds its probabilities (the `round` step) sends rows that miss 1 by a little:
+    read as probabilities, as served, with one warning; rows far from 1 are still refused."""
+    endpoint = _endpoint("FP32", "json")
+    rounded = np.array([[0.33, 0.33, 0.33], [0.0, 0.5, 0.49]], "<f4")
+    with caplog.at_level(logging.WARNING, logger="attacker.endpoint"):
+        for _ in range(2):
+            decoded = decode_answer(endpoint, *answer(rounded, "FP32"), 2)
+            np.testing.assert_array_equal(decoded.numpy(), rounded)
+    assert len(caplog.records) == 1 and "rounded probabilities" in caplog.records[0].getMessage()
+    with pytest.raises(VictimAPIError, match=re.escape("rows do not sum to 1 (e.g. 0.3)")):
+        decode_answer(endpoint, *answer(np.array([[0.1, 0.1, 0.1], [0.4, 0.3, 0.3]], "<f4"), "FP32"), 2)

@@ -25,6 +25,7 @@ collects (:func:`run_cell_job`, :func:`run_defense_job` are the jobs).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -76,7 +77,7 @@ _VICTIMS: tuple[VictimName, ...] = ("normal", "nasty")
 
 RESULT_COLUMNS = ("cell", "attack", "victim", "defense", "budget", "seed", "status", "queries", "accuracy",
                   "fidelity", "transfer_success_rate", "victim_accuracy", "flags", "flagged_at",
-                  "watermark_marked", "watermark_matches", "watermark_p_value", "wall_seconds", "error")
+                  "first_flags", "fidelity_at_flags", "watermark_marked", "watermark_matches", "watermark_p_value", "wall_seconds", "error")
 DEFENSE_COLUMNS = ("cell", "victim", "defense", "accuracy", "ece", "test_images", "flags", "latency_ms")
 HONEST_BATCH = 32
 """Images per request of the honest user (the test split, in order, one request after another)."""
@@ -282,7 +283,10 @@ class GridRunner:
         def results(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             return {"queries": int(metrics["queries_used"]), "accuracy": metrics["accuracy"],
                     "fidelity": metrics["fidelity"], "transfer_success_rate": metrics["transfer_success_rate"],
-                    "victim_accuracy": metrics["victim_accuracy"]}
+                    "victim_accuracy": metrics["victim_accuracy"],
+                    "first_flags": first_flags(metrics.get("first_flag") or {}),
+                    "fidelity_at_flags": fidelity_at_flags(metrics.get("first_flag") or {},
+                                                           run_dir / "metrics.jsonl")}
 
         def extras(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             found = key_flags(url, self.admin_key, key)
@@ -323,6 +327,30 @@ def key_flags(url: str, admin_key: str, api_key: str) -> dict[str, Any]:
                     flagged_at = sent
                     break
     return {"flags": "+".join(flags), "flagged_at": flagged_at}
+
+
+def first_flags(first_flag: dict[str, dict[str, float]]) -> str:
+    """Each detector's first flag of a run as ``name:queries`` (the attack queries answered when its
+    flag first came back), space-separated in the order they came: ``ood_rate:128 seat:4096``."""
+    ordered = sorted(first_flag.items(), key=lambda item: item[1]["queries"])
+    return " ".join(f"{name}:{int(first['queries'])}" for name, first in ordered)
+
+
+def fidelity_at_flags(first_flag: dict[str, dict[str, float]], history_path: Path) -> str:
+    """What a detector that blocked at its first flag would have left the thief, per detector, as
+    ``name:fidelity``: the fidelity at the run's last evaluation at or before the flag (the first
+    evaluation's when the flag came before it: then an upper bound)."""
+    if not first_flag or not history_path.is_file():
+        return ""
+    history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+    history = [line for line in history if "fidelity" in line and "queries" in line]
+    if not history:
+        return ""
+    parts = []
+    for name, first in sorted(first_flag.items(), key=lambda item: item[1]["queries"]):
+        before = [line for line in history if line["queries"] <= first["queries"]]
+        parts.append(f"{name}:{float((before[-1] if before else history[0])['fidelity']):.4f}")
+    return " ".join(parts)
 
 
 def verify_clone(url: str, admin_key: str, api_key: str, model: str, run_dir: Path) -> dict[str, Any]:

@@ -188,12 +188,14 @@ def collect(out: Path) -> tuple[list[dict[str, str]], dict[str, dict[str, str]]]
     return rows, costs
 
 
-def fidelity(rows: list[dict[str, str]], attack: str, defense: str, variant: str) -> tuple[float, float, int]:
-    """Mean ± std over seeds of ``attack``'s fidelity under ``defense`` as ``variant``; an arg-max thief
-    under a defense that keeps every arg-max is its run under ``none`` (see the module docstring)."""
+def fidelity(rows: list[dict[str, str]], attack: str, defense: str, variant: str,
+             column: str = "fidelity") -> tuple[float, float, int]:
+    """Mean ± std over seeds of ``attack``'s fidelity (or another ``column``) under ``defense`` as
+    ``variant``; an arg-max thief under a defense that keeps every arg-max is its run under ``none``
+    (see the module docstring)."""
     if variant == "arg-max" and defense not in LABEL_CHANGING:
         defense = "none"
-    return mean_std([number(row["fidelity"]) for row in rows
+    return mean_std([number(row[column]) for row in rows
                      if row["attack"] == attack and row["defense"] == defense and row["variant"] == variant])
 
 
@@ -217,6 +219,11 @@ def summarize(out: Path, attacks: list[str]) -> dict[str, Any]:
                      if row["attack"] == attack and row["defense"] == defense and row["variant"] in ("plain", "shaped")]
             entry["attacks"][attack] = {
                 "plain": plain, "variants": tried, "best_variant": best_name, "best": best,
+                "best_transfer": fidelity(rows, attack, defense, best_name, "transfer_success_rate"),
+                "watermark_p_values": {variant: [number(row["watermark_p_value"]) for row in rows
+                                                 if row["attack"] == attack and row["defense"] == defense
+                                                 and row["variant"] == variant and row.get("watermark_p_value")]
+                                       for variant in VARIANTS} if defense == "watermark" else {},
                 "first_flags": {variant: _first_flags([row for row in rows if row["attack"] == attack
                                                        and row["defense"] == defense and row["variant"] == variant])
                                 for variant in ("plain", "shaped")} if defense == "detectors" or any(flags) else {},
@@ -297,10 +304,20 @@ def print_table(summary: dict[str, Any], attacks: list[str], args: argparse.Name
         for attack in attacks:
             found = entry["attacks"][attack]
             cells.append(f"{text(found['plain'])} / {text(found['best'])} ({found['best_variant']})")
-        judged = "—" if defense == "none" else verdict(entry, table["none"], attacks, args.honest_points,
+        judged = "—" if defense == "none" else "flags only: see the blocking rows" if defense == "detectors" else verdict(entry, table["none"], attacks, args.honest_points,
                                                           args.fidelity_points)
         print(f"| {defense} | {entry['honest_accuracy']:.4f} | {entry['honest_ece']:.3f} | "
               + " | ".join(cells) + f" | {judged} |")
+    print("\nUntargeted transfer of the best attacker's clone (mean ± std):")
+    for defense, entry in table.items():
+        print(f"  {defense}: " + ", ".join(f"{attack} {text(entry['attacks'][attack]['best_transfer'])}"
+                                          for attack in attacks if "best_transfer" in entry["attacks"][attack]))
+    for attack, found in table.get("watermark", {}).get("attacks", {}).items():
+        for variant, p_values in found["watermark_p_values"].items():
+            if p_values:
+                print(f"  watermark verification, {attack}, {variant}: p = "
+                      + ", ".join(f"{p:.1e}" for p in p_values)
+                      + f" ({sum(p < 1e-3 for p in p_values)}/{len(p_values)} identified at p < 1e-3)")
     for defense, entry in table.items():
         for attack in attacks:
             flags = entry["attacks"][attack]["first_flags"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from experiments.grid_report import pareto_front
+
 
 def best_over_attacks(entry: dict[str, Any], attacks: list[str], which: str) -> tuple[float, float, str]:
     """The highest mean fidelity among ``attacks`` (``which``: ``best`` or ``plain``), its std and attack."""
@@ -36,15 +38,6 @@ def spread_labels(positions: list[float], gap: float, low: float, high: float) -
     return placed
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points no other point beats on both axes (lower cost and lower fidelity), by cost."""
-    front = []
-    for x, y in sorted(points):
-        if not front or y < front[-1][1]:
-            front.append((x, y))
-    return front
-
-
 def pareto_plot(summaries: dict[str, dict[str, Any]], attacks: list[str], out: Path) -> None:
     """Draw one panel per dataset of ``summaries`` (:func:`benchmarks.adaptive_defenses.summarize`)."""
     import matplotlib
@@ -56,6 +49,8 @@ def pareto_plot(summaries: dict[str, dict[str, Any]], attacks: list[str], out: P
     for axis, (dataset, summary) in zip(axes[0], summaries.items(), strict=True):
         rows = []
         for defense, entry in summary["defenses"].items():
+            if defense == "detectors":  # flags only: its blocking rows are the defenses drawn
+                continue
             best, std, attack = best_over_attacks(entry, attacks, "best")
             plain, _, _ = best_over_attacks(entry, attacks, "plain")
             if best == best:  # not NaN
@@ -67,10 +62,12 @@ def pareto_plot(summaries: dict[str, dict[str, Any]], attacks: list[str], out: P
             if plain == plain and plain < best - 0.005:
                 axis.plot([cost, cost], [plain, best], color="tab:gray", linewidth=1, zorder=2)
                 axis.plot(cost, plain, "o", markerfacecolor="white", markeredgecolor="tab:gray", zorder=3)
-        front = pareto_front([(cost, best) for _, cost, best, *_ in rows])
+        points = [(cost, best) for _, cost, best, *_ in rows]
+        front = sorted(points[i] for i in pareto_front(points))
         xs = [x for x, _ in front]
         ys = [y for _, y in front]
         axis.step(xs, ys, where="post", linestyle="--", color="tab:blue", linewidth=1, label="Pareto front")
+        axis.axvline(1.0, linestyle=":", color="0.5", linewidth=1, label="1 point of honest accuracy")
         left, right = -0.2, max(1.5, max(cost for _, cost, *_ in rows) * 1.1)
         column = right + 0.15 * (right - left)
         values = [r[2] for r in rows] + [r[4] for r in rows if r[4] == r[4]]

@@ -25,6 +25,7 @@ collects (:func:`run_cell_job`, :func:`run_defense_job` are the jobs).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -401,12 +402,15 @@ def run_on_queue(
 ) -> Iterator[tuple[Literal["cell", "cost"], dict[str, Any]]]:
     """Enqueue the grid's cells and yield ``(kind, row)`` as their jobs finish (a failed job: a failed row)."""
     spec_data = spec.model_dump()
+    # Job ids name the spec too: two grids on one queue with the same cells (another defense's
+    # settings, another attack variant) are other jobs, not one job's result read twice.
+    digest = hashlib.sha256(json.dumps(spec_data, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
     def failed(cell: Cell) -> Callable[[str], dict[str, Any]]:
         return lambda error: {"cell": cell.id, **asdict(cell), "status": "failed", "error": error}
 
-    jobs = [Job(f"{queue}-cost-{cell.id}", run_defense_job, (spec_data, asdict(cell))) for cell in defense_cells]
-    jobs += [Job(f"{queue}-cell-{cell.id}", run_cell_job, (spec_data, asdict(cell)), failed(cell))
+    jobs = [Job(f"{queue}-{digest}-cost-{cell.id}", run_defense_job, (spec_data, asdict(cell))) for cell in defense_cells]
+    jobs += [Job(f"{queue}-{digest}-cell-{cell.id}", run_cell_job, (spec_data, asdict(cell)), failed(cell))
              for cell in cells]
     kinds: dict[str, Literal["cell", "cost"]] = {job.id: ("cost" if job.function is run_defense_job else "cell")
                                                  for job in jobs}

@@ -39,14 +39,34 @@ class ResultsStore:
         return read_csv(self.path)
 
     def append(self, row: dict[str, Any]) -> None:
-        """Write ``row`` as one line (the header first in a new file); None and missing columns empty."""
+        """Write ``row`` as one line (the header first in a new file); None and missing columns empty.
+
+        A file written with other columns (a grid resumed by a newer stealsim) is rewritten first
+        under ``columns`` plus its own columns that ``columns`` lacks, its lines kept."""
         new = not self.path.is_file()
+        columns = list(self.columns) if new else self._upgrade_header()
         with self.path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.columns), extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             if new:
                 writer.writeheader()
-            writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in self.columns})
+            writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in columns})
             handle.flush()
+
+    def _upgrade_header(self) -> list[str]:
+        """The file's columns, first rewritten to hold every one of :attr:`columns` if they did not."""
+        with self.path.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if all(column in header for column in self.columns):
+            return header
+        kept = self.rows()
+        columns = [*self.columns, *(column for column in header if column not in self.columns)]
+        temporary = self.path.with_suffix(self.path.suffix + ".tmp")
+        with temporary.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+        temporary.replace(self.path)
+        return columns
 
     def cells(self) -> set[str]:
         """Every cell with a line, whatever its status."""

@@ -201,3 +201,21 @@ def test_grid_on_redis_with_two_workers_matches_in_process(
     assert sorted(ran[0] + ran[1]) == sorted(local)
     for index in range(2):
         assert "victim service stopped" in (tmp_path / f"worker{index}.log").read_text() or not ran[index]
+
+
+def test_a_results_file_of_older_columns_gains_the_new_ones_and_keeps_its_lines(tmp_path: Path) -> None:
+    """A grid resumed by a newer stealsim appends rows with more columns: the file is rewritten under
+    the new header first, so no line lands under the wrong column."""
+    from experiments.store import ResultsStore
+
+    path = tmp_path / "results.csv"
+    ResultsStore(path, ("cell", "status", "fidelity")).append({"cell": "a", "status": "done", "fidelity": 0.5})
+    newer = ResultsStore(path, ("cell", "status", "flags", "fidelity"))
+    newer.append({"cell": "b", "status": "done", "flags": "seat", "fidelity": 0.25})
+    rows = newer.rows()
+    assert [row["cell"] for row in rows] == ["a", "b"]
+    assert rows[0]["fidelity"] == "0.5" and rows[0]["flags"] == ""
+    assert rows[1]["fidelity"] == "0.25" and rows[1]["flags"] == "seat"
+    # An older stealsim's store (fewer columns) appends under the file's full header, not its own.
+    ResultsStore(path, ("cell", "status", "fidelity")).append({"cell": "c", "status": "done", "fidelity": 1})
+    assert [(row["cell"], row["fidelity"], row["flags"]) for row in ResultsStore(path, ()).rows()][-1] == ("c", "1", "")

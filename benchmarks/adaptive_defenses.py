@@ -65,8 +65,12 @@ NOISE_STDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 LABEL_CHANGING = ("gaussian-noise", "mad", "adaptive-misinfo", "watermark")
 """The defenses that may change an answer's arg-max: the only ones an arg-max thief must be run against."""
 
-SHAPED: dict[str, Any] = {"shape_confidence": 1.0, "shape_min_distance": 0.05, "shape_cover": 0.25}
-"""The query-shaping settings of the ``shaped`` variant (docs/attacks.md#query-shaping)."""
+SHAPED: dict[str, Any] = {"shape_confidence": 1.0, "shape_min_distance": 0.1}
+"""The query-shaping settings of the ``shaped`` variant (docs/attacks.md#query-shaping-against-the-detectors):
+jitter past SEAT's threshold (0.085 RMS on digits: the attacker knows the detector's settings) and
+the generator's confidence term (Dual Student and DFME). No cover traffic: the rate tests allow
+honest users 2 % out-of-distribution queries, so cover cannot hide a thief whose own queries are
+all out of distribution (docs/results/adaptive-attacker.md)."""
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
@@ -111,10 +115,11 @@ def defenses(chosen: dict[str, float], statistics_path: Path, args: argparse.Nam
 
 
 def variant_defenses(variant: str, every: list[str]) -> list[str]:
-    """The defenses a variant runs against (``none`` with each, as its own baseline)."""
+    """The defenses a variant runs against, in ``every``'s order (``none`` with each, as its own
+    baseline; last, so that the defenses' cells run first where ``every`` puts it last)."""
     chosen = {"plain": every, "arg-max": ["none", *LABEL_CHANGING], "drop": ["watermark"],
               "shaped": ["detectors"]}[variant]
-    return [name for name in chosen if name in every]
+    return [name for name in every if name in chosen]
 
 
 def noise_std(victim_dir: Path, dataset: str, honest_cost: float) -> float:
@@ -288,7 +293,9 @@ def verdict(entry: dict[str, Any], none_entry: dict[str, Any], attacks: list[str
     weakest = min(cuts, key=lambda attack: cuts[attack])
     if cuts[weakest] >= fidelity_points:
         return f"yes: every adaptive attack loses >= {cuts[weakest]:.1f} points"
-    return f"no: the adaptive {weakest} loses {cuts[weakest]:.1f} points"
+    if cuts[weakest] < 0.5:
+        return f"no: the adaptive {weakest} loses nothing"
+    return f"no: the adaptive {weakest} loses only {cuts[weakest]:.1f} points"
 
 
 def print_table(summary: dict[str, Any], attacks: list[str], args: argparse.Namespace) -> None:
@@ -352,7 +359,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.defenses:
-        args.defenses = ["none", *[name for name in args.defenses if name != "none"]]
+        args.defenses = [*[name for name in args.defenses if name != "none"], "none"]
 
     if not args.report_only:
         settings = VictimSettings(dataset=args.dataset, epochs=args.epochs)

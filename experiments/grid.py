@@ -79,7 +79,7 @@ _VICTIMS: tuple[VictimName, ...] = ("normal", "nasty")
 RESULT_COLUMNS = ("cell", "attack", "victim", "defense", "budget", "seed", "status", "queries", "accuracy",
                   "fidelity", "transfer_success_rate", "victim_accuracy", "flags", "flagged_at",
                   "first_flags", "fidelity_at_flags", "watermark_marked", "watermark_matches", "watermark_p_value", "wall_seconds", "error")
-DEFENSE_COLUMNS = ("cell", "victim", "defense", "accuracy", "ece", "test_images", "flags", "latency_ms")
+DEFENSE_COLUMNS = ("cell", "victim", "defense", "accuracy", "ece", "test_images", "flags", "latency_ms", "refusal")
 HONEST_BATCH = 32
 """Images per request of the honest user (the test split, in order, one request after another)."""
 
@@ -309,7 +309,7 @@ class GridRunner:
         result = honest_traffic(url, key, cell.victim, data, HonestSettings(batch=HONEST_BATCH))
         return {"cell": cell.id, "victim": cell.victim, "defense": cell.defense, "accuracy": result.accuracy,
                 "ece": result.ece, "test_images": result.images, "flags": result.flags,
-                "latency_ms": result.latency_ms_mean}
+                "latency_ms": result.latency_ms_mean, "refusal": result.refusal}
 
 
 def key_flags(url: str, admin_key: str, api_key: str) -> dict[str, Any]:

@@ -280,22 +280,49 @@ def _first_flags(rows: list[dict[str, str]]) -> dict[str, list[int | None]]:
     return result
 
 
+def strongest(entry: dict[str, Any], attacks: list[str]) -> tuple[str, str, float]:
+    """The attack (and its variant) with the highest mean fidelity against ``entry``'s defense."""
+    found = [(entry["attacks"][a]["best"][0], a, entry["attacks"][a]["best_variant"]) for a in attacks
+             if entry["attacks"][a]["best"][2]]
+    if not found:
+        return "", "", math.nan
+    fidelity_kept, attack, variant = max(found)
+    return attack, variant, fidelity_kept
+
+
 def verdict(entry: dict[str, Any], none_entry: dict[str, Any], attacks: list[str], honest_points: float,
             fidelity_points: float) -> str:
-    """Issue #38's question: >= ``fidelity_points`` off every attack's best (adaptive) fidelity for
-    <= ``honest_points`` of honest accuracy?"""
+    """Issue #38's question: does the defense cost the thief >= ``fidelity_points`` of fidelity for
+    <= ``honest_points`` of honest accuracy? The thief knows the defense and picks the attack and
+    variant that do best against it; the reference is the best attack against no defense."""
     if entry["honest_cost_points"] > honest_points:
         return f"no: costs honest users {entry['honest_cost_points']:.1f} points"
-    cuts = {attack: 100 * (none_entry["attacks"][attack]["best"][0] - entry["attacks"][attack]["best"][0])
-            for attack in attacks if entry["attacks"][attack]["best"][2]}
-    if not cuts:
+    attack, variant, kept = strongest(entry, attacks)
+    _, _, undefended = strongest(none_entry, attacks)
+    if not attack or math.isnan(undefended):
         return "not measured"
-    weakest = min(cuts, key=lambda attack: cuts[attack])
-    if cuts[weakest] >= fidelity_points:
-        return f"yes: every adaptive attack loses >= {cuts[weakest]:.1f} points"
-    if cuts[weakest] < 0.5:
-        return f"no: the adaptive {weakest} loses nothing"
-    return f"no: the adaptive {weakest} loses only {cuts[weakest]:.1f} points"
+    cut = 100 * (undefended - kept)
+    thief = f"{attack} ({variant}) keeps {kept:.3f}"
+    if cut >= fidelity_points:
+        return f"yes: the best thief, {thief}, {cut:.1f} points under {undefended:.3f}"
+    return f"no: {thief}, {max(cut, 0.0):.1f} points under {undefended:.3f}"
+
+
+def verdict_table(summary: dict[str, Any], attacks: list[str], honest_points: float, fidelity_points: float) -> str:
+    """The verdicts as a markdown table: per defense, what it costs honest users, the best thief that
+    knows it (attack, variant, fidelity ± std over seeds) and the verdict."""
+    table = summary["defenses"]
+    lines = ["| defense | honest accuracy lost (points) | honest ECE | best thief (variant) | its fidelity | verdict |",
+             "| --- | ---: | ---: | --- | ---: | --- |"]
+    for defense, entry in table.items():
+        if defense == "detectors":
+            continue
+        attack, variant, _ = strongest(entry, attacks)
+        cell = entry["attacks"][attack]["best"] if attack else (math.nan, math.nan, 0)
+        judged = "—" if defense == "none" else verdict(entry, table["none"], attacks, honest_points, fidelity_points)
+        lines.append(f"| {defense} | {entry['honest_cost_points']:.1f} | {entry['honest_ece']:.3f} | "
+                     f"{attack} ({variant}) | {text(cell)} | {judged.split(':')[0]} |")
+    return "\n".join(lines)
 
 
 def print_table(summary: dict[str, Any], attacks: list[str], args: argparse.Namespace) -> None:
@@ -383,6 +410,7 @@ def main() -> None:
     summary = summarize(args.out, args.attacks)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_table(summary, args.attacks, args)
+    print("\nVerdicts:\n" + verdict_table(summary, args.attacks, args.honest_points, args.fidelity_points))
     if args.plot:
         from benchmarks.adaptive_plot import pareto_plot
 

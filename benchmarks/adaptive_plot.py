@@ -45,7 +45,7 @@ def pareto_plot(summaries: dict[str, dict[str, Any]], attacks: list[str], out: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(summaries), figsize=(6.4 * len(summaries), 5.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(summaries), figsize=(9.0 * len(summaries), 5.6), squeeze=False)
     for axis, (dataset, summary) in zip(axes[0], summaries.items(), strict=True):
         rows = []
         for defense, entry in summary["defenses"].items():
@@ -72,15 +72,22 @@ def pareto_plot(summaries: dict[str, dict[str, Any]], attacks: list[str], out: P
         column = right + 0.15 * (right - left)
         values = [r[2] for r in rows] + [r[4] for r in rows if r[4] == r[4]]
         low, high = min(values) - 0.05, 1.02
-        labels = spread_labels([r[2] for r in rows], gap=(high - low) / 22, low=low, high=high)
-        for (defense, cost, best, _, _, attack), label_y in zip(rows, labels, strict=True):
-            axis.annotate(f"{defense} ({attack})", xy=(cost, best), xytext=(column, label_y), fontsize=8,
-                          va="center", arrowprops={"arrowstyle": "-", "color": "0.7", "linewidth": 0.6})
+        # One label per point: defenses that leave the same thief the same fidelity share it.
+        groups: dict[tuple[float, float, str], list[str]] = {}
+        for defense, cost, best, _, _, attack in rows:
+            groups.setdefault((round(cost, 2), round(best, 3), attack), []).append(defense)
+        gap = (high - low) / 22
+        labels = spread_labels([best for _, best, _ in groups], gap=gap, low=low + gap / 2, high=high - gap / 2)
+        for ((cost, best, attack), defenses), label_y in zip(groups.items(), labels, strict=True):
+            axis.annotate(f"{', '.join(defenses)} ({attack})", xy=(cost, best), xytext=(column, label_y),
+                          fontsize=8, va="center",
+                          arrowprops={"arrowstyle": "-", "color": "0.7", "linewidth": 0.6})
         axis.set_xlim(left, column + 0.9 * (right - left))
         axis.set_ylim(low, high)
         axis.set_xlabel("honest accuracy lost (points, test split)")
         axis.set_ylabel("fidelity of the best attacker (test split)")
-        axis.set_title(f"{dataset}: red = best adaptive attacker, white = best plain one")
+        axis.set_title(f"{dataset}: red = the best thief that knows the defense, white = the best plain one",
+                       fontsize=10)
         axis.grid(alpha=0.3)
         axis.legend(loc="lower left", fontsize=8)
     figure.tight_layout()

@@ -54,7 +54,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.defenses import calibrate, fit_mahalanobis
+from benchmarks.defenses import calibrate, fit_mahalanobis, number
 from experiments.grid import load_spec, run_grid
 from experiments.store import read_csv
 from experiments.victims import VictimSettings, prepare_defender_models, prepare_victims
@@ -155,13 +155,6 @@ def spec_for(args: argparse.Namespace, variant: str, policies: dict[str, list[di
 
 
 # -- the table ------------------------------------------------------------------------------
-
-
-def number(text: str | None) -> float:
-    try:
-        return float(text) if text not in (None, "") else math.nan
-    except ValueError:
-        return math.nan
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:

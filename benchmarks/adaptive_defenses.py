@@ -65,10 +65,11 @@ NOISE_STDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 LABEL_CHANGING = ("gaussian-noise", "mad", "adaptive-misinfo", "watermark")
 """The defenses that may change an answer's arg-max: the only ones an arg-max thief must be run against."""
 
-SHAPED: dict[str, Any] = {"shape_confidence": 1.0, "shape_min_distance": 0.1}
+SHAPED: dict[str, Any] = {"shape_confidence": 1.0, "shape_min_distance": 0.1, "shape_history": 10_000}
 """The query-shaping settings of the ``shaped`` variant (docs/attacks.md#query-shaping-against-the-detectors):
-jitter past SEAT's threshold (0.085 RMS on digits: the attacker knows the detector's settings) and
-the generator's confidence term (Dual Student and DFME). No cover traffic: the rate tests allow
+jitter past SEAT's threshold (0.085 RMS on digits), against as many earlier queries as SEAT keeps
+(10,000: the attacker knows the detector's settings), and the generator's confidence term (Dual
+Student and DFME). No cover traffic: the rate tests allow
 honest users 2 % out-of-distribution queries, so cover cannot hide a thief whose own queries are
 all out of distribution (docs/results/adaptive-attacker.md)."""
 
@@ -202,7 +203,10 @@ def summarize(out: Path, attacks: list[str]) -> dict[str, Any]:
     rows, costs = collect(out)
     clean = number(costs.get("none", {}).get("accuracy"))
     table: dict[str, Any] = {}
+    measured = {row["defense"] for row in rows if row["variant"] == "plain"}
     for defense in sorted(costs, key=lambda name: ORDER.index(name) if name in ORDER else len(ORDER)):
+        if defense not in measured:  # no plain run: the thief's best against it is unknown
+            continue
         entry: dict[str, Any] = {"honest_accuracy": number(costs[defense]["accuracy"]),
                                  "honest_ece": number(costs[defense]["ece"]),
                                  "honest_flags": costs[defense]["flags"], "attacks": {}}
@@ -376,6 +380,8 @@ def main() -> None:
     parser.add_argument("--queue", default="adaptive")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--plot", type=Path, default=None, help="write the Pareto plot here (PNG)")
+    parser.add_argument("--also", nargs="*", default=[], metavar="DATASET=OUT",
+                        help="another dataset's --out folder, drawn as a panel of its own beside this one")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.defenses:
@@ -407,7 +413,11 @@ def main() -> None:
     if args.plot:
         from benchmarks.adaptive_plot import pareto_plot
 
-        pareto_plot({args.dataset: summary}, args.attacks, args.plot)
+        panels = {args.dataset: summary}
+        for also in args.also:
+            name, _, folder = also.partition("=")
+            panels[name] = summarize(Path(folder), args.attacks)
+        pareto_plot(panels, args.attacks, args.plot)
         print(f"\nPareto plot: {args.plot}")
 
 

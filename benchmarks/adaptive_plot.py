@@ -70,7 +70,7 @@ def pareto_plot(summaries: dict[str, dict[str, Any]], attacks: list[str], out: P
         axis.axvline(1.0, linestyle=":", color="0.5", linewidth=1, label="1 point of honest accuracy")
         left, right = -0.2, max(1.5, max(cost for _, cost, *_ in rows) * 1.1)
         column = right + 0.15 * (right - left)
-        values = [r[2] for r in rows] + [r[4] for r in rows if r[4] == r[4]]
+        values = [r[2] - (r[3] if r[3] == r[3] else 0.0) for r in rows] + [r[4] for r in rows if r[4] == r[4]]
         low, high = min(values) - 0.05, 1.02
         # One label per point: defenses that leave the same thief the same fidelity share it.
         groups: dict[tuple[float, float, str], list[str]] = {}
